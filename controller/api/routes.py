@@ -1,0 +1,182 @@
+"""Routes of ``/api/v1``: devices, fleet summary, tokens, enrolment; health probes."""
+
+import json
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, Field
+from sqlalchemy import text
+
+from controller import audit, fleet
+from controller.api.deps import Admin, Db, Operator, Rt, Viewer
+from controller.api.errors import ApiError
+from controller.db.models import Device
+from controller.security import Role, create_api_token, create_enroll_token
+from shared.topics import validate_device_id
+
+api = APIRouter(prefix="/api/v1")
+probes = APIRouter()
+
+Labels = Annotated[dict[str, str], Field(default_factory=dict, max_length=64)]
+
+
+class DeviceOut(BaseModel):
+    id: str
+    name: str
+    status: str
+    status_since: datetime | None
+    last_seen_at: datetime | None
+    labels: dict[str, Any]
+    device_class: str
+    agent_version: str | None
+    capabilities: dict[str, Any] | None
+    last_health: dict[str, Any] | None
+    health_count: int
+    enrolled_at: datetime
+
+    @classmethod
+    def of(cls, d: Device) -> "DeviceOut":
+        return cls(id=d.id, name=d.name, status=d.status, status_since=d.status_since,
+                   last_seen_at=d.last_seen_at, labels=d.labels,
+                   device_class=fleet.device_class(d.capabilities), agent_version=d.agent_version,
+                   capabilities=d.capabilities, last_health=d.last_health,
+                   health_count=d.health_count, enrolled_at=d.enrolled_at)
+
+
+@api.get("/devices", response_model=list[DeviceOut])
+def list_devices(session: Db, _who: Viewer,
+                 status: Annotated[str | None, Query(pattern="^(online|offline|enrolled)$")] = None,
+                 limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+                 offset: Annotated[int, Query(ge=0)] = 0) -> list[DeviceOut]:
+    return [DeviceOut.of(d) for d in fleet.list_devices(session, status=status, limit=limit,
+                                                          offset=offset)]
+
+
+def _device(session: Db, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise ApiError(404, "device_not_found", f"no device {device_id!r}")
+    return device
+
+
+@api.get("/devices/{device_id}", response_model=DeviceOut)
+def get_device(device_id: str, session: Db, _who: Viewer) -> DeviceOut:
+    return DeviceOut.of(_device(session, device_id))
+
+
+@api.delete("/devices/{device_id}", status_code=204)
+def delete_device(device_id: str, session: Db, rt: Rt, who: Operator) -> Response:
+    device = _device(session, device_id)
+    session.delete(device)
+    audit.record(session, actor=who.name, action="device.delete", target=device_id,
+                 remote=who.remote, now=rt.clock())
+    session.commit()
+    rt.forget_device(device_id)
+    return Response(status_code=204)
+
+
+@api.get("/fleet/summary")
+def fleet_summary(session: Db, _who: Viewer) -> dict[str, Any]:
+    return fleet.summary(session)
+
+
+class EnrollTokenIn(BaseModel):
+    expires_in_s: int = Field(3600, ge=60, le=30 * 86400)
+    uses: int = Field(1, ge=1, le=100_000)
+    labels: Labels
+
+
+class EnrollTokenOut(BaseModel):
+    id: str
+    token: str
+    expires_at: datetime
+    uses: int
+
+
+@api.post("/enroll-tokens", status_code=201, response_model=EnrollTokenOut)
+def new_enroll_token(body: EnrollTokenIn, session: Db, rt: Rt, who: Operator) -> EnrollTokenOut:
+    now = rt.clock()
+    token, row = create_enroll_token(session, now=now, ttl=timedelta(seconds=body.expires_in_s),
+                                     uses=body.uses, labels=body.labels, created_by=who.name)
+    audit.record(session, actor=who.name, action="enroll_token.create", target=row.id,
+                 remote=who.remote, now=now, detail={"uses": body.uses, "labels": body.labels})
+    return EnrollTokenOut(id=row.id, token=token, expires_at=row.expires_at, uses=body.uses)
+
+
+class ApiTokenIn(BaseModel):
+    name: str = Field(min_length=1, max_length=128)
+    role: str = Field(pattern="^(viewer|operator|admin)$")
+
+
+class ApiTokenOut(BaseModel):
+    name: str
+    role: str
+    token: str
+
+
+@api.post("/tokens", status_code=201, response_model=ApiTokenOut)
+def new_api_token(body: ApiTokenIn, session: Db, rt: Rt, who: Admin) -> ApiTokenOut:
+    now = rt.clock()
+    token = create_api_token(session, name=body.name, role=Role.parse(body.role), now=now)
+    audit.record(session, actor=who.name, action="api_token.create", target=body.name,
+                 remote=who.remote, now=now, detail={"role": body.role})
+    return ApiTokenOut(name=body.name, role=body.role, token=token)
+
+
+class EnrollIn(BaseModel):
+    token: str = Field(min_length=1, max_length=256)
+    name: str | None = Field(None, max_length=128)
+    labels: Labels
+
+
+class EnrollOut(BaseModel):
+    device_id: str
+    mqtt_url: str
+    mqtt_username: str
+    mqtt_password: str
+    topic_root: str
+    keepalive_s: int
+    health_interval_s: float
+    desired_state_key: str
+
+
+@api.post("/enroll", status_code=201, response_model=EnrollOut)
+def enroll(body: EnrollIn, request: Request, session: Db, rt: Rt) -> EnrollOut:
+    """Device enrolment: authenticated by the enrolment token in the body, not a bearer."""
+    now = rt.clock()
+    try:
+        done = fleet.enroll(session, token=body.token, name=body.name, labels=body.labels, now=now)
+    except fleet.EnrollRefused as exc:
+        raise ApiError(403, "enroll_refused", str(exc)) from None
+    device = done.device
+    validate_device_id(device.id)
+    audit.record(session, actor=f"enroll-token:{device.enroll_token_id}", action="device.enroll",
+                 target=device.id, remote=request.client.host if request.client else None,
+                 now=now, detail={"name": device.name})
+    session.commit()
+    rt.admit_device(device.id, device.mqtt_secret_hash)
+    s = rt.settings
+    return EnrollOut(device_id=device.id, mqtt_url=s.device_mqtt_url, mqtt_username=device.id,
+                     mqtt_password=done.mqtt_secret, topic_root=s.topic_root,
+                     keepalive_s=s.keepalive_s, health_interval_s=s.health_interval_s,
+                     desired_state_key=rt.desired_key_text)
+
+
+@probes.get("/healthz")
+def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@probes.get("/readyz")
+def readyz(session: Db, rt: Rt) -> Response:
+    """Readiness: the database answers and the broker connection is up."""
+    checks = {"database": "ok", "mqtt": "ok" if rt.mqtt_connected() else "down"}
+    try:
+        session.execute(text("SELECT 1"))
+    except Exception as exc:  # any database failure means not ready
+        checks["database"] = f"error: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return Response(json.dumps({"ready": ready, "checks": checks}), media_type="application/json",
+                    status_code=200 if ready else 503)

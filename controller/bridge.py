@@ -1,0 +1,98 @@
+"""The controller's MQTT connection: device messages in, desired states out.
+
+Callbacks run on paho's network thread and only parse, decode and hand off to the
+ingestor; a malformed or unknown-device message is counted, logged and dropped.
+"""
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from datetime import datetime
+
+import paho.mqtt.client as mqtt
+
+from controller.ingest import Inbound
+from controller.settings import MqttUrl
+from shared.errors import ProtocolError
+from shared.messages import decode_for
+from shared.topics import DEVICE_PUBLISHES, Kind, Topics
+
+log = logging.getLogger(__name__)
+
+
+class Bridge:
+    """Subscribes to every device's messages and passes them to ``sink``."""
+
+    def __init__(self, url: MqttUrl, topics: Topics, *, sink: Callable[[Inbound], None],
+                 is_known: Callable[[str], bool], clock: Callable[[], datetime],
+                 keepalive: int = 30) -> None:
+        self.url = url
+        self.topics = topics
+        self._sink = sink
+        self._is_known = is_known
+        self._clock = clock
+        self._keepalive = keepalive
+        self.connected = threading.Event()
+        self.dropped_malformed = 0
+        self.dropped_unknown = 0
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"edgefleet-controller-{secrets.token_hex(4)}",
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
+        if url.username:
+            self._client.username_pw_set(url.username, url.password)
+        if url.tls:
+            self._client.tls_set()
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Connect and start the network thread; raise if not connected in time."""
+        self._client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive)
+        self._client.loop_start()
+        if not self.connected.wait(timeout):
+            self.stop()
+            raise ConnectionError(f"could not connect to the MQTT broker at {self.url.public()}")
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def _on_connect(self, client: mqtt.Client, _userdata: object, _flags: object,
+                    reason: mqtt.ReasonCode, _props: object) -> None:
+        if reason.is_failure:
+            log.error("MQTT broker refused the controller: %s", reason)
+            return
+        client.subscribe([(self.topics.all_devices(kind), 1) for kind in sorted(DEVICE_PUBLISHES)])
+        log.info("connected to MQTT broker %s", self.url.public())
+        self.connected.set()
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: object, _flags: object,
+                       reason: mqtt.ReasonCode, _props: object) -> None:
+        self.connected.clear()
+        if reason.value != 0:
+            log.warning("lost the MQTT broker (%s); reconnecting", reason)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object,
+                    msg: mqtt.MQTTMessage) -> None:
+        try:
+            where = self.topics.parse(msg.topic)
+            if not self._is_known(where.device_id):
+                self.dropped_unknown += 1
+                return
+            if not msg.payload and where.kind in (Kind.PRESENCE, Kind.REPORTED):
+                return  # a cleared retained message
+            message = decode_for(where.kind, msg.payload)
+        except ProtocolError as exc:
+            self.dropped_malformed += 1
+            log.warning("dropped message on %r: %s", msg.topic, exc)
+            return
+        self._sink(Inbound(where.device_id, where.kind, message, self._clock()))

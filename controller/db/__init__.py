@@ -1,0 +1,1 @@
+"""Database: the ORM models, engine construction and Alembic-driven schema."""

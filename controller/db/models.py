@@ -1,0 +1,113 @@
+"""ORM models. The schema is owned by Alembic (``migrations/``), never ``create_all``."""
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, TypeDecorator
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores UTC; always hands back timezone-aware datetimes (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JsonType}
+
+
+class ApiToken(Base):
+    """A bearer token for the API. Only its sha256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class EnrollToken(Base):
+    """A one-time (or N-time) enrolment token that expires. Only its sha256 is stored."""
+
+    __tablename__ = "enroll_tokens"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    uses_left: Mapped[int] = mapped_column(Integer)
+    labels: Mapped[dict[str, Any]]
+    created_by: Mapped[str] = mapped_column(String(128))
+
+
+class Device(Base):
+    """One edge device: identity, credentials, capabilities and last known state."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    labels: Mapped[dict[str, Any]]
+    mqtt_secret_hash: Mapped[str] = mapped_column(String(64))
+    enrolled_at: Mapped[datetime]
+    enroll_token_id: Mapped[str | None] = mapped_column(String(36))
+    status: Mapped[str] = mapped_column(String(16), default="enrolled")
+    status_since: Mapped[datetime | None]
+    last_seen_at: Mapped[datetime | None]
+    agent_version: Mapped[str | None] = mapped_column(String(64))
+    capabilities: Mapped[dict[str, Any] | None]
+    last_health: Mapped[dict[str, Any] | None]
+    health_count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class HealthReport(Base):
+    """One health report as received; written in batches."""
+
+    __tablename__ = "health_reports"
+    __table_args__ = (Index("ix_health_reports_device_received", "device_id", "received_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    received_at: Mapped[datetime]
+    seq: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[dict[str, Any]]
+
+
+class AuditEntry(Base):
+    """Who changed what, when, from where."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256))
+    remote: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]]

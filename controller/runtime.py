@@ -1,0 +1,124 @@
+"""The controller's running parts, built from Settings and started/stopped together.
+
+Start order: data dir, database (migrated), keys, embedded broker (if no --mqtt),
+ingestor, MQTT bridge, scheduler. Stop runs the other way round.
+"""
+
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import select
+
+from controller.bridge import Bridge
+from controller.broker import BrokerPolicy, EmbeddedBroker
+from controller.db.engine import make_engine, session_factory, transaction, upgrade
+from controller.db.models import Device, utcnow
+from controller.ingest import Ingestor, mark_stale_offline
+from controller.security import ensure_admin_token, write_secret_file
+from controller.settings import MqttUrl, Settings
+from shared.envelope import Signer, public_key_to_text
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_USER = "edgefleet-controller"
+
+
+def load_or_create_key(path: Path) -> Ed25519PrivateKey:
+    """The Ed25519 key at ``path`` (PEM, 0600), created on first use."""
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} does not hold an Ed25519 private key")
+        return key
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    write_secret_file(path, pem)
+    return key
+
+
+class Runtime:
+    """Owns the engine, broker, bridge, ingestor and scheduler of one controller."""
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.topics = Topics(settings.topic_root)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(settings.data_dir, 0o700)
+        self.engine = make_engine(settings.db_url)
+        self.session_factory = session_factory(self.engine)
+        self.signer = Signer(load_or_create_key(settings.data_dir / "keys" / "desired-state.key"))
+        self.desired_key_text = public_key_to_text(self.signer.private_key.public_key())
+        self.policy = BrokerPolicy(self.topics)
+        self.known: set[str] = set()
+        self.broker: EmbeddedBroker | None = None
+        self.bridge: Bridge | None = None
+        self.ingestor = Ingestor(self.session_factory, batch=settings.ingest_batch,
+                                 linger=settings.ingest_linger_s)
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+
+    def start(self) -> None:
+        s = self.settings
+        upgrade(self.engine)
+        with transaction(self.session_factory) as session:
+            if ensure_admin_token(session, data_dir=s.data_dir, configured=s.admin_token,
+                                  now=self.clock()) and s.admin_token is None:
+                log.info("created the admin token in %s", s.data_dir / "admin-token")
+            for device_id, secret_hash in session.execute(
+                select(Device.id, Device.mqtt_secret_hash)
+            ).tuples():
+                self.admit_device(device_id, secret_hash)
+        mqtt_url = s.mqtt_url
+        if mqtt_url is None:
+            password = secrets.token_urlsafe(24)
+            self.policy.add_service_user(CONTROLLER_USER, password)
+            self.broker = EmbeddedBroker(s.broker_listen, self.policy)
+            self.broker.start()
+            mqtt_url = MqttUrl(s.broker_listen.host, s.broker_listen.port, CONTROLLER_USER,
+                               password)
+        self.ingestor.start()
+        self.bridge = Bridge(mqtt_url, self.topics, sink=self.ingestor.submit,
+                             is_known=self.known.__contains__, clock=self.clock)
+        self.bridge.start()
+        silent_for = timedelta(seconds=max(3 * s.health_interval_s, 2 * s.keepalive_s))
+        self.scheduler.add_job(self.sweep, "interval", seconds=max(1.0, s.keepalive_s / 4),
+                               kwargs={"silent_for": silent_for}, id="sweep", coalesce=True,
+                               max_instances=1)
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        if self.bridge is not None:
+            self.bridge.stop()
+        self.ingestor.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        self.engine.dispose()
+
+    def sweep(self, *, silent_for: timedelta) -> None:
+        """Scheduler job: mark silent devices offline."""
+        with transaction(self.session_factory) as session:
+            if n := mark_stale_offline(session, now=self.clock(), silent_for=silent_for):
+                log.info("marked %d silent devices offline", n)
+
+    def admit_device(self, device_id: str, secret_hash: str) -> None:
+        """Let an enrolled device onto the broker and into ingestion."""
+        self.policy.add_device(device_id, secret_hash)
+        self.known.add(device_id)
+
+    def forget_device(self, device_id: str) -> None:
+        self.policy.devices.pop(device_id, None)
+        self.known.discard(device_id)
+
+    def mqtt_connected(self) -> bool:
+        return self.bridge is not None and self.bridge.connected.is_set()

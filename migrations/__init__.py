@@ -1,0 +1,1 @@
+"""Alembic migrations; ``controller.db.engine.upgrade`` runs them."""

@@ -1,0 +1,182 @@
+"""Every wire message: frozen, versioned, unknown fields ignored.
+
+Each message carries ``v`` (its schema version). A receiver accepts any ``v`` and
+ignores fields it does not know, so a newer sender can add fields without breaking
+an older receiver. Payloads are compact UTF-8 JSON. ``decode`` checks the size
+before it parses and raises only ``ProtocolError`` subclasses.
+"""
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.errors import MalformedMessage, MessageTooLarge
+from shared.topics import Kind
+
+SCHEMA_VERSION = 1
+
+#: Largest payload accepted per topic kind, in bytes; checked before parsing.
+MAX_SIZE: dict[Kind, int] = {
+    Kind.HELLO: 64 * 1024,
+    Kind.PRESENCE: 1024,
+    Kind.HEALTH: 16 * 1024,
+    Kind.REPORTED: 16 * 1024,
+    Kind.EVENTS: 16 * 1024,
+    Kind.DESIRED: 16 * 1024,
+}
+
+Name = Annotated[str, Field(max_length=128)]
+Count = Annotated[int, Field(ge=0)]
+
+
+class Message(BaseModel):
+    """Base of all wire messages."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    v: int = SCHEMA_VERSION
+
+
+class Runtime(Message):
+    """An inference runtime installed on the device."""
+
+    name: Name  # "onnxruntime", "llama.cpp"
+    version: Name
+    providers: tuple[Name, ...] = ()  # onnxruntime execution providers
+
+
+class Capabilities(Message):
+    """What the device is and has; drives variant choice and canary strata."""
+
+    arch: Name  # "x86_64", "arm64"
+    os: Name = "linux"
+    cpu_count: Count
+    cpu_flags: tuple[Name, ...] = ()
+    ram_bytes: Count
+    disk_free_bytes: Count
+    runtimes: tuple[Runtime, ...] = ()
+    accelerators: tuple[Name, ...] = ()
+
+
+class Hello(Message):
+    """Sent on every connect: who the device is and what it can do."""
+
+    agent_version: Name
+    capabilities: Capabilities
+    labels: dict[Name, Name] = Field(default_factory=dict, max_length=64)
+    sent_at: datetime
+
+
+class Presence(Message):
+    """Retained; the device's last will is the ``offline`` one."""
+
+    state: Literal["online", "offline"]
+    since: datetime
+
+
+class Health(Message):
+    """Periodic health report."""
+
+    seq: Count
+    sent_at: datetime
+    cpu_percent: Annotated[float, Field(ge=0)]
+    mem_used_bytes: Count
+    mem_total_bytes: Count
+    disk_free_bytes: Count
+    temperature_c: float | None = None
+    inference_count: Count = 0
+    error_count: Count = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    active_model: Name | None = None
+
+
+class DesiredState(Message):
+    """What the controller wants a device to run. Travels only inside a signed envelope."""
+
+    device_id: Name
+    generation: Count
+    model: Name | None = None
+    version: Name | None = None
+    issued_at: datetime
+
+
+class ReportedState(Message):
+    """Retained: what the device actually runs, and for which desired generation."""
+
+    generation: Count
+    model: Name | None = None
+    version: Name | None = None
+    variant: Name | None = None
+    state: Name
+    detail: Annotated[str, Field(max_length=2048)] = ""
+
+
+class Event(Message):
+    """One step of an install, or anything else worth a timeline entry."""
+
+    kind: Name
+    generation: Count = 0
+    detail: Annotated[str, Field(max_length=2048)] = ""
+    at: datetime
+
+
+M = TypeVar("M", bound=Message)
+
+#: The message class carried by each topic kind (DESIRED carries a signed envelope).
+BY_KIND: dict[Kind, type[Message]] = {
+    Kind.HELLO: Hello,
+    Kind.PRESENCE: Presence,
+    Kind.HEALTH: Health,
+    Kind.REPORTED: ReportedState,
+    Kind.EVENTS: Event,
+}
+
+
+def encode(message: Message) -> bytes:
+    """Serialise a message to compact JSON bytes."""
+    return message.model_dump_json(exclude_none=True).encode()
+
+
+def check_size(payload: bytes, limit: int) -> None:
+    """Raise MessageTooLarge if ``payload`` is over ``limit`` bytes."""
+    if len(payload) > limit:
+        raise MessageTooLarge(f"{len(payload)} bytes is over the {limit}-byte limit")
+
+
+def decode(cls: type[M], payload: bytes, *, limit: int) -> M:
+    """Parse ``payload`` as ``cls``, after checking its size against ``limit``."""
+    check_size(payload, limit)
+    try:
+        return cls.model_validate_json(payload)
+    except ValidationError as exc:
+        raise MalformedMessage(f"invalid {cls.__name__}: {_first_error(exc)}") from None
+    except (ValueError, TypeError) as exc:  # non-UTF-8 bytes and similar
+        raise MalformedMessage(f"invalid {cls.__name__}: {exc}") from None
+
+
+def decode_for(kind: Kind, payload: bytes) -> Message:
+    """Parse a device-published payload by its topic kind."""
+    if kind not in BY_KIND:
+        raise MalformedMessage(f"{kind.value} messages are not device messages")
+    return decode(BY_KIND[kind], payload, limit=MAX_SIZE[kind])
+
+
+def loads_object(payload: bytes, *, limit: int) -> dict[str, Any]:
+    """Parse a JSON object after a size check; for envelopes and other raw JSON."""
+    check_size(payload, limit)
+    try:
+        value = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedMessage(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise MalformedMessage("expected a JSON object")
+    return value
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "message"
+    return f"{where}: {err['msg']}"

@@ -1,0 +1,98 @@
+"""Topic names: the only place a topic string is built or parsed.
+
+Layout: ``<root>/dev/<device_id>/<kind>``, with root ``ef/v1`` unless a deployment
+sets another (tests use a unique root per run to share one broker). The access
+policy (which topics a device may publish or subscribe) lives here too, so the
+embedded broker's ACL and generated broker configs agree with the protocol.
+"""
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from shared.errors import TopicError
+
+DEFAULT_ROOT = "ef/v1"
+_DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_ROOT_LEVEL = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class Kind(StrEnum):
+    """What a per-device topic carries."""
+
+    HELLO = "hello"  # device -> controller: identity and capabilities, on every connect
+    PRESENCE = "presence"  # device -> controller, retained; the last will says "offline"
+    HEALTH = "health"  # device -> controller, periodic
+    REPORTED = "reported"  # device -> controller, retained: what the device runs
+    EVENTS = "events"  # device -> controller: install progress
+    DESIRED = "desired"  # controller -> device, retained and signed
+
+
+DEVICE_PUBLISHES = frozenset({Kind.HELLO, Kind.PRESENCE, Kind.HEALTH, Kind.REPORTED, Kind.EVENTS})
+DEVICE_SUBSCRIBES = frozenset({Kind.DESIRED})
+
+
+def validate_device_id(device_id: str) -> str:
+    """Return ``device_id`` if it is a valid id (lowercase, digits, dashes; 1-64 chars)."""
+    if not _DEVICE_ID.match(device_id):
+        raise TopicError(f"invalid device id {device_id!r}")
+    return device_id
+
+
+@dataclass(frozen=True)
+class DeviceTopic:
+    """A parsed per-device topic."""
+
+    device_id: str
+    kind: Kind
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Builds and parses topics under one root."""
+
+    root: str = DEFAULT_ROOT
+
+    def __post_init__(self) -> None:
+        levels = self.root.split("/")
+        if not all(_ROOT_LEVEL.match(level) for level in levels):
+            raise TopicError(f"invalid topic root {self.root!r}")
+
+    def device(self, device_id: str, kind: Kind) -> str:
+        """The topic of one kind for one device."""
+        return f"{self.root}/dev/{validate_device_id(device_id)}/{kind.value}"
+
+    def all_devices(self, kind: Kind) -> str:
+        """A subscription filter matching ``kind`` for every device."""
+        return f"{self.root}/dev/+/{kind.value}"
+
+    def parse(self, topic: str) -> DeviceTopic:
+        """Split a per-device topic into device id and kind; raise TopicError otherwise."""
+        prefix = f"{self.root}/dev/"
+        if not topic.startswith(prefix):
+            raise TopicError(f"topic {topic!r} is not under {prefix!r}")
+        rest = topic[len(prefix) :].split("/")
+        if len(rest) != 2:
+            raise TopicError(f"topic {topic!r} is not <root>/dev/<id>/<kind>")
+        device_id, kind = rest
+        try:
+            return DeviceTopic(validate_device_id(device_id), Kind(kind))
+        except ValueError:
+            raise TopicError(f"unknown topic kind {kind!r}") from None
+
+    def device_may_publish(self, device_id: str, topic: str) -> bool:
+        """Whether a device may publish on ``topic``: only its own device-side kinds."""
+        return self._own(device_id, topic, DEVICE_PUBLISHES)
+
+    def device_may_subscribe(self, device_id: str, topic_filter: str) -> bool:
+        """Whether a device may subscribe to ``topic_filter``: only its own, no wildcards."""
+        if "+" in topic_filter or "#" in topic_filter:
+            return False
+        return self._own(device_id, topic_filter, DEVICE_SUBSCRIBES)
+
+    def _own(self, device_id: str, topic: str, kinds: frozenset[Kind]) -> bool:
+        try:
+            parsed = self.parse(topic)
+        except TopicError:
+            return False
+        return parsed.device_id == device_id and parsed.kind in kinds
