@@ -1,0 +1,105 @@
+"""One device's side of the protocol, independent of how MQTT is driven.
+
+The daemon drives one ``DeviceSession`` with paho's own network thread; the
+simulator drives thousands from one select loop. Both call the same methods, so
+the simulator exercises the real agent code paths.
+"""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from agent import AGENT_VERSION
+from agent.config import Identity
+from shared.envelope import Verifier, open_desired, public_key_from_text
+from shared.errors import ProtocolError, StaleGeneration
+from shared.messages import Capabilities, DesiredState, Health, Hello, Presence, encode
+from shared.topics import Kind, Topics
+
+log = logging.getLogger(__name__)
+
+
+class Publisher(Protocol):
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> object:
+        ...
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class DeviceSession:
+    """Presence, hello, health and desired-state handling for one device."""
+
+    def __init__(self, identity: Identity, *, capabilities: Callable[[], Capabilities],
+                 health: Callable[[int, datetime], Health], labels: dict[str, str],
+                 clock: Callable[[], datetime]) -> None:
+        self.identity = identity
+        self.topics = Topics(identity.topic_root)
+        self.device_id = identity.device_id
+        self._capabilities = capabilities
+        self._health = health
+        self._labels = labels
+        self._clock = clock
+        self._verifier = Verifier.of(public_key_from_text(identity.desired_state_key))
+        self._seq = 0
+        self.generation = 0
+        self.desired: DesiredState | None = None
+        self.connected_at = clock()
+
+    def will(self) -> Outgoing:
+        """The last will: retained ``offline`` presence."""
+        return Outgoing(self.topics.device(self.device_id, Kind.PRESENCE),
+                        encode(Presence(state="offline", since=self.connected_at)), 1, True)
+
+    def subscriptions(self) -> list[str]:
+        return [self.topics.device(self.device_id, Kind.DESIRED)]
+
+    def on_connected(self, pub: Publisher) -> None:
+        """Announce presence and capabilities after every (re)connect."""
+        self.connected_at = self._clock()
+        self._send(pub, Kind.PRESENCE, encode(Presence(state="online", since=self.connected_at)),
+                   retain=True)
+        hello = Hello(agent_version=AGENT_VERSION, capabilities=self._capabilities(),
+                      labels=self._labels, sent_at=self.connected_at)
+        self._send(pub, Kind.HELLO, encode(hello))
+
+    def going_offline(self, pub: Publisher) -> None:
+        """A clean shutdown: say so, since a clean disconnect sends no will."""
+        self._send(pub, Kind.PRESENCE, encode(Presence(state="offline", since=self._clock())),
+                   retain=True)
+
+    def send_health(self, pub: Publisher) -> None:
+        self._seq += 1
+        self._send(pub, Kind.HEALTH, encode(self._health(self._seq, self._clock())), qos=0)
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        """Handle a controller message; a bad one is logged and dropped."""
+        try:
+            where = self.topics.parse(topic)
+            if where.device_id != self.device_id or where.kind != Kind.DESIRED:
+                return
+            if not payload:
+                return
+            desired = open_desired(self._verifier, payload, device_id=self.device_id,
+                                   last_generation=self.generation)
+        except StaleGeneration as exc:
+            if exc.generation < exc.current:
+                log.warning("refused desired state: %s", exc)
+            return
+        except ProtocolError as exc:
+            log.warning("refused desired state on %r: %s", topic, exc)
+            return
+        self.generation, self.desired = desired.generation, desired
+        log.info("desired state generation %d: %s@%s", desired.generation, desired.model,
+                 desired.version)
+
+    def _send(self, pub: Publisher, kind: Kind, payload: bytes, *, qos: int = 1,
+              retain: bool = False) -> None:
+        pub.publish(self.topics.device(self.device_id, kind), payload, qos=qos, retain=retain)

@@ -1,0 +1,67 @@
+"""A small API client for the operator commands (stdlib only, like the agent)."""
+
+import json
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
+
+
+class ApiFailure(click.ClickException):
+    """An API call failed; the message says why and what to do."""
+
+    exit_code = 1
+
+
+class Unreachable(ApiFailure):
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class Api:
+    controller: str
+    token: str | None
+
+    def call(self, method: str, path: str, body: object | None = None,
+             timeout: float = 30.0, *, prefix: str = "/api/v1") -> Any:
+        """Call ``prefix + path``; raise ApiFailure with the problem detail on error."""
+        url = f"{self.controller.rstrip('/')}{prefix}{path}"
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise ApiFailure(_problem_text(exc)) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise Unreachable(f"cannot reach the controller at {self.controller}: {exc}. "
+                              "Is it running? Pass --controller or set EDGEFLEET_CONTROLLER.")
+        return json.loads(raw) if raw else None
+
+
+def _problem_text(exc: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(exc.read())
+        return f"{body.get('code', exc.code)}: {body.get('detail', exc.reason)}"
+    except ValueError:
+        return f"HTTP {exc.code}: {exc.reason}"
+
+
+def api_options(f: Any) -> Any:
+    """Add --controller and --token (with their environment variables) to a command."""
+    f = click.option("--token", envvar="EDGEFLEET_TOKEN", help="API bearer token.")(f)
+    return click.option("--controller", envvar="EDGEFLEET_CONTROLLER",
+                        default=DEFAULT_CONTROLLER, show_default=True,
+                        help="Controller API URL.")(f)
+
+
+def make_api(controller: str, token: str | None) -> Api:
+    return Api(controller, token or os.environ.get("EDGEFLEET_TOKEN"))

@@ -1,0 +1,273 @@
+"""``edgefleet``: click command tree. Each command imports what it needs when it runs."""
+
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.live import Live
+
+from cli.api import api_options, make_api
+from cli.views import devices_table, summary_table
+
+console = Console()
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``30s``, ``10m``, ``1h``, ``7d``."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30s, 10m, 1h or 7d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group()
+@click.option("--log-level", default="info", envvar="EDGEFLEET_LOG_LEVEL",
+              type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
+def main(log_level: str) -> None:
+    """edgefleet: ship ML models to fleets of edge devices, carefully."""
+    setup_logging(log_level)
+    logging.getLogger("amqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+# -- controller ---------------------------------------------------------------------------
+
+@main.group()
+def controller() -> None:
+    """The central controller."""
+
+
+@controller.command("serve")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".edgefleet"),
+              show_default=True, help="Where the database, keys and admin token live.")
+@click.option("--db", "database_url", envvar="EDGEFLEET_DATABASE_URL",
+              help="Database URL (default: SQLite in the data dir).")
+@click.option("--mqtt", "mqtt_url", envvar="EDGEFLEET_MQTT_URL",
+              help="External broker URL mqtt://user:pass@host:port (default: embedded broker).")
+@click.option("--http", default="127.0.0.1:8080", show_default=True, help="API listen address.")
+@click.option("--broker-listen", default="127.0.0.1:1883", show_default=True,
+              help="Embedded broker listen address.")
+@click.option("--advertise-mqtt", help="Broker URL handed to devices at enrolment.")
+@click.option("--topic-root", default="ef/v1", show_default=True)
+@click.option("--keepalive", type=int, default=10, show_default=True,
+              help="MQTT keepalive for devices, seconds.")
+@click.option("--health-interval", type=float, default=5.0, show_default=True,
+              help="Seconds between device health reports.")
+def controller_serve(data_dir: Path, database_url: str | None, mqtt_url: str | None, http: str,
+                     broker_listen: str, advertise_mqtt: str | None, topic_root: str,
+                     keepalive: int, health_interval: float) -> None:
+    """Run the API, the MQTT bridge and the scheduler."""
+    import uvicorn
+
+    from controller.api.app import create_app
+    from controller.broker import BrokerStartError
+    from controller.settings import HostPort, MqttUrl, Settings
+
+    try:
+        settings = Settings.from_env(
+            data_dir=data_dir, database_url=database_url,
+            mqtt_url=MqttUrl.parse(mqtt_url) if mqtt_url else None, http=HostPort.parse(http),
+            broker_listen=HostPort.parse(broker_listen), advertise_mqtt=advertise_mqtt,
+            topic_root=topic_root, keepalive_s=keepalive, health_interval_s=health_interval)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.http.host, port=settings.http.port,
+                                           log_level="warning", lifespan="on"))
+    click.echo(f"edgefleet controller on http://{settings.http} "
+               f"(broker {settings.device_mqtt_url}, data {settings.data_dir})", err=True)
+    try:
+        server.run()
+    except BrokerStartError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not server.started:
+        raise click.ClickException("the controller did not start; see the log above")
+
+
+# -- agent --------------------------------------------------------------------------------
+
+@main.group()
+def agent() -> None:
+    """The edge daemon."""
+
+
+@agent.command("enroll")
+@click.option("--controller", envvar="EDGEFLEET_CONTROLLER", required=True,
+              help="Controller API URL.")
+@click.option("--token", required=True, help="Enrolment token (edgefleet enroll-token create).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              default=Path("/etc/edgefleet/agent.toml"), show_default=True)
+@click.option("--state-dir", type=click.Path(path_type=Path),
+              default=Path("/var/lib/edgefleet"), show_default=True)
+@click.option("--name", help="Device name (default: host name).")
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE, repeatable.")
+def agent_enroll(controller: str, token: str, config_path: Path, state_dir: Path,
+                 name: str | None, labels: tuple[str, ...]) -> None:
+    """Enrol this box with the controller (once)."""
+    from agent.config import ConfigError
+    from agent.enroll import enroll
+
+    try:
+        identity = enroll(controller=controller, token=token, config_path=config_path,
+                          state_dir=state_dir, name=name, labels=parse_labels(labels))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"enrolled as {identity.device_id}; config in {config_path}")
+
+
+@agent.command("run")
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              default=Path("/etc/edgefleet/agent.toml"), show_default=True)
+def agent_run(config_path: Path) -> None:
+    """Run the edge daemon."""
+    from agent.config import ConfigError
+    from agent.daemon import run
+
+    try:
+        run(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+# -- simulator and demo -------------------------------------------------------------------
+
+@main.command()
+@click.option("--devices", "count", type=click.IntRange(1, 100_000), required=True)
+@click.option("--controller", envvar="EDGEFLEET_CONTROLLER", required=True)
+@click.option("--token", required=True, help="Enrolment token with at least N uses.")
+@click.option("--profile", default="mixed", show_default=True)
+@click.option("--state-dir", type=click.Path(path_type=Path),
+              help="Keep identities here to reuse them on the next run.")
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE, repeatable.")
+@click.option("--seed", type=int, default=0)
+def sim(count: int, controller: str, token: str, profile: str, state_dir: Path | None,
+        labels: tuple[str, ...], seed: int) -> None:
+    """Run N simulated devices with the real agent protocol code."""
+    import signal
+
+    from agent.config import ConfigError
+    from agent.sim import Simulator, enroll_fleet
+
+    try:
+        identities = enroll_fleet(controller, token, count, state_dir=state_dir,
+                                  labels=parse_labels(labels))
+        simulator = Simulator(identities, profile=profile, seed=seed)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    click.echo(f"simulating {count} devices", err=True)
+    simulator.run(stop)
+
+
+@main.command()
+@click.option("--devices", "count", type=click.IntRange(1, 1000), default=12, show_default=True)
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the fleet to come online.")
+def demo(count: int, timeout: float) -> None:
+    """Controller + simulated fleet on embedded defaults, end to end."""
+    from cli.demo import run_demo
+
+    sys.exit(run_demo(count, timeout=timeout, console=console))
+
+
+# -- operator commands --------------------------------------------------------------------
+
+@main.command()
+@api_options
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+@click.option("--status", type=click.Choice(["online", "offline", "enrolled"]))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def devices(controller: str, token: str | None, watch: bool, status: str | None,
+            as_json: bool) -> None:
+    """List devices."""
+    api = make_api(controller, token)
+    path = f"/devices?status={status}" if status else "/devices"
+    if as_json:
+        click.echo(json.dumps(api.call("GET", path), indent=2))
+        return
+    if not watch:
+        console.print(devices_table(api.call("GET", path)))
+        return
+    with Live(devices_table(api.call("GET", path)), console=console, refresh_per_second=2) as live:
+        try:
+            while True:
+                time.sleep(1)
+                live.update(devices_table(api.call("GET", path)))
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@api_options
+@click.option("--json", "as_json", is_flag=True)
+def status(controller: str, token: str | None, as_json: bool) -> None:
+    """Fleet summary."""
+    summary = make_api(controller, token).call("GET", "/fleet/summary")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        console.print(summary_table(summary))
+
+
+@main.group("enroll-token")
+def enroll_token() -> None:
+    """Enrolment tokens for new devices."""
+
+
+@enroll_token.command("create")
+@api_options
+@click.option("--expires", default="1h", show_default=True, help="Lifetime: 30m, 1h, 7d ...")
+@click.option("--uses", type=click.IntRange(1, 100_000), default=1, show_default=True,
+              help="How many devices may enrol with it.")
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE given to enrolled devices.")
+@click.option("--json", "as_json", is_flag=True)
+def enroll_token_create(controller: str, token: str | None, expires: str, uses: int,
+                        labels: tuple[str, ...], as_json: bool) -> None:
+    """Create an enrolment token (printed once)."""
+    body = {"expires_in_s": parse_duration(expires), "uses": uses, "labels": parse_labels(labels)}
+    out = make_api(controller, token).call("POST", "/enroll-tokens", body)
+    click.echo(json.dumps(out, indent=2) if as_json else out["token"])
+
+
+@main.group("token")
+def api_token() -> None:
+    """API tokens for people and scripts (admin only)."""
+
+
+@api_token.command("create")
+@api_options
+@click.option("--name", required=True)
+@click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), required=True)
+@click.option("--json", "as_json", is_flag=True)
+def api_token_create(controller: str, token: str | None, name: str, role: str,
+                     as_json: bool) -> None:
+    """Create an API token (printed once)."""
+    out: dict[str, Any] = make_api(controller, token).call("POST", "/tokens",
+                                                           {"name": name, "role": role})
+    click.echo(json.dumps(out, indent=2) if as_json else out["token"])
