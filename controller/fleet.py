@@ -70,7 +70,7 @@ def list_devices(session: Session, *, status: str | None = None, limit: int = 10
 def summary(session: Session) -> dict[str, Any]:
     """Device counts by status and by class."""
     by_status = dict(session.execute(select(Device.status, func.count()).group_by(Device.status))
-                     .tuples().all())
+                     .all())
     classes: Counter[str] = Counter(
         device_class(caps) for caps in session.scalars(select(Device.capabilities))
     )

@@ -58,7 +58,14 @@ class _DeviceDelta:
 
 
 def apply_batch(session: Session, items: Sequence[Inbound]) -> int:
-    """Write a batch of device messages; return how many were persisted."""
+    """Write a batch of device messages; return how many were persisted.
+
+    Messages from devices that no longer exist (deleted since the message was
+    queued) are skipped, so one of them cannot block the batch.
+    """
+    ids = {item.device_id for item in items}
+    existing = set(session.scalars(select(Device.id).where(Device.id.in_(ids))))
+    items = [item for item in items if item.device_id in existing]
     deltas: dict[str, _DeviceDelta] = {}
     for item in items:
         delta = deltas.setdefault(item.device_id, _DeviceDelta())
@@ -165,9 +172,14 @@ class Ingestor:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then end the writer thread."""
+        """Write what is queued, then end the writer thread (give up after ``timeout``)."""
         self._queue.put(None)
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("ingest writer still retrying at shutdown; %d messages unwritten",
+                      self.stats.received - self.stats.persisted)
+            self._stopping.set()
+            self._thread.join(1.0)
 
     def _run(self) -> None:
         done = False

@@ -75,7 +75,7 @@ class Runtime:
                 log.info("created the admin token in %s", s.data_dir / "admin-token")
             for device_id, secret_hash in session.execute(
                 select(Device.id, Device.mqtt_secret_hash)
-            ).tuples():
+            ):
                 self.admit_device(device_id, secret_hash)
         mqtt_url = s.mqtt_url
         if mqtt_url is None:

@@ -1,0 +1,176 @@
+"""API authentication, roles, enrolment tokens and problem details, on both backends."""
+
+import stat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from controller.api.app import create_app
+from controller.runtime import Runtime
+from controller.settings import HostPort, MqttUrl, Settings
+from tests.conftest import Backend, free_port
+
+MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+PUBLIC = {("POST", "/api/v1/enroll")}  # authenticated by the enrolment token instead
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def settings(backend: Backend, tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data", database_url=backend.database_url,
+        mqtt_url=MqttUrl.parse(backend.mqtt_url) if backend.mqtt_url else None,
+        broker_listen=HostPort("127.0.0.1", free_port()), topic_root=backend.topic_root,
+    )
+
+
+@pytest.fixture
+def client(settings: Settings, clock: Clock):
+    app = create_app(settings, runtime=Runtime(settings, clock=clock))
+    with TestClient(app) as c:
+        yield c
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def admin(settings: Settings, client: TestClient) -> dict[str, str]:
+    return auth((settings.data_dir / "admin-token").read_text().strip())
+
+
+def make_token(client: TestClient, admin: dict[str, str], role: str) -> dict[str, str]:
+    r = client.post("/api/v1/tokens", json={"name": role, "role": role}, headers=admin)
+    assert r.status_code == 201, r.text
+    return auth(r.json()["token"])
+
+
+def mutating_routes(client: TestClient) -> list[tuple[str, str]]:
+    """Every mutating route the app publishes in its OpenAPI document."""
+    routes = []
+    for path, ops in client.get("/openapi.json").json()["paths"].items():
+        for method in ops:
+            if method.upper() in MUTATING and (method.upper(), path) not in PUBLIC:
+                routes.append((method.upper(), path.replace("{device_id}", "dev-x")))
+    return routes
+
+
+def test_admin_token_file_is_private(settings: Settings, client: TestClient) -> None:
+    path = settings.data_dir / "admin-token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((settings.data_dir / "keys" / "desired-state.key").stat().st_mode) == 0o600
+
+
+def test_no_token_gets_401_with_a_problem_body(client: TestClient) -> None:
+    r = client.get("/api/v1/devices")
+    assert r.status_code == 401
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == "unauthorized"
+    assert client.get("/api/v1/devices", headers=auth("efa_wrong")).status_code == 401
+
+
+def test_no_token_gets_401_on_every_mutating_route(client: TestClient) -> None:
+    routes = mutating_routes(client)
+    assert len(routes) >= 3
+    for method, path in routes:
+        assert client.request(method, path, json={}).status_code == 401, (method, path)
+
+
+def test_viewer_gets_403_on_every_mutating_route(client: TestClient, admin) -> None:
+    viewer = make_token(client, admin, "viewer")
+    for method, path in mutating_routes(client):
+        r = client.request(method, path, json={"name": "x", "role": "viewer"}, headers=viewer)
+        assert r.status_code == 403, (method, path, r.text)
+        assert r.json()["code"] == "forbidden"
+    assert client.get("/api/v1/devices", headers=viewer).status_code == 200
+
+
+def test_operator_can_create_enrolment_tokens_but_not_api_tokens(client, admin) -> None:
+    operator = make_token(client, admin, "operator")
+    assert client.post("/api/v1/enroll-tokens", json={}, headers=operator).status_code == 201
+    r = client.post("/api/v1/tokens", json={"name": "x", "role": "admin"}, headers=operator)
+    assert r.status_code == 403
+
+
+def test_enrolment_token_is_single_use(client: TestClient, admin) -> None:
+    token = client.post("/api/v1/enroll-tokens", json={}, headers=admin).json()["token"]
+    first = client.post("/api/v1/enroll", json={"token": token, "name": "box-1"})
+    assert first.status_code == 201
+    body = first.json()
+    assert body["device_id"].startswith("dev-") and body["mqtt_password"].startswith("efd_")
+    again = client.post("/api/v1/enroll", json={"token": token})
+    assert again.status_code == 403
+    assert again.json()["code"] == "enroll_refused"
+    devices = client.get("/api/v1/devices", headers=admin).json()
+    assert [d["name"] for d in devices] == ["box-1"]
+
+
+def test_enrolment_token_expires(client: TestClient, admin, clock: Clock) -> None:
+    token = client.post("/api/v1/enroll-tokens", json={"expires_in_s": 600, "uses": 5},
+                        headers=admin).json()["token"]
+    clock.now += timedelta(seconds=601)
+    assert client.post("/api/v1/enroll", json={"token": token}).status_code == 403
+
+
+def test_enrolment_token_labels_reach_the_device(client: TestClient, admin) -> None:
+    token = client.post("/api/v1/enroll-tokens", json={"labels": {"site": "lyon"}},
+                        headers=admin).json()["token"]
+    device_id = client.post("/api/v1/enroll", json={"token": token, "labels": {"rack": "3"}}
+                            ).json()["device_id"]
+    device = client.get(f"/api/v1/devices/{device_id}", headers=admin).json()
+    assert device["labels"] == {"site": "lyon", "rack": "3"}
+
+
+def test_unknown_device_is_a_404_problem(client: TestClient, admin) -> None:
+    r = client.get("/api/v1/devices/dev-nope", headers=admin)
+    assert (r.status_code, r.json()["code"]) == (404, "device_not_found")
+
+
+def test_invalid_request_names_the_field(client: TestClient, admin) -> None:
+    r = client.post("/api/v1/enroll-tokens", json={"uses": 0}, headers=admin)
+    assert r.status_code == 422
+    assert "uses" in r.json()["detail"]
+
+
+def test_configured_admin_token_is_used_and_not_written(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "d", admin_token="efa_configured",
+                        broker_listen=HostPort("127.0.0.1", free_port()))
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/api/v1/devices", headers=auth("efa_configured")).status_code == 200
+    assert not (tmp_path / "d" / "admin-token").exists()
+
+
+def test_healthz_and_readyz(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "mqtt": "ok"}
+    assert "/api/v1/devices" in client.get("/openapi.json").json()["paths"]
+
+
+def test_mutations_are_audited(client: TestClient, admin, settings: Settings) -> None:
+    from sqlalchemy import select
+
+    from controller.db.engine import make_engine, session_factory
+    from controller.db.models import AuditEntry
+
+    client.post("/api/v1/enroll-tokens", json={}, headers=admin)
+    engine = make_engine(settings.db_url)
+    with session_factory(engine)() as s:
+        actions = list(s.scalars(select(AuditEntry.action)))
+    engine.dispose()
+    assert "enroll_token.create" in actions

@@ -1,0 +1,121 @@
+"""Batched ingestion of device messages, on both databases."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from controller.db.engine import make_engine, session_factory, transaction, upgrade
+from controller.db.models import Device, HealthReport
+from controller.ingest import Inbound, Ingestor, apply_batch, mark_stale_offline
+from shared.messages import Capabilities, Health, Hello, Presence
+from shared.topics import Kind
+from tests.conftest import wait_for
+
+T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def factory(db_url: str):
+    engine = make_engine(db_url)
+    upgrade(engine)
+    factory = session_factory(engine)
+    with transaction(factory) as s:
+        for i in range(3):
+            s.add(Device(id=f"d{i}", name=f"d{i}", labels={"site": "a"}, mqtt_secret_hash="x",
+                         enrolled_at=T0, status="enrolled", health_count=0))
+    yield factory
+    engine.dispose()
+
+
+def health(seq: int, at: datetime = T0) -> Health:
+    return Health(seq=seq, sent_at=at, cpu_percent=1.5, mem_used_bytes=1, mem_total_bytes=2,
+                  disk_free_bytes=3)
+
+
+def presence(state: str) -> Presence:
+    return Presence(state=state, since=T0)  # type: ignore[arg-type]
+
+
+def item(device: str, msg, at: datetime = T0) -> Inbound:
+    kind = {Health: Kind.HEALTH, Presence: Kind.PRESENCE, Hello: Kind.HELLO}[type(msg)]
+    return Inbound(device, kind, msg, at)
+
+
+def test_a_batch_persists_every_health_report_and_the_latest_state(factory) -> None:
+    t1 = T0 + timedelta(seconds=1)
+    batch = [item("d0", presence("online")), item("d0", health(1)), item("d0", health(2), t1),
+             item("d1", health(1)), item("d1", presence("offline"), t1)]
+    with transaction(factory) as s:
+        assert apply_batch(s, batch) == 5
+    with factory() as s:
+        assert s.scalar(select(func.count()).select_from(HealthReport)) == 3
+        d0, d1, d2 = (s.get(Device, f"d{i}") for i in range(3))
+        assert (d0.status, d0.health_count, d0.last_health["seq"], d0.last_seen_at) == (
+            "online", 2, 2, t1)
+        assert (d1.status, d1.health_count) == ("offline", 1)  # the later presence wins
+        assert d2.status == "enrolled" and d2.health_count == 0
+
+
+def test_hello_records_capabilities_and_merges_labels(factory) -> None:
+    caps = Capabilities(arch="arm64", cpu_count=4, ram_bytes=1 << 30, disk_free_bytes=1)
+    hello = Hello(agent_version="9.9", capabilities=caps, labels={"room": "b"}, sent_at=T0)
+    with transaction(factory) as s:
+        apply_batch(s, [item("d2", hello)])
+    with factory() as s:
+        d2 = s.get(Device, "d2")
+        assert d2.capabilities["arch"] == "arm64"
+        assert d2.labels == {"site": "a", "room": "b"}
+        assert (d2.status, d2.agent_version) == ("online", "9.9")
+
+
+def test_silent_devices_are_marked_offline(factory) -> None:
+    with transaction(factory) as s:
+        apply_batch(s, [item("d0", health(1)), item("d1", health(1), T0 + timedelta(seconds=50))])
+    with transaction(factory) as s:
+        n = mark_stale_offline(s, now=T0 + timedelta(seconds=60), silent_for=timedelta(seconds=30))
+    assert n == 1
+    with factory() as s:
+        assert [s.get(Device, d).status for d in ("d0", "d1")] == ["offline", "online"]
+
+
+def test_ingestor_writes_in_batches_and_loses_nothing(factory) -> None:
+    ingestor = Ingestor(factory, batch=500, linger=0.2)
+    ingestor.start()
+    for seq in range(3000):
+        ingestor.submit(item(f"d{seq % 3}", health(seq)))
+    wait_for(lambda: ingestor.stats.persisted == 3000, 60, "3000 reports persisted")
+    ingestor.stop()
+    assert ingestor.stats.batches <= 3000 / 100  # batched, not one transaction per message
+    with factory() as s:
+        assert s.scalar(select(func.count()).select_from(HealthReport)) == 3000
+        assert sum(s.get(Device, f"d{i}").health_count for i in range(3)) == 3000
+
+
+def test_a_deleted_device_does_not_block_the_batch(factory) -> None:
+    with transaction(factory) as s:
+        assert apply_batch(s, [item("gone", health(1)), item("d0", health(1))]) == 1
+    with factory() as s:
+        assert s.scalar(select(func.count()).select_from(HealthReport)) == 1
+
+
+def test_a_failed_write_is_retried_not_dropped(factory, monkeypatch) -> None:
+    import controller.ingest as ingest
+
+    real, calls = ingest.apply_batch, []
+
+    def flaky(session, items):
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise ConnectionError("database went away")
+        return real(session, items)
+
+    monkeypatch.setattr(ingest, "apply_batch", flaky)
+    ingestor = Ingestor(factory, batch=10, linger=0.01, retry_delay=0.01)
+    ingestor.start()
+    ingestor.submit(item("d0", health(1)))
+    wait_for(lambda: ingestor.stats.persisted == 1, 30, "the retried write")
+    ingestor.stop()
+    assert ingestor.stats.write_failures == 1
+    with factory() as s:
+        assert s.scalar(select(func.count()).select_from(HealthReport)) == 1
