@@ -96,7 +96,7 @@ class Identity:
 
     @classmethod
     def from_enrolment(cls, data: dict[str, Any]) -> "Identity":
-        names = {f for f in cls.__dataclass_fields__}
+        names = set(cls.__dataclass_fields__)
         try:
             return cls(**{k: v for k, v in data.items() if k in names})
         except TypeError as exc:

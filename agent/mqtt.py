@@ -6,6 +6,7 @@ with select(), for the simulator and benchmarks: one thread per device does not
 scale past a few hundred.
 """
 
+import contextlib
 import logging
 import random
 import selectors
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.session import DeviceSession
 
@@ -34,7 +37,7 @@ def device_client(session: DeviceSession, *,
                   bind_address: str = "") -> mqtt.Client:
     """A paho client for ``session``'s device; not yet connected."""
     ident = session.identity
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=ident.device_id,
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=ident.device_id,
                          protocol=mqtt.MQTTv311, clean_session=True)
     client.username_pw_set(ident.mqtt_username, ident.mqtt_password)
     if parse_broker(ident.mqtt_url)[2]:
@@ -43,7 +46,7 @@ def device_client(session: DeviceSession, *,
     client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
     client.reconnect_delay_set(min_delay=1, max_delay=30)
 
-    def on_connect(c: mqtt.Client, _u: object, _f: object, reason: mqtt.ReasonCode,
+    def on_connect(c: mqtt.Client, _u: object, _f: object, reason: ReasonCode,
                    _p: object) -> None:
         if reason.is_failure:
             log.error("broker refused %s: %s", ident.device_id, reason)
@@ -53,7 +56,7 @@ def device_client(session: DeviceSession, *,
         if on_up:
             on_up()
 
-    def on_disconnect(_c: mqtt.Client, _u: object, _f: object, reason: mqtt.ReasonCode,
+    def on_disconnect(_c: mqtt.Client, _u: object, _f: object, reason: ReasonCode,
                       _p: object) -> None:
         if on_down:
             on_down()
@@ -61,7 +64,7 @@ def device_client(session: DeviceSession, *,
             log.info("%s lost the broker (%s)", ident.device_id, reason)
 
     def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        session.on_message(msg.topic, msg.payload)
+        session.on_message(msg.topic, bytes(msg.payload))
 
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
@@ -135,10 +138,8 @@ class MultiLoop:
             live[sock.fileno()] = client
         for fd in list(self._registered):
             if fd not in live or self._registered[fd] is not live[fd]:
-                try:
+                with contextlib.suppress(KeyError, ValueError):
                     self._sel.unregister(fd)
-                except (KeyError, ValueError):
-                    pass
                 del self._registered[fd]
         for fd, client in live.items():
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.want_write() else 0)

@@ -56,7 +56,7 @@ def _onnx_providers() -> tuple[str, ...]:
         import onnxruntime
 
         return tuple(onnxruntime.get_available_providers())
-    except Exception:  # a broken install reports no providers rather than crashing
+    except Exception:  # noqa: BLE001 - a broken install reports no providers rather than crashing
         return ()
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from agent.config import ConfigError, Identity, write_private
@@ -118,7 +119,7 @@ class Simulator:
         self._lock = threading.Lock()
         for index, ident in enumerate(identities):
             prof = PROFILES[profile][index % len(PROFILES[profile])]
-            session = DeviceSession(ident, capabilities=lambda p=prof: sim_capabilities(p),
+            session = DeviceSession(ident, capabilities=partial(sim_capabilities, prof),
                                     health=sim_health(prof, random.Random(rng.random())),  # noqa: S311
                                     labels={"profile": prof.name}, clock=_now)
             self.sessions.append(session)

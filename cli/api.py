@@ -43,7 +43,8 @@ class Api:
             raise ApiFailure(_problem_text(exc)) from None
         except (urllib.error.URLError, OSError) as exc:
             raise Unreachable(f"cannot reach the controller at {self.controller}: {exc}. "
-                              "Is it running? Pass --controller or set EDGEFLEET_CONTROLLER.")
+                              "Is it running? Pass --controller or set EDGEFLEET_CONTROLLER."
+                              ) from None
         return json.loads(raw) if raw else None
 
 

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from datetime import datetime
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from controller.ingest import Inbound
 from controller.settings import MqttUrl
@@ -37,7 +39,7 @@ class Bridge:
         self.dropped_malformed = 0
         self.dropped_unknown = 0
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=f"edgefleet-controller-{secrets.token_hex(4)}",
             protocol=mqtt.MQTTv311,
             clean_session=True,
@@ -67,7 +69,7 @@ class Bridge:
         self._client.publish(topic, payload, qos=qos, retain=retain)
 
     def _on_connect(self, client: mqtt.Client, _userdata: object, _flags: object,
-                    reason: mqtt.ReasonCode, _props: object) -> None:
+                    reason: ReasonCode, _props: object) -> None:
         if reason.is_failure:
             log.error("MQTT broker refused the controller: %s", reason)
             return
@@ -76,7 +78,7 @@ class Bridge:
         self.connected.set()
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: object, _flags: object,
-                       reason: mqtt.ReasonCode, _props: object) -> None:
+                       reason: ReasonCode, _props: object) -> None:
         self.connected.clear()
         if reason.value != 0:
             log.warning("lost the MQTT broker (%s); reconnecting", reason)
@@ -90,7 +92,7 @@ class Bridge:
                 return
             if not msg.payload and where.kind in (Kind.PRESENCE, Kind.REPORTED):
                 return  # a cleared retained message
-            message = decode_for(where.kind, msg.payload)
+            message = decode_for(where.kind, bytes(msg.payload))
         except ProtocolError as exc:
             self.dropped_malformed += 1
             log.warning("dropped message on %r: %s", msg.topic, exc)

@@ -72,7 +72,7 @@ class _PluginConfig:
     policy: Any = None
 
 
-class DeviceAuthPlugin(BaseAuthPlugin):
+class DeviceAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
     """Checks username/password against the policy; refuses a will on a foreign topic."""
 
     Config = _PluginConfig
@@ -93,7 +93,7 @@ class DeviceAuthPlugin(BaseAuthPlugin):
         return True
 
 
-class DeviceTopicPlugin(BaseTopicPlugin):
+class DeviceTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
     """Confines devices to their own topics."""
 
     Config = _PluginConfig

@@ -13,9 +13,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, case, insert, select, update
+from sqlalchemy import Table, bindparam, case, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.db.engine import transaction
@@ -93,7 +93,7 @@ def apply_batch(session: Session, items: Sequence[Inbound]) -> int:
 
 
 def _update_devices(session: Session, deltas: dict[str, _DeviceDelta]) -> None:
-    t = Device.__table__
+    t = cast(Table, Device.__table__)
     status_rows = [
         {"b_id": device_id, "b_status": d.status, "b_since": d.status_at, "b_seen": d.last_seen_at,
          "b_count": d.health_count}
@@ -197,7 +197,8 @@ class Ingestor:
         while len(items) < self._batch:
             remaining = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                item = (self._queue.get(timeout=remaining) if remaining > 0
+                        else self._queue.get_nowait())
             except queue.Empty:
                 return False
             if item is None:
@@ -210,10 +211,11 @@ class Ingestor:
             try:
                 with transaction(self._factory) as session:
                     self.stats.persisted += apply_batch(session, items)
-                self.stats.batches += 1
-                return
             except Exception:
                 self.stats.write_failures += 1
                 log.exception("writing %d device messages failed; retrying", len(items))
                 if self._stopping.wait(self._retry_delay):
                     return
+            else:
+                self.stats.batches += 1
+                return

@@ -150,7 +150,8 @@ def _ready(url: str) -> bool:
 
 
 @pytest.fixture
-def start_controller(tmp_path: Path, backend: Backend) -> Iterator[Callable[..., ControllerProcess]]:
+def start_controller(tmp_path: Path,
+                     backend: Backend) -> Iterator[Callable[..., ControllerProcess]]:
     """Start controller processes on ``backend``; all are killed at teardown."""
     procs: list[ControllerProcess] = []
 

@@ -112,7 +112,8 @@ def test_enrolment_token_is_single_use(client: TestClient, admin) -> None:
     first = client.post("/api/v1/enroll", json={"token": token, "name": "box-1"})
     assert first.status_code == 201
     body = first.json()
-    assert body["device_id"].startswith("dev-") and body["mqtt_password"].startswith("efd_")
+    assert body["device_id"].startswith("dev-")
+    assert body["mqtt_password"].startswith("efd_")
     again = client.post("/api/v1/enroll", json={"token": token})
     assert again.status_code == 403
     assert again.json()["code"] == "enroll_refused"
@@ -158,7 +159,8 @@ def test_configured_admin_token_is_used_and_not_written(tmp_path: Path) -> None:
 def test_healthz_and_readyz(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "mqtt": "ok"}
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "mqtt": "ok"}
     assert "/api/v1/devices" in client.get("/openapi.json").json()["paths"]
 
 

@@ -54,7 +54,8 @@ def test_a_batch_persists_every_health_report_and_the_latest_state(factory) -> N
         assert (d0.status, d0.health_count, d0.last_health["seq"], d0.last_seen_at) == (
             "online", 2, 2, t1)
         assert (d1.status, d1.health_count) == ("offline", 1)  # the later presence wins
-        assert d2.status == "enrolled" and d2.health_count == 0
+        assert d2.status == "enrolled"
+        assert d2.health_count == 0
 
 
 def test_hello_records_capabilities_and_merges_labels(factory) -> None:
@@ -100,7 +101,7 @@ def test_a_deleted_device_does_not_block_the_batch(factory) -> None:
 
 
 def test_a_failed_write_is_retried_not_dropped(factory, monkeypatch) -> None:
-    import controller.ingest as ingest
+    from controller import ingest
 
     real, calls = ingest.apply_batch, []
 

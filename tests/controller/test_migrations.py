@@ -21,7 +21,8 @@ def test_upgrade_and_downgrade_round_trip(db_url: str) -> None:
         upgrade(engine)
         assert _tables(engine) == TABLES
         with engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+            version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+        assert version == "0001"
     finally:
         engine.dispose()
 
