@@ -2,6 +2,7 @@
 
 import queue
 import secrets
+import socket
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -144,9 +145,22 @@ def test_retained_messages_reach_only_clients_subscribed_to_them(broker) -> None
 
 
 def test_mqtt5_clients_are_refused_by_the_embedded_broker(broker) -> None:
-    """amqtt speaks MQTT 3.1.1 only; every edgefleet client uses 3.1.1."""
-    client = Client(broker, *SERVICE, protocol=mqtt.MQTTv5)
-    assert not client.accepted
+    """amqtt speaks MQTT 3.1.1 only, so every edgefleet client uses 3.1.1.
+
+    A raw MQTT 5 CONNECT must not be accepted: the broker closes the connection or
+    answers with a refusal; it never sends a CONNACK with return code 0.
+    """
+    connect_v5 = bytes([0x10, 0x0F, 0x00, 0x04, *b"MQTT", 0x05, 0x02, 0x00, 0x0A, 0x00,
+                        0x00, 0x02, *b"v5"])
+    with socket.create_connection((broker.listen.host, broker.listen.port), timeout=5) as s:
+        s.sendall(connect_v5)
+        try:
+            answer = s.recv(16)
+        except (TimeoutError, ConnectionResetError):
+            answer = b""
+    accepted = len(answer) >= 4 and answer[0] == 0x20 and answer[3] == 0x00
+    assert not accepted, answer
+    assert Client(broker, *SERVICE, protocol=mqtt.MQTTv311).accepted
 
 
 def test_a_taken_port_is_a_clear_error(broker) -> None:
