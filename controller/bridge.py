@@ -7,8 +7,8 @@ ingestor; a malformed or unknown-device message is counted, logged and dropped.
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable
-from datetime import datetime
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -27,13 +27,11 @@ class Bridge:
     """Subscribes to every device's messages and passes them to ``sink``."""
 
     def __init__(self, url: MqttUrl, topics: Topics, *, sink: Callable[[Inbound], None],
-                 is_known: Callable[[str], bool], clock: Callable[[], datetime],
-                 keepalive: int = 30) -> None:
+                 is_known: Callable[[str], bool], keepalive: int = 30) -> None:
         self.url = url
         self.topics = topics
         self._sink = sink
         self._is_known = is_known
-        self._clock = clock
         self._keepalive = keepalive
         self.connected = threading.Event()
         self.dropped_malformed = 0
@@ -85,16 +83,17 @@ class Bridge:
 
     def _on_message(self, _client: mqtt.Client, _userdata: object,
                     msg: mqtt.MQTTMessage) -> None:
+        payload = bytes(msg.payload)
         try:
             where = self.topics.parse(msg.topic)
             if not self._is_known(where.device_id):
                 self.dropped_unknown += 1
                 return
-            if not msg.payload and where.kind in (Kind.PRESENCE, Kind.REPORTED):
+            if not payload and where.kind in (Kind.PRESENCE, Kind.REPORTED):
                 return  # a cleared retained message
-            message = decode_for(where.kind, bytes(msg.payload))
+            message = decode_for(where.kind, payload)
         except ProtocolError as exc:
             self.dropped_malformed += 1
             log.warning("dropped message on %r: %s", msg.topic, exc)
             return
-        self._sink(Inbound(where.device_id, where.kind, message, self._clock()))
+        self._sink(Inbound(where.device_id, where.kind, message, time.time(), payload))

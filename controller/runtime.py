@@ -87,7 +87,7 @@ class Runtime:
                                password)
         self.ingestor.start()
         self.bridge = Bridge(mqtt_url, self.topics, sink=self.ingestor.submit,
-                             is_known=self.known.__contains__, clock=self.clock)
+                             is_known=self.known.__contains__)
         self.bridge.start()
         silent_for = timedelta(seconds=max(3 * s.health_interval_s, 2 * s.keepalive_s))
         self.scheduler.add_job(self.sweep, "interval", seconds=max(1.0, s.keepalive_s / 4),

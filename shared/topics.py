@@ -9,6 +9,7 @@ embedded broker's ACL and generated broker configs agree with the protocol.
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from shared.errors import TopicError
 
@@ -28,6 +29,7 @@ class Kind(StrEnum):
     DESIRED = "desired"  # controller -> device, retained and signed
 
 
+_KIND_BY_VALUE = {kind.value: kind for kind in Kind}
 DEVICE_PUBLISHES = frozenset({Kind.HELLO, Kind.PRESENCE, Kind.HEALTH, Kind.REPORTED, Kind.EVENTS})
 DEVICE_SUBSCRIBES = frozenset({Kind.DESIRED})
 
@@ -39,9 +41,8 @@ def validate_device_id(device_id: str) -> str:
     return device_id
 
 
-@dataclass(frozen=True)
-class DeviceTopic:
-    """A parsed per-device topic."""
+class DeviceTopic(NamedTuple):
+    """A parsed per-device topic (a tuple: parsing is on the ingest hot path)."""
 
     device_id: str
     kind: Kind
@@ -75,10 +76,10 @@ class Topics:
         if len(rest) != 2:
             raise TopicError(f"topic {topic!r} is not <root>/dev/<id>/<kind>")
         device_id, kind = rest
-        try:
-            return DeviceTopic(validate_device_id(device_id), Kind(kind))
-        except ValueError:
-            raise TopicError(f"unknown topic kind {kind!r}") from None
+        parsed_kind = _KIND_BY_VALUE.get(kind)
+        if parsed_kind is None:
+            raise TopicError(f"unknown topic kind {kind!r}")
+        return DeviceTopic(validate_device_id(device_id), parsed_kind)
 
     def device_may_publish(self, device_id: str, topic: str) -> bool:
         """Whether a device may publish on ``topic``: only its own device-side kinds."""

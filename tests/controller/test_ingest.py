@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from controller.db.engine import make_engine, session_factory, transaction, upgrade
 from controller.db.models import Device, HealthReport
 from controller.ingest import Inbound, Ingestor, apply_batch, mark_stale_offline
-from shared.messages import Capabilities, Health, Hello, Presence
+from shared.messages import Capabilities, Health, Hello, Presence, encode
 from shared.topics import Kind
 from tests.conftest import wait_for
 
@@ -39,7 +39,7 @@ def presence(state: str) -> Presence:
 
 def item(device: str, msg, at: datetime = T0) -> Inbound:
     kind = {Health: Kind.HEALTH, Presence: Kind.PRESENCE, Hello: Kind.HELLO}[type(msg)]
-    return Inbound(device, kind, msg, at)
+    return Inbound(device, kind, msg, at.timestamp(), encode(msg))
 
 
 def test_a_batch_persists_every_health_report_and_the_latest_state(factory) -> None:
@@ -91,6 +91,30 @@ def test_ingestor_writes_in_batches_and_loses_nothing(factory) -> None:
     with factory() as s:
         assert s.scalar(select(func.count()).select_from(HealthReport)) == 3000
         assert sum(s.get(Device, f"d{i}").health_count for i in range(3)) == 3000
+        assert s.scalar(select(HealthReport.data).where(HealthReport.seq == 7))["seq"] == 7
+
+
+def test_device_rows_wait_for_the_flush_but_presence_does_not(factory) -> None:
+    pending: dict = {}
+    with transaction(factory) as s:
+        apply_batch(s, [item("d0", health(1))], pending=pending, flush_devices=False)
+    with factory() as s:
+        assert s.get(Device, "d0").health_count == 0  # held back: one row write per flush
+        assert s.scalar(select(func.count()).select_from(HealthReport)) == 1  # report is in
+    with transaction(factory) as s:
+        apply_batch(s, [item("d1", presence("online"))], pending=pending, flush_devices=False)
+    with factory() as s:
+        assert (s.get(Device, "d0").health_count, s.get(Device, "d1").status) == (1, "online")
+    assert pending == {}
+
+
+def test_a_stopped_ingestor_flushes_device_state(factory) -> None:
+    ingestor = Ingestor(factory, device_flush=3600)
+    ingestor.start()
+    ingestor.submit(item("d2", health(1)))
+    ingestor.stop()
+    with factory() as s:
+        assert (s.get(Device, "d2").status, s.get(Device, "d2").health_count) == ("online", 1)
 
 
 def test_a_deleted_device_does_not_block_the_batch(factory) -> None:
@@ -105,18 +129,21 @@ def test_a_failed_write_is_retried_not_dropped(factory, monkeypatch) -> None:
 
     real, calls = ingest.apply_batch, []
 
-    def flaky(session, items):
+    def flaky(session, items, **kwargs):
         calls.append(len(items))
-        if len(calls) == 1:
+        if len(calls) == 2:
             raise ConnectionError("database went away")
-        return real(session, items)
+        return real(session, items, **kwargs)
 
     monkeypatch.setattr(ingest, "apply_batch", flaky)
-    ingestor = Ingestor(factory, batch=10, linger=0.01, retry_delay=0.01)
+    ingestor = Ingestor(factory, batch=10, linger=0.01, retry_delay=0.01, device_flush=3600)
     ingestor.start()
-    ingestor.submit(item("d0", health(1)))
-    wait_for(lambda: ingestor.stats.persisted == 1, 30, "the retried write")
+    ingestor.submit(item("d0", health(1)))  # written; its device delta waits for the flush
+    wait_for(lambda: ingestor.stats.persisted == 1, 30, "the first write")
+    ingestor.submit(item("d0", health(2)))  # fails once, then is retried
+    wait_for(lambda: ingestor.stats.persisted == 2, 30, "the retried write")
     ingestor.stop()
     assert ingestor.stats.write_failures == 1
     with factory() as s:
-        assert s.scalar(select(func.count()).select_from(HealthReport)) == 1
+        assert s.scalar(select(func.count()).select_from(HealthReport)) == 2
+        assert s.get(Device, "d0").health_count == 2  # the pending delta survived the failure
