@@ -117,6 +117,9 @@ class BareReceiver:
     def received(self) -> int:
         return self.count
 
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
@@ -132,6 +135,9 @@ class ControllerReceiver:
 
     def received(self) -> int:
         return int(self.runtime.ingestor.stats.persisted)
+
+    def pids(self) -> list[int]:
+        return [os.getpid(), self.runtime.ingestor.pid]
 
     def rows(self) -> int:
         from sqlalchemy import func, select
@@ -190,6 +196,7 @@ class Result:
     sustained_rate: float = 0.0  # highest rate delivered completely and on time
     peak_rate: float = 0.0  # highest delivered rate in any step
     lost_at_sustained: int = 0
+    cpu_us_per_report: float = 0.0  # receiver processes' CPU (user+system) per report
     steps: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -203,6 +210,7 @@ def measure(receiver: Any, *, broker_label: str, broker: str, topic_root: str, d
     pub = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     result = Result(broker_label, receiver.name)
     base = receiver.received()
+    cpu_before = sum(cpu_seconds(pid) for pid in receiver.pids())
     total_sent = 0
     rate = start_rate
     try:
@@ -241,10 +249,21 @@ def measure(receiver: Any, *, broker_label: str, broker: str, topic_root: str, d
     finally:
         if pub.poll() is None:
             pub.kill()
+    reports = max(1, receiver.received() - base)
+    cpu_each = [cpu_seconds(pid) for pid in receiver.pids()]
+    result.cpu_us_per_report = round((sum(cpu_each) - cpu_before) / reports * 1e6, 1)
+    print(f"  CPU µs/report by process: {[round(c / reports * 1e6) for c in cpu_each]} "
+          f"(cumulative, first is the harness)")
     sustained_sent = sum(s["sent"] for s in result.steps if s["kept_up"])
     sustained_got = sum(s["delivered"] for s in result.steps if s["kept_up"])
     result.lost_at_sustained = sustained_sent - sustained_got
     return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -315,14 +334,15 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
 
     table = Table(title=f"health ingestion, {args.devices} devices "
                         f"(db: {'PostgreSQL' if args.db and 'postgres' in args.db else 'SQLite'})")
-    for col in ("broker", "receiver", "sustained/s", "peak/s", "vs bare", "lost"):
+    for col in ("broker", "receiver", "sustained/s", "peak/s", "vs bare", "lost",
+                "CPU µs/report"):
         table.add_column(col, justify="right")
     bare = {r.broker: r for r in results if r.receiver == "bare paho"}
     out = []
     for r in results:
         ratio = r.sustained_rate / bare[r.broker].sustained_rate if bare.get(r.broker) else 0
         table.add_row(r.broker, r.receiver, f"{r.sustained_rate:,.0f}", f"{r.peak_rate:,.0f}",
-                      f"{ratio:.0%}", str(r.lost_at_sustained))
+                      f"{ratio:.0%}", str(r.lost_at_sustained), f"{r.cpu_us_per_report:.0f}")
         out.append({**asdict(r), "ratio_vs_bare": round(ratio, 3)})
     Console().print(table)
     path = ROOT / "bench" / "results" / "ingest.json"

@@ -1,7 +1,8 @@
 """The controller's MQTT connection: device messages in, desired states out.
 
-Callbacks run on paho's network thread and only parse, decode and hand off to the
-ingestor; a malformed or unknown-device message is counted, logged and dropped.
+Callbacks run on paho's network thread and only parse the topic, check the device
+is known and hand the raw payload to the ingest worker, which decodes it. A message
+on a malformed topic or from an unknown device is counted and dropped.
 """
 
 import logging
@@ -14,10 +15,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from controller.ingest import Inbound
 from controller.settings import MqttUrl
 from shared.errors import ProtocolError
-from shared.messages import decode_for
 from shared.topics import DEVICE_PUBLISHES, Kind, Topics
 
 log = logging.getLogger(__name__)
@@ -26,7 +25,8 @@ log = logging.getLogger(__name__)
 class Bridge:
     """Subscribes to every device's messages and passes them to ``sink``."""
 
-    def __init__(self, url: MqttUrl, topics: Topics, *, sink: Callable[[Inbound], None],
+    def __init__(self, url: MqttUrl, topics: Topics, *,
+                 sink: Callable[[str, Kind, bytes, float], None],
                  is_known: Callable[[str], bool], keepalive: int = 30) -> None:
         self.url = url
         self.topics = topics
@@ -83,17 +83,17 @@ class Bridge:
 
     def _on_message(self, _client: mqtt.Client, _userdata: object,
                     msg: mqtt.MQTTMessage) -> None:
-        payload = bytes(msg.payload)
+        # The network thread only routes; decoding happens in the ingest worker.
         try:
             where = self.topics.parse(msg.topic)
-            if not self._is_known(where.device_id):
-                self.dropped_unknown += 1
-                return
-            if not payload and where.kind in (Kind.PRESENCE, Kind.REPORTED):
-                return  # a cleared retained message
-            message = decode_for(where.kind, payload)
         except ProtocolError as exc:
             self.dropped_malformed += 1
             log.warning("dropped message on %r: %s", msg.topic, exc)
             return
-        self._sink(Inbound(where.device_id, where.kind, message, time.time(), payload))
+        if not self._is_known(where.device_id):
+            self.dropped_unknown += 1
+            return
+        payload = bytes(msg.payload)
+        if not payload:
+            return  # a cleared retained message
+        self._sink(where.device_id, where.kind, payload, time.time())

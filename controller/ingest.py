@@ -6,18 +6,16 @@ the queue in batches (up to ``batch`` messages, or whatever arrived within
 A batch whose write fails is retried, not dropped.
 """
 
-import copy
 import json
 import logging
-import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import String, Table, bindparam, case, insert, select, update
+from sqlalchemy import String, Table, bindparam, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.db.engine import transaction
@@ -42,7 +40,6 @@ class Inbound(NamedTuple):
 class IngestStats:
     """Counters, read by /metrics and the benchmarks."""
 
-    received: int = 0
     persisted: int = 0
     batches: int = 0
     write_failures: int = 0
@@ -61,12 +58,28 @@ class DeviceDelta:
     urgent: bool = False  # a presence or hello: write now, not at the next flush
 
 
+def combine(old: DeviceDelta | None, new: DeviceDelta) -> DeviceDelta:
+    """A new delta: ``new`` applied on top of ``old`` (neither is changed)."""
+    if old is None:
+        return new
+    return DeviceDelta(status=new.status, status_at=new.status_at,
+                       last_seen_at=new.last_seen_at,
+                       last_health=new.last_health or old.last_health,
+                       health_count=old.health_count + new.health_count,
+                       hello=new.hello or old.hello, urgent=old.urgent or new.urgent)
+
+
 def merge(pending: dict[str, DeviceDelta], items: Sequence[Inbound]) -> None:
-    """Fold messages into per-device deltas; later messages win."""
+    """Fold messages into per-device deltas; later messages win.
+
+    Entries of ``pending`` are replaced, never changed in place, so a shallow copy
+    of a dict of deltas is a snapshot that a failed transaction leaves intact.
+    """
+    batch: dict[str, DeviceDelta] = {}
     for item in items:
-        delta = pending.get(item.device_id)
+        delta = batch.get(item.device_id)
         if delta is None:
-            delta = pending[item.device_id] = DeviceDelta()
+            delta = batch[item.device_id] = DeviceDelta()
         delta.last_seen_at = item.received_at
         msg = item.message
         if isinstance(msg, Health):
@@ -78,6 +91,8 @@ def merge(pending: dict[str, DeviceDelta], items: Sequence[Inbound]) -> None:
         elif isinstance(msg, Hello):
             delta.status, delta.status_at, delta.urgent = "online", item.received_at, True
             delta.hello = msg
+    for device_id, delta in batch.items():
+        pending[device_id] = combine(pending.get(device_id), delta)
 
 
 def apply_batch(session: Session, items: Sequence[Inbound], *,
@@ -108,7 +123,7 @@ def _insert_health(session: Session, items: Sequence[Inbound]) -> None:
         return
     conn = session.connection()
     table = cast(Table, HealthReport.__table__)
-    when = table.c.received_at.type._cached_bind_processor(conn.dialect)  # noqa: SLF001
+    when = table.c.received_at.type._cached_bind_processor(conn.dialect)
     to_dt = datetime.fromtimestamp
     rows = [(i.device_id, when(to_dt(i.received_at, UTC)) if when else to_dt(i.received_at, UTC),
              cast(Health, i.message).seq, i.raw.decode()) for i in items]
@@ -176,95 +191,51 @@ def known_device_ids(session: Session) -> set[str]:
     return set(session.scalars(select(Device.id)))
 
 
-class Ingestor:
-    """Queues device messages and writes them in batches on its own thread.
+class BatchWriter:
+    """Writes batches of device messages; retries failures; flushes device rows.
 
     Health reports are committed with every batch; device rows are updated at most
     every ``device_flush`` seconds (at once for a presence or hello), so the write
-    load grows with the number of devices, not with the message rate.
+    load grows with the number of devices, not with the message rate. A batch whose
+    transaction fails is retried until it is written or ``stopping`` is set; the
+    pending device deltas survive the failure.
     """
 
-    def __init__(self, factory: sessionmaker[Session], *, batch: int = 2000,
-                 linger: float = 0.05, device_flush: float = 1.0,
-                 retry_delay: float = 1.0) -> None:
+    def __init__(self, factory: sessionmaker[Session], *, device_flush: float = 1.0,
+                 retry_delay: float = 1.0, stopping: threading.Event | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._factory = factory
-        self._batch = batch
-        self._linger = linger
         self._device_flush = device_flush
         self._retry_delay = retry_delay
-        self._queue: queue.SimpleQueue[Inbound | None] = queue.SimpleQueue()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+        self._stopping = stopping or threading.Event()
+        self._clock = clock
         self._pending: dict[str, DeviceDelta] = {}
-        self._flushed_at = time.monotonic()
+        self._flushed_at = clock()
         self.stats = IngestStats()
 
-    def submit(self, item: Inbound) -> None:
-        """Queue one message; called from the MQTT network thread."""
-        self.stats.received += 1
-        self._queue.put(item)
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then end the writer thread (give up after ``timeout``)."""
-        self._queue.put(None)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.error("ingest writer still retrying at shutdown; %d messages unwritten",
-                      self.stats.received - self.stats.persisted)
-            self._stopping.set()
-            self._thread.join(1.0)
-
-    def _run(self) -> None:
-        done = False
-        while not done:
-            try:
-                item = self._queue.get(timeout=self._device_flush)
-            except queue.Empty:
-                if self._pending:
-                    self._write([])
-                continue
-            if item is None:
-                break
-            items = [item]
-            done = self._fill(items)
-            self._write(items)
-        self._write([], final=True)
-
-    def _fill(self, items: list[Inbound]) -> bool:
-        """Top the batch up from the queue; True when the stop marker was seen."""
-        deadline = time.monotonic() + self._linger
-        while len(items) < self._batch:
-            remaining = deadline - time.monotonic()
-            try:
-                item = (self._queue.get(timeout=remaining) if remaining > 0
-                        else self._queue.get_nowait())
-            except queue.Empty:
-                return False
-            if item is None:
-                return True
-            items.append(item)
-        return False
-
-    def _write(self, items: list[Inbound], *, final: bool = False) -> None:
-        flush = final or time.monotonic() - self._flushed_at >= self._device_flush
+    def write(self, items: Sequence[Inbound], *, final: bool = False) -> bool:
+        """Write ``items``; False if it gave up because ``stopping`` was set."""
+        flush = final or self._clock() - self._flushed_at >= self._device_flush
         while True:
-            # Work on a copy, so a failed transaction leaves the pending deltas intact.
-            pending = {k: copy.copy(v) for k, v in self._pending.items()}
+            # Work on a snapshot, so a failed transaction leaves the pending deltas intact.
+            pending = dict(self._pending)
             try:
                 with transaction(self._factory) as session:
-                    persisted = apply_batch(session, items, pending=pending, flush_devices=flush)
+                    persisted = apply_batch(session, items, pending=pending,
+                                            flush_devices=flush)
             except Exception:
                 self.stats.write_failures += 1
                 log.exception("writing %d device messages failed; retrying", len(items))
                 if self._stopping.wait(self._retry_delay):
-                    return
+                    return False
             else:
                 self._pending = pending
                 if not pending:
-                    self._flushed_at = time.monotonic()
+                    self._flushed_at = self._clock()
                 self.stats.persisted += persisted
                 self.stats.batches += 1
-                return
+                return True

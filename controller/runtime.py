@@ -20,7 +20,8 @@ from controller.bridge import Bridge
 from controller.broker import BrokerPolicy, EmbeddedBroker
 from controller.db.engine import make_engine, session_factory, transaction, upgrade
 from controller.db.models import Device, utcnow
-from controller.ingest import Ingestor, mark_stale_offline
+from controller.ingest import mark_stale_offline
+from controller.ingest_process import IngestProcess
 from controller.security import ensure_admin_token, write_secret_file
 from controller.settings import MqttUrl, Settings
 from shared.envelope import Signer, public_key_to_text
@@ -62,8 +63,7 @@ class Runtime:
         self.known: set[str] = set()
         self.broker: EmbeddedBroker | None = None
         self.bridge: Bridge | None = None
-        self.ingestor = Ingestor(self.session_factory, batch=settings.ingest_batch,
-                                 linger=settings.ingest_linger_s)
+        self.ingestor = IngestProcess(settings.db_url, linger=settings.ingest_linger_s)
         self.scheduler = BackgroundScheduler(timezone="UTC")
 
     def start(self) -> None:

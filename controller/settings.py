@@ -71,8 +71,7 @@ class Settings:
     keepalive_s: int = 10  # MQTT keepalive handed to devices; offline within 1.5x
     health_interval_s: float = 5.0  # how often devices report health
     admin_token: str | None = field(default=None, repr=False)
-    ingest_batch: int = 2000  # most messages written in one transaction
-    ingest_linger_s: float = 0.05  # how long a batch waits to fill
+    ingest_linger_s: float = 0.05  # how often received messages go to the ingest worker
 
     @property
     def db_url(self) -> str:

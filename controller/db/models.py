@@ -90,7 +90,9 @@ class HealthReport(Base):
     """One health report as received; written in batches."""
 
     __tablename__ = "health_reports"
-    __table_args__ = (Index("ix_health_reports_device_received", "device_id", "received_at"),)
+    # Indexed by arrival time only: an append-only index keeps inserts cheap (a
+    # (device_id, received_at) index tripled the cost of a row; see docs/adr/0003).
+    __table_args__ = (Index("ix_health_reports_received_at", "received_at"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))

@@ -65,8 +65,7 @@ def upgrade() -> None:
         sa.Column("seq", sa.BigInteger(), nullable=False),
         sa.Column("data", JSON, nullable=False),
     )
-    op.create_index("ix_health_reports_device_received", "health_reports",
-                    ["device_id", "received_at"])
+    op.create_index("ix_health_reports_received_at", "health_reports", ["received_at"])
     op.create_table(
         "audit_log",
         sa.Column("id", BIGID, primary_key=True, autoincrement=True),
@@ -81,7 +80,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("audit_log")
-    op.drop_index("ix_health_reports_device_received", table_name="health_reports")
+    op.drop_index("ix_health_reports_received_at", table_name="health_reports")
     op.drop_table("health_reports")
     op.drop_table("devices")
     op.drop_table("enroll_tokens")

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from controller.db.engine import make_engine, session_factory, transaction, upgrade
 from controller.db.models import Device, HealthReport
-from controller.ingest import Inbound, Ingestor, apply_batch, mark_stale_offline
+from controller.ingest import BatchWriter, Inbound, apply_batch, mark_stale_offline
 from shared.messages import Capabilities, Health, Hello, Presence, encode
 from shared.topics import Kind
 from tests.conftest import wait_for
@@ -80,48 +80,33 @@ def test_silent_devices_are_marked_offline(factory) -> None:
         assert [s.get(Device, d).status for d in ("d0", "d1")] == ["offline", "online"]
 
 
-def test_ingestor_writes_in_batches_and_loses_nothing(factory) -> None:
-    ingestor = Ingestor(factory, batch=500, linger=0.2)
-    ingestor.start()
-    for seq in range(3000):
-        ingestor.submit(item(f"d{seq % 3}", health(seq)))
-    wait_for(lambda: ingestor.stats.persisted == 3000, 60, "3000 reports persisted")
-    ingestor.stop()
-    assert ingestor.stats.batches <= 3000 / 100  # batched, not one transaction per message
-    with factory() as s:
-        assert s.scalar(select(func.count()).select_from(HealthReport)) == 3000
-        assert sum(s.get(Device, f"d{i}").health_count for i in range(3)) == 3000
-        assert s.scalar(select(HealthReport.data).where(HealthReport.seq == 7))["seq"] == 7
-
-
-def test_device_rows_wait_for_the_flush_but_presence_does_not(factory) -> None:
-    pending: dict = {}
-    with transaction(factory) as s:
-        apply_batch(s, [item("d0", health(1))], pending=pending, flush_devices=False)
-    with factory() as s:
-        assert s.get(Device, "d0").health_count == 0  # held back: one row write per flush
-        assert s.scalar(select(func.count()).select_from(HealthReport)) == 1  # report is in
-    with transaction(factory) as s:
-        apply_batch(s, [item("d1", presence("online"))], pending=pending, flush_devices=False)
-    with factory() as s:
-        assert (s.get(Device, "d0").health_count, s.get(Device, "d1").status) == (1, "online")
-    assert pending == {}
-
-
-def test_a_stopped_ingestor_flushes_device_state(factory) -> None:
-    ingestor = Ingestor(factory, device_flush=3600)
-    ingestor.start()
-    ingestor.submit(item("d2", health(1)))
-    ingestor.stop()
-    with factory() as s:
-        assert (s.get(Device, "d2").status, s.get(Device, "d2").health_count) == ("online", 1)
-
-
 def test_a_deleted_device_does_not_block_the_batch(factory) -> None:
     with transaction(factory) as s:
         assert apply_batch(s, [item("gone", health(1)), item("d0", health(1))]) == 1
     with factory() as s:
         assert s.scalar(select(func.count()).select_from(HealthReport)) == 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_writer_holds_device_rows_until_the_flush_is_due(factory) -> None:
+    clock = Clock()
+    writer = BatchWriter(factory, device_flush=1.0, clock=clock)
+    writer.write([item("d0", health(1)), item("d0", health(2))])
+    with factory() as s:
+        assert s.scalar(select(func.count()).select_from(HealthReport)) == 2
+        assert s.get(Device, "d0").health_count == 0
+    clock.now = 1.5
+    writer.write([])
+    with factory() as s:
+        assert s.get(Device, "d0").health_count == 2
+    assert not writer.has_pending
 
 
 def test_a_failed_write_is_retried_not_dropped(factory, monkeypatch) -> None:
@@ -136,14 +121,33 @@ def test_a_failed_write_is_retried_not_dropped(factory, monkeypatch) -> None:
         return real(session, items, **kwargs)
 
     monkeypatch.setattr(ingest, "apply_batch", flaky)
-    ingestor = Ingestor(factory, batch=10, linger=0.01, retry_delay=0.01, device_flush=3600)
-    ingestor.start()
-    ingestor.submit(item("d0", health(1)))  # written; its device delta waits for the flush
-    wait_for(lambda: ingestor.stats.persisted == 1, 30, "the first write")
-    ingestor.submit(item("d0", health(2)))  # fails once, then is retried
-    wait_for(lambda: ingestor.stats.persisted == 2, 30, "the retried write")
-    ingestor.stop()
-    assert ingestor.stats.write_failures == 1
+    clock = Clock()
+    writer = BatchWriter(factory, device_flush=1.0, retry_delay=0, clock=clock)
+    writer.write([item("d0", health(1))])  # written; its device delta waits for the flush
+    clock.now = 2.0
+    assert writer.write([item("d0", health(2))])  # fails once, then is retried
+    assert (writer.stats.write_failures, writer.stats.persisted) == (1, 2)
     with factory() as s:
         assert s.scalar(select(func.count()).select_from(HealthReport)) == 2
         assert s.get(Device, "d0").health_count == 2  # the pending delta survived the failure
+
+
+def test_ingest_process_decodes_writes_and_counts(factory, db_url) -> None:
+    from controller.ingest_process import IngestProcess
+
+    proc = IngestProcess(db_url, linger=0.01, device_flush=0.2)
+    proc.start()
+    try:
+        for seq in range(3000):
+            proc.submit(f"d{seq % 3}", Kind.HEALTH, encode(health(seq)), T0.timestamp())
+        proc.submit("d0", Kind.HEALTH, b'{"seq": "not a number"}', T0.timestamp())
+        proc.submit("d1", Kind.PRESENCE, b"\xff" * 5000, T0.timestamp())  # over the size cap
+        wait_for(lambda: proc.stats.persisted == 3000, 60, "3000 reports persisted")
+        wait_for(lambda: proc.stats.malformed == 2, 10, "the malformed messages counted")
+        assert proc.stats.batches < 3000 / 10  # batched, not a transaction per message
+    finally:
+        proc.stop()
+    with factory() as s:
+        assert s.scalar(select(func.count()).select_from(HealthReport)) == 3000
+        assert sum(s.get(Device, f"d{i}").health_count for i in range(3)) == 3000
+        assert s.scalar(select(HealthReport.data).where(HealthReport.seq == 7))["seq"] == 7

@@ -1,0 +1,180 @@
+"""Ingestion in a worker process, so database work never holds the receiver's GIL.
+
+paho's network thread reads one packet per select() for QoS 0 traffic and must win
+the GIL back after every read; a writer thread in the same process turned that into
+a convoy that capped ingestion at about a quarter of a bare subscriber's rate
+(measured with bench/ingest.py). The receiving side now only splits the topic,
+checks the device is known and appends ``(device_id, kind, payload, received_at)``
+to a list; a sender thread ships the list to the worker every ``linger`` seconds.
+The worker decodes (size-checked, validated) and writes with ``BatchWriter``.
+
+Counters live in shared memory. If the worker falls behind by more than
+``max_backlog`` messages, new messages are dropped and counted, never queued
+without bound.
+"""
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.sharedctypes import Synchronized
+
+from shared.errors import ProtocolError
+from shared.messages import decode_for
+from shared.topics import Kind
+
+log = logging.getLogger(__name__)
+
+Raw = tuple[str, str, bytes, float]  # device id, kind, payload, time.time()
+
+
+@dataclass
+class Counters:
+    """Shared-memory counters, readable from the controller process."""
+
+    persisted: "Synchronized[int]"
+    batches: "Synchronized[int]"
+    write_failures: "Synchronized[int]"
+    malformed: "Synchronized[int]"
+
+
+class IngestStats:
+    """A read view over the counters, shaped like ``ingest.IngestStats``."""
+
+    def __init__(self, counters: Counters) -> None:
+        self._c = counters
+        self.received = 0
+        self.dropped_backlog = 0
+
+    @property
+    def persisted(self) -> int:
+        return int(self._c.persisted.value)
+
+    @property
+    def batches(self) -> int:
+        return int(self._c.batches.value)
+
+    @property
+    def write_failures(self) -> int:
+        return int(self._c.write_failures.value)
+
+    @property
+    def malformed(self) -> int:
+        return int(self._c.malformed.value)
+
+
+def _worker(conn: Connection, db_url: str, counters: Counters, device_flush: float,
+            log_level: int) -> None:
+    """The worker process: decode what arrives and write it, until told to stop."""
+    logging.basicConfig(level=log_level,
+                        format="%(asctime)s %(levelname)s %(name)s[ingest]: %(message)s")
+    from controller.db.engine import make_engine, session_factory
+    from controller.ingest import BatchWriter, Inbound
+
+    engine = make_engine(db_url)
+    writer = BatchWriter(session_factory(engine), device_flush=device_flush)
+    kinds = {kind.value: kind for kind in Kind}
+    while True:
+        if not conn.poll(device_flush):
+            if writer.has_pending:
+                writer.write([])  # device rows are due even when nothing arrives
+            continue
+        chunk: list[Raw] | None = conn.recv()
+        if chunk is None:
+            break
+        items = []
+        for device_id, kind_name, payload, at in chunk:
+            kind = kinds[kind_name]
+            try:
+                message = decode_for(kind, payload)
+            except ProtocolError as exc:
+                with counters.malformed.get_lock():
+                    counters.malformed.value += 1
+                log.warning("dropped %s message from %s: %s", kind_name, device_id, exc)
+                continue
+            items.append(Inbound(device_id, kind, message, at, payload))
+        failures = writer.stats.write_failures
+        writer.write(items)
+        _count(counters, writer.stats.persisted, writer.stats.batches,
+               writer.stats.write_failures - failures)
+    writer.write([], final=True)
+    _count(counters, writer.stats.persisted, writer.stats.batches, 0)
+    engine.dispose()
+    conn.send("stopped")
+
+
+def _count(counters: Counters, persisted: int, batches: int, new_failures: int) -> None:
+    counters.persisted.value = persisted
+    counters.batches.value = batches
+    if new_failures:
+        counters.write_failures.value += new_failures
+
+
+class IngestProcess:
+    """The controller's side of the ingest worker."""
+
+    def __init__(self, db_url: str, *, linger: float = 0.05, device_flush: float = 1.0,
+                 max_backlog: int = 500_000) -> None:
+        ctx = mp.get_context("spawn")
+        self._counters = Counters(*(ctx.Value("q", 0) for _ in range(4)))
+        self.stats = IngestStats(self._counters)
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(
+            target=_worker, name="edgefleet-ingest", daemon=True,
+            args=(child, db_url, self._counters, device_flush, logging.getLogger().level))
+        self._linger = linger
+        self._max_backlog = max_backlog
+        self._buffer: list[Raw] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._sender = threading.Thread(target=self._send_loop, name="ingest-sender",
+                                        daemon=True)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid or 0
+
+    def start(self) -> None:
+        self._process.start()
+        self._sender.start()
+
+    def submit(self, device_id: str, kind: Kind, payload: bytes, received_at: float) -> None:
+        """Queue one raw message; called from the MQTT network thread."""
+        self.stats.received += 1
+        if len(self._buffer) >= self._max_backlog:
+            self.stats.dropped_backlog += 1
+            return
+        with self._lock:
+            self._buffer.append((device_id, kind.value, payload, received_at))
+
+    def _send_loop(self) -> None:
+        while not self._stopping.wait(self._linger):
+            self._ship()
+        self._ship()
+
+    def _ship(self) -> None:
+        with self._lock:
+            chunk, self._buffer = self._buffer, []
+        if chunk:
+            self._conn.send(chunk)  # blocks while the worker is busy: back-pressure
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Ship what is buffered, let the worker write it, and end the worker."""
+        self._stopping.set()
+        self._sender.join(timeout)
+        try:
+            self._conn.send(None)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self._process.is_alive():
+                if self._conn.poll(0.1):
+                    self._conn.recv()
+                    break
+        except (BrokenPipeError, EOFError, OSError):
+            log.exception("the ingest worker was already gone")
+        self._process.join(5)
+        if self._process.is_alive():
+            log.error("the ingest worker did not stop; killing it")
+            self._process.kill()
+            self._process.join(5)
