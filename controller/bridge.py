@@ -16,17 +16,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from controller.settings import MqttUrl
-from shared.errors import ProtocolError
-from shared.topics import DEVICE_PUBLISHES, Kind, Topics
+from shared.topics import DEVICE_PUBLISHES, Topics
 
 log = logging.getLogger(__name__)
+
+_DEVICE_KINDS = frozenset(kind.value for kind in DEVICE_PUBLISHES)
 
 
 class Bridge:
     """Subscribes to every device's messages and passes them to ``sink``."""
 
     def __init__(self, url: MqttUrl, topics: Topics, *,
-                 sink: Callable[[str, Kind, bytes, float], None],
+                 sink: Callable[[str, str, bytes, float], None],
                  is_known: Callable[[str], bool], keepalive: int = 30) -> None:
         self.url = url
         self.topics = topics
@@ -84,16 +85,17 @@ class Bridge:
     def _on_message(self, _client: mqtt.Client, _userdata: object,
                     msg: mqtt.MQTTMessage) -> None:
         # The network thread only routes; decoding happens in the ingest worker.
-        try:
-            where = self.topics.parse(msg.topic)
-        except ProtocolError as exc:
+        topic = msg.topic
+        route = self.topics.route(topic)
+        if route is None or route[1] not in _DEVICE_KINDS:
             self.dropped_malformed += 1
-            log.warning("dropped message on %r: %s", msg.topic, exc)
+            log.warning("dropped message on unexpected topic %r", topic)
             return
-        if not self._is_known(where.device_id):
+        device_id, kind = route
+        if not self._is_known(device_id):
             self.dropped_unknown += 1
             return
-        payload = bytes(msg.payload)
+        payload = msg.payload
         if not payload:
             return  # a cleared retained message
-        self._sink(where.device_id, where.kind, payload, time.time())
+        self._sink(device_id, kind, bytes(payload), time.time())

@@ -19,7 +19,7 @@ from sqlalchemy import String, Table, bindparam, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.db.engine import transaction
-from controller.db.models import Device, HealthReport, UTCDateTime
+from controller.db.models import Device, UTCDateTime
 from shared.messages import Health, Hello, Message, Presence
 from shared.topics import Kind
 
@@ -96,17 +96,21 @@ def merge(pending: dict[str, DeviceDelta], items: Sequence[Inbound]) -> None:
 
 
 def apply_batch(session: Session, items: Sequence[Inbound], *,
-                pending: dict[str, DeviceDelta] | None = None, flush_devices: bool = True) -> int:
+                pending: dict[str, DeviceDelta] | None = None, flush_devices: bool = True,
+                existing: set[str] | None = None) -> int:
     """Write a batch of device messages; return how many were persisted.
 
     Every health report is inserted. Device rows (status, last seen, last health)
     are updated from ``pending`` when ``flush_devices`` is true or a presence or
     hello is waiting; otherwise the deltas stay in ``pending`` for a later flush.
     Messages from devices that no longer exist (deleted since the message was
-    queued) are skipped, so one of them cannot block the batch.
+    queued) are skipped, so one of them cannot block the batch. ``existing`` is a
+    cache of device ids known to exist; only ids missing from it are looked up.
     """
-    ids = {item.device_id for item in items}
-    existing = set(session.scalars(select(Device.id).where(Device.id.in_(ids))))
+    existing = set() if existing is None else existing
+    unknown = {item.device_id for item in items} - existing
+    if unknown:
+        existing.update(session.scalars(select(Device.id).where(Device.id.in_(unknown))))
     items = [item for item in items if item.device_id in existing]
     _insert_health(session, [i for i in items if i.kind == Kind.HEALTH])
     pending = {} if pending is None else pending
@@ -122,15 +126,38 @@ def _insert_health(session: Session, items: Sequence[Inbound]) -> None:
     if not items:
         return
     conn = session.connection()
-    table = cast(Table, HealthReport.__table__)
-    when = table.c.received_at.type._cached_bind_processor(conn.dialect)
-    to_dt = datetime.fromtimestamp
-    rows = [(i.device_id, when(to_dt(i.received_at, UTC)) if when else to_dt(i.received_at, UTC),
-             cast(Health, i.message).seq, i.raw.decode()) for i in items]
+    when = _timestamp_binder(conn.dialect.name)
+    rows = [(i.device_id, when(i.received_at), cast(Health, i.message).seq, i.raw.decode())
+            for i in items]
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     conn.exec_driver_sql(
         f"INSERT INTO health_reports (device_id, received_at, seq, data) "  # noqa: S608
         f"VALUES ({mark}, {mark}, {mark}, {mark})", rows)
+
+
+def _timestamp_binder(dialect: str) -> Callable[[float], object]:
+    """Turn a ``time.time()`` value into what the driver stores for a UTCDateTime.
+
+    SQLite stores SQLAlchemy's text form; formatting it is a hot spot, so the
+    date-and-seconds prefix is cached and only the microseconds are formatted.
+    """
+    if dialect != "sqlite":
+        return lambda ts: datetime.fromtimestamp(ts, UTC)
+    cache: dict[int, str] = {}
+
+    def sqlite_text(ts: float) -> str:
+        whole = int(ts)
+        micros = round((ts - whole) * 1e6)
+        if micros == 1_000_000:
+            whole, micros = whole + 1, 0
+        prefix = cache.get(whole)
+        if prefix is None:
+            if len(cache) > 64:
+                cache.clear()
+            prefix = cache[whole] = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        return f"{prefix}.{micros:06d}"
+
+    return sqlite_text
 
 
 def _update_devices(session: Session, deltas: dict[str, DeviceDelta]) -> None:
@@ -210,6 +237,7 @@ class BatchWriter:
         self._stopping = stopping or threading.Event()
         self._clock = clock
         self._pending: dict[str, DeviceDelta] = {}
+        self._existing: set[str] = set()  # device ids seen in the database
         self._flushed_at = clock()
         self.stats = IngestStats()
 
@@ -226,9 +254,10 @@ class BatchWriter:
             try:
                 with transaction(self._factory) as session:
                     persisted = apply_batch(session, items, pending=pending,
-                                            flush_devices=flush)
+                                            flush_devices=flush, existing=self._existing)
             except Exception:
                 self.stats.write_failures += 1
+                self._existing.clear()  # a device deleted meanwhile breaks its foreign key
                 log.exception("writing %d device messages failed; retrying", len(items))
                 if self._stopping.wait(self._retry_delay):
                     return False

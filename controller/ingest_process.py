@@ -20,14 +20,19 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import Synchronized
+from typing import TYPE_CHECKING
 
 from shared.errors import ProtocolError
-from shared.messages import decode_for
+from shared.messages import Message, decode_for, decode_health_many
 from shared.topics import Kind
+
+if TYPE_CHECKING:
+    from controller.ingest import Inbound
 
 log = logging.getLogger(__name__)
 
 Raw = tuple[str, str, bytes, float]  # device id, kind, payload, time.time()
+_KINDS = {kind.value: kind for kind in Kind}
 
 
 @dataclass
@@ -71,11 +76,10 @@ def _worker(conn: Connection, db_url: str, counters: Counters, device_flush: flo
     logging.basicConfig(level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s[ingest]: %(message)s")
     from controller.db.engine import make_engine, session_factory
-    from controller.ingest import BatchWriter, Inbound
+    from controller.ingest import BatchWriter
 
     engine = make_engine(db_url)
     writer = BatchWriter(session_factory(engine), device_flush=device_flush)
-    kinds = {kind.value: kind for kind in Kind}
     while True:
         if not conn.poll(device_flush):
             if writer.has_pending:
@@ -84,17 +88,7 @@ def _worker(conn: Connection, db_url: str, counters: Counters, device_flush: flo
         chunk: list[Raw] | None = conn.recv()
         if chunk is None:
             break
-        items = []
-        for device_id, kind_name, payload, at in chunk:
-            kind = kinds[kind_name]
-            try:
-                message = decode_for(kind, payload)
-            except ProtocolError as exc:
-                with counters.malformed.get_lock():
-                    counters.malformed.value += 1
-                log.warning("dropped %s message from %s: %s", kind_name, device_id, exc)
-                continue
-            items.append(Inbound(device_id, kind, message, at, payload))
+        items = decode_chunk(chunk, counters)
         failures = writer.stats.write_failures
         writer.write(items)
         _count(counters, writer.stats.persisted, writer.stats.batches,
@@ -103,6 +97,33 @@ def _worker(conn: Connection, db_url: str, counters: Counters, device_flush: flo
     _count(counters, writer.stats.persisted, writer.stats.batches, 0)
     engine.dispose()
     conn.send("stopped")
+
+
+def decode_chunk(chunk: list[Raw], counters: Counters) -> list["Inbound"]:
+    """Decode a chunk of raw messages; count and log the malformed ones."""
+    from controller.ingest import Inbound
+
+    health = iter(decode_health_many([raw[2] for raw in chunk if raw[1] == "health"]))
+    items = []
+    for device_id, kind_name, payload, at in chunk:
+        kind = _KINDS.get(kind_name)
+        if kind is None:
+            continue
+        message: Message | ProtocolError
+        if kind == Kind.HEALTH:
+            message = next(health)
+        else:
+            try:
+                message = decode_for(kind, payload)
+            except ProtocolError as exc:
+                message = exc
+        if isinstance(message, ProtocolError):
+            with counters.malformed.get_lock():
+                counters.malformed.value += 1
+            log.warning("dropped %s message from %s: %s", kind_name, device_id, message)
+            continue
+        items.append(Inbound(device_id, kind, message, at, payload))
+    return items
 
 
 def _count(counters: Counters, persisted: int, batches: int, new_failures: int) -> None:
@@ -140,14 +161,14 @@ class IngestProcess:
         self._process.start()
         self._sender.start()
 
-    def submit(self, device_id: str, kind: Kind, payload: bytes, received_at: float) -> None:
-        """Queue one raw message; called from the MQTT network thread."""
+    def submit(self, device_id: str, kind: str, payload: bytes, received_at: float) -> None:
+        """Queue one raw message (``kind`` is a Kind value); from the MQTT network thread."""
         self.stats.received += 1
         if len(self._buffer) >= self._max_backlog:
             self.stats.dropped_backlog += 1
             return
         with self._lock:
-            self._buffer.append((device_id, kind.value, payload, received_at))
+            self._buffer.append((device_id, kind, payload, received_at))
 
     def _send_loop(self) -> None:
         while not self._stopping.wait(self._linger):

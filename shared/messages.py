@@ -7,12 +7,13 @@ before it parses and raises only ``ProtocolError`` subclasses.
 """
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from shared.errors import MalformedMessage, MessageTooLarge
+from shared.errors import MalformedMessage, MessageTooLarge, ProtocolError
 from shared.topics import Kind
 
 SCHEMA_VERSION = 1
@@ -162,6 +163,31 @@ def decode_for(kind: Kind, payload: bytes) -> Message:
     if kind not in BY_KIND:
         raise MalformedMessage(f"{kind.value} messages are not device messages")
     return decode(BY_KIND[kind], payload, limit=MAX_SIZE[kind])
+
+
+_HEALTH_LIST: TypeAdapter[list[Health]] = TypeAdapter(list[Health])
+
+
+def decode_health_many(payloads: Sequence[bytes]) -> list[Health | ProtocolError]:
+    """Decode many health payloads, each size-checked, validated in one call.
+
+    Validating a JSON array costs about half as much per report as one call per
+    report. If any payload is bad, every payload is decoded on its own so that the
+    bad ones get their own errors and the good ones still pass.
+    """
+    limit = MAX_SIZE[Kind.HEALTH]
+    if all(len(p) <= limit for p in payloads):
+        try:
+            return list(_HEALTH_LIST.validate_json(b"[" + b",".join(payloads) + b"]"))
+        except (ValidationError, ValueError):
+            pass
+    out: list[Health | ProtocolError] = []
+    for payload in payloads:
+        try:
+            out.append(decode(Health, payload, limit=limit))
+        except ProtocolError as exc:
+            out.append(exc)
+    return out
 
 
 def loads_object(payload: bytes, *, limit: int) -> dict[str, Any]:

@@ -81,6 +81,21 @@ class Topics:
             raise TopicError(f"unknown topic kind {kind!r}")
         return DeviceTopic(validate_device_id(device_id), parsed_kind)
 
+    def route(self, topic: str) -> tuple[str, str] | None:
+        """Fast split of ``<root>/dev/<id>/<kind>`` into raw strings, without validation.
+
+        For the controller's receive path, where the device id is then checked
+        against the set of enrolled devices (which only holds valid ids) and the
+        kind against DEVICE_PUBLISHES. Returns None for anything else.
+        """
+        prefix = self.root + "/dev/"
+        if not topic.startswith(prefix):
+            return None
+        device_id, sep, kind = topic[len(prefix):].partition("/")
+        if not sep or "/" in kind:
+            return None
+        return device_id, kind
+
     def device_may_publish(self, device_id: str, topic: str) -> bool:
         """Whether a device may publish on ``topic``: only its own device-side kinds."""
         return self._own(device_id, topic, DEVICE_PUBLISHES)

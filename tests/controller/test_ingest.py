@@ -139,9 +139,9 @@ def test_ingest_process_decodes_writes_and_counts(factory, db_url) -> None:
     proc.start()
     try:
         for seq in range(3000):
-            proc.submit(f"d{seq % 3}", Kind.HEALTH, encode(health(seq)), T0.timestamp())
-        proc.submit("d0", Kind.HEALTH, b'{"seq": "not a number"}', T0.timestamp())
-        proc.submit("d1", Kind.PRESENCE, b"\xff" * 5000, T0.timestamp())  # over the size cap
+            proc.submit(f"d{seq % 3}", "health", encode(health(seq)), T0.timestamp())
+        proc.submit("d0", "health", b'{"seq": "not a number"}', T0.timestamp())
+        proc.submit("d1", "presence", b"\xff" * 5000, T0.timestamp())  # over the size cap
         wait_for(lambda: proc.stats.persisted == 3000, 60, "3000 reports persisted")
         wait_for(lambda: proc.stats.malformed == 2, 10, "the malformed messages counted")
         assert proc.stats.batches < 3000 / 10  # batched, not a transaction per message
@@ -151,3 +151,14 @@ def test_ingest_process_decodes_writes_and_counts(factory, db_url) -> None:
         assert s.scalar(select(func.count()).select_from(HealthReport)) == 3000
         assert sum(s.get(Device, f"d{i}").health_count for i in range(3)) == 3000
         assert s.scalar(select(HealthReport.data).where(HealthReport.seq == 7))["seq"] == 7
+
+
+def test_a_device_deleted_after_it_was_cached_does_not_block_the_writer(factory) -> None:
+    writer = BatchWriter(factory, retry_delay=0)
+    writer.write([item("d1", health(1))])  # d1 is now cached as existing
+    with transaction(factory) as s:
+        s.delete(s.get(Device, "d1"))
+    assert writer.write([item("d1", health(2)), item("d0", health(1))])
+    assert writer.stats.write_failures == 1  # the foreign key failed once, then d1 was dropped
+    with factory() as s:  # d1's reports went with it (cascade); d0's is in
+        assert list(s.scalars(select(HealthReport.device_id))) == ["d0"]

@@ -30,6 +30,7 @@ from shared.messages import (
     Runtime,
     decode,
     decode_for,
+    decode_health_many,
     encode,
 )
 from shared.topics import Kind, Topics
@@ -167,3 +168,29 @@ def test_random_envelopes_never_crash_the_verifier(env: dict[str, object]) -> No
     verifier = Verifier.of(key.public_key())
     with contextlib.suppress(ProtocolError):
         open_desired(verifier, json.dumps(env).encode(), device_id="d", last_generation=0)
+
+
+def test_route_splits_device_topics_and_rejects_the_rest() -> None:
+    assert TOPICS.route("ef/v1/dev/dev-1/health") == ("dev-1", "health")
+    for bad in ["ef/v2/dev/a/health", "ef/v1/dev/a/health/x", "ef/v1/dev/a", "x/ef/v1/dev/a/b"]:
+        assert TOPICS.route(bad) is None
+
+
+@given(st.text(max_size=60))
+def test_route_agrees_with_parse_on_valid_topics(suffix: str) -> None:
+    topic = "ef/v1/dev/" + suffix
+    try:
+        parsed = TOPICS.parse(topic)
+    except TopicError:
+        return
+    assert TOPICS.route(topic) == (parsed.device_id, parsed.kind.value)
+
+
+def test_decoding_health_in_bulk_isolates_the_bad_reports() -> None:
+    good = encode(Health(seq=1, sent_at=T0, cpu_percent=1, mem_used_bytes=1, mem_total_bytes=1,
+                         disk_free_bytes=1))
+    oversize = b"{" + b" " * MAX_SIZE[Kind.HEALTH] + b"}"
+    out = decode_health_many([good, b'{"seq": -1}', good, oversize, b"]"])
+    assert [type(x).__name__ for x in out] == ["Health", "MalformedMessage", "Health",
+                                              "MessageTooLarge", "MalformedMessage"]
+    assert decode_health_many([good, good]) == [decode_for(Kind.HEALTH, good)] * 2
