@@ -1,9 +1,10 @@
-"""Fleet-state ingestion: device messages in, batched database writes out.
+"""Fleet-state writes: decoded device messages in, batched database writes out.
 
-The MQTT network thread only decodes and calls ``submit``; a writer thread drains
-the queue in batches (up to ``batch`` messages, or whatever arrived within
-``linger`` seconds) and writes each batch in one transaction with executemany.
-A batch whose write fails is retried, not dropped.
+``BatchWriter`` runs in the ingest worker process (``controller.ingest_process``):
+each chunk of messages is one transaction that inserts every health report with
+one executemany; device rows are updated from merged per-device deltas at most
+once a second. A batch whose write fails is retried, not dropped. Nothing here
+touches MQTT.
 """
 
 import json

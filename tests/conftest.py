@@ -156,9 +156,13 @@ def start_controller(tmp_path: Path,
     procs: list[ControllerProcess] = []
 
     def start(*extra: str, keepalive: int = 4, health_interval: float = 1.0,
-              data_dir: Path | None = None, env: dict[str, str] | None = None) -> ControllerProcess:
+              data_dir: Path | None = None, env: dict[str, str] | None = None,
+              like: ControllerProcess | None = None) -> ControllerProcess:
+        """Start a controller; ``like`` reuses another's data dir, ports and broker."""
+        if like is not None:
+            data_dir = like.data_dir
         data_dir = data_dir or tmp_path / f"controller{len(procs)}"
-        http = f"127.0.0.1:{free_port()}"
+        http = like.url.removeprefix("http://") if like else f"127.0.0.1:{free_port()}"
         args = ["controller", "serve", "--data-dir", str(data_dir), "--http", http,
                 "--topic-root", backend.topic_root, "--keepalive", str(keepalive),
                 "--health-interval", str(health_interval)]
@@ -166,7 +170,7 @@ def start_controller(tmp_path: Path,
             args += ["--mqtt", backend.mqtt_url]
             broker_url = backend.mqtt_url
         else:
-            port = free_port()
+            port = int(like.broker_url.rpartition(":")[2]) if like else free_port()
             args += ["--broker-listen", f"127.0.0.1:{port}"]
             broker_url = f"mqtt://127.0.0.1:{port}"
         if backend.database_url:

@@ -43,3 +43,21 @@ def test_fleet_summary_counts_devices_by_status_and_class(start_controller, spaw
     assert summary["devices"] == 8
     assert sum(summary["by_class"].values()) == 8
     assert len(summary["by_class"]) == 4
+
+
+def test_devices_reconnect_after_a_controller_restart(start_controller, spawn) -> None:
+    """With the embedded broker the restart takes the broker down too; on Mosquitto the
+    new controller must learn presence from the retained messages."""
+    controller = start_controller(keepalive=4)
+    spawn("sim", "--devices", "5", "--controller", controller.url, "--token",
+          controller.enroll_token(uses=5), log_name="sim")
+    wait_for(lambda: sum(d["status"] == "online" for d in controller.devices()) == 5, 60,
+             "5 devices online")
+    controller.proc.terminate()
+    assert controller.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+    assert "Traceback" not in controller.log()
+    again = start_controller(keepalive=4, like=controller)
+    before = {d["id"]: d["health_count"] for d in again.devices()}
+    wait_for(lambda: all(d["status"] == "online" and d["health_count"] > before[d["id"]]
+                         for d in again.devices()), 60,
+             "every device reporting to the restarted controller")
