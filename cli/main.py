@@ -51,7 +51,8 @@ def setup_logging(level: str) -> None:
 def main(log_level: str) -> None:
     """edgefleet: ship ML models to fleets of edge devices, carefully."""
     setup_logging(log_level)
-    logging.getLogger("amqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
+    for noisy in ("amqtt", "transitions"):  # amqtt logs every state change at INFO
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 # -- controller ---------------------------------------------------------------------------

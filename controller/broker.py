@@ -9,6 +9,8 @@ amqtt, each for a measured reason (see ../shared/FACTS.md and docs/adr/0002):
   policy), including the topic of its last will, which amqtt never checks.
 * On connect, amqtt sends a client the retained messages matching *every* client's
   subscriptions. ``_GuardedBroker`` sends only those matching the client's own.
+* amqtt iterates its subscription table across awaits, so a client subscribing
+  during a broadcast broke that broadcast; the table now iterates over a snapshot.
 
 Anonymous clients are refused. The broker speaks MQTT 3.1.1 only.
 """
@@ -16,6 +18,7 @@ Anonymous clients are refused. The broker speaks MQTT 3.1.1 only.
 import asyncio
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,8 +112,34 @@ class DeviceTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
         return allowed
 
 
+class SnapshotDict(dict[str, Any]):
+    """A dict whose iteration works on a copy, so it may change while being iterated.
+
+    amqtt's broadcast loop iterates its subscription table across ``await``s; a
+    client subscribing or leaving meanwhile raised "dictionary changed size during
+    iteration" and the message was not delivered to the remaining subscribers.
+    """
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        return list(super().keys())
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return list(super().items())
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return list(super().values())
+
+
 class _GuardedBroker(Broker):  # type: ignore[misc]
-    """amqtt with retained messages delivered only for the session's own subscriptions."""
+    """amqtt with retained messages delivered only for the session's own subscriptions,
+    and a subscription table that tolerates changes while a message is broadcast."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = SnapshotDict()
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session

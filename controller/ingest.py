@@ -215,10 +215,6 @@ def mark_stale_offline(session: Session, *, now: datetime, silent_for: timedelta
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def known_device_ids(session: Session) -> set[str]:
-    return set(session.scalars(select(Device.id)))
-
-
 class BatchWriter:
     """Writes batches of device messages; retries failures; flushes device rows.
 

@@ -17,9 +17,9 @@ import logging
 import multiprocessing as mp
 import threading
 import time
+from ctypes import c_longlong
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.sharedctypes import Synchronized
 from typing import TYPE_CHECKING
 
 from shared.errors import ProtocolError
@@ -39,10 +39,10 @@ _KINDS = {kind.value: kind for kind in Kind}
 class Counters:
     """Shared-memory counters, readable from the controller process."""
 
-    persisted: "Synchronized[int]"
-    batches: "Synchronized[int]"
-    write_failures: "Synchronized[int]"
-    malformed: "Synchronized[int]"
+    persisted: "c_longlong"
+    batches: "c_longlong"
+    write_failures: "c_longlong"
+    malformed: "c_longlong"
 
 
 class IngestStats:
@@ -118,8 +118,7 @@ def decode_chunk(chunk: list[Raw], counters: Counters) -> list["Inbound"]:
             except ProtocolError as exc:
                 message = exc
         if isinstance(message, ProtocolError):
-            with counters.malformed.get_lock():
-                counters.malformed.value += 1
+            counters.malformed.value += 1
             log.warning("dropped %s message from %s: %s", kind_name, device_id, message)
             continue
         items.append(Inbound(device_id, kind, message, at, payload))
@@ -139,7 +138,8 @@ class IngestProcess:
     def __init__(self, db_url: str, *, linger: float = 0.05, device_flush: float = 1.0,
                  max_backlog: int = 500_000) -> None:
         ctx = mp.get_context("spawn")
-        self._counters = Counters(*(ctx.Value("q", 0) for _ in range(4)))
+        # Raw values: the worker is their only writer; no locks, no semaphores to leak.
+        self._counters = Counters(*(ctx.RawValue("q", 0) for _ in range(4)))
         self.stats = IngestStats(self._counters)
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(

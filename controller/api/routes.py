@@ -13,7 +13,6 @@ from controller.api.deps import Admin, Db, Operator, Rt, Viewer
 from controller.api.errors import ApiError
 from controller.db.models import Device
 from controller.security import Role, create_api_token, create_enroll_token
-from shared.topics import validate_device_id
 
 api = APIRouter(prefix="/api/v1")
 probes = APIRouter()
@@ -150,7 +149,6 @@ def enroll(body: EnrollIn, request: Request, session: Db, rt: Rt) -> EnrollOut:
     except fleet.EnrollRefused as exc:
         raise ApiError(403, "enroll_refused", str(exc)) from None
     device = done.device
-    validate_device_id(device.id)
     audit.record(session, actor=f"enroll-token:{device.enroll_token_id}", action="device.enroll",
                  target=device.id, remote=request.client.host if request.client else None,
                  now=now, detail={"name": device.name})

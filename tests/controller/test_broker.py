@@ -7,7 +7,7 @@ import socket
 import paho.mqtt.client as mqtt
 import pytest
 
-from controller.broker import BrokerPolicy, BrokerStartError, EmbeddedBroker
+from controller.broker import BrokerPolicy, BrokerStartError, EmbeddedBroker, SnapshotDict
 from controller.security import digest
 from controller.settings import HostPort
 from shared.topics import Kind, Topics
@@ -176,3 +176,16 @@ def test_login_check_is_a_digest_comparison_not_a_password_hash() -> None:
     assert policy.authenticate("dev-a", "s3cret")
     assert not policy.authenticate("dev-a", "s3cret ")
     assert not policy.authenticate("dev-a", None)
+
+
+def test_the_subscription_table_can_change_while_it_is_iterated(broker) -> None:
+    """amqtt iterates it across awaits; a subscription arriving meanwhile broke a broadcast."""
+    table = broker._broker._subscriptions
+    assert isinstance(table, SnapshotDict)
+    table["a"], table["b"] = [], []
+    for key, _ in table.items():
+        table[key + "-new"] = []
+        table.pop("b", None)
+    for key in table:
+        table.pop(key)
+    assert dict(table) == {}
