@@ -143,10 +143,10 @@ class ControllerReceiver:
     def rows(self) -> int:
         from sqlalchemy import func, select
 
-        from controller.db.models import HealthReport
+        from controller.db.models import HealthBatch
 
         with self.runtime.session_factory() as s:
-            return int(s.scalar(select(func.count()).select_from(HealthReport)) or 0)
+            return int(s.scalar(select(func.sum(HealthBatch.count))) or 0)
 
     def close(self) -> None:
         self.runtime.stop()
@@ -198,6 +198,7 @@ class Result:
     peak_rate: float = 0.0  # highest delivered rate in any step
     lost_at_sustained: int = 0
     cpu_us_per_report: float = 0.0  # receiver processes' CPU (user+system) per report
+    cpu_us_by_process: list[float] = field(default_factory=list)  # receiving, then worker
     steps: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -211,7 +212,7 @@ def measure(receiver: Any, *, broker_label: str, broker: str, topic_root: str, d
     pub = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     result = Result(broker_label, receiver.name)
     base = receiver.received()
-    cpu_before = sum(cpu_seconds(pid) for pid in receiver.pids())
+    cpu_before = [cpu_seconds(pid) for pid in receiver.pids()]
     total_sent = 0
     rate = start_rate
     try:
@@ -251,8 +252,10 @@ def measure(receiver: Any, *, broker_label: str, broker: str, topic_root: str, d
         if pub.poll() is None:
             pub.kill()
     reports = max(1, receiver.received() - base)
-    cpu_after = sum(cpu_seconds(pid) for pid in receiver.pids())
-    result.cpu_us_per_report = round((cpu_after - cpu_before) / reports * 1e6, 1)
+    cpu = [cpu_seconds(pid) - before for pid, before in zip(receiver.pids(), cpu_before,
+                                                             strict=True)]
+    result.cpu_us_per_report = round(sum(cpu) / reports * 1e6, 1)
+    result.cpu_us_by_process = [round(c / reports * 1e6, 1) for c in cpu]
     sustained_sent = sum(s["sent"] for s in result.steps if s["kept_up"])
     sustained_got = sum(s["delivered"] for s in result.steps if s["kept_up"])
     result.lost_at_sustained = sustained_sent - sustained_got

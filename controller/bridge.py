@@ -21,6 +21,7 @@ from shared.topics import DEVICE_PUBLISHES, Topics
 log = logging.getLogger(__name__)
 
 _DEVICE_KINDS = frozenset(kind.value for kind in DEVICE_PUBLISHES)
+_ROUTE_CACHE = 500_000  # topics; about 5 per device
 
 
 class Bridge:
@@ -37,6 +38,7 @@ class Bridge:
         self.connected = threading.Event()
         self.dropped_malformed = 0
         self.dropped_unknown = 0
+        self._routes: dict[str, tuple[str, str]] = {}  # topic -> (device id, kind)
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"edgefleet-controller-{secrets.token_hex(4)}",
@@ -86,16 +88,30 @@ class Bridge:
                     msg: mqtt.MQTTMessage) -> None:
         # The network thread only routes; decoding happens in the ingest worker.
         topic = msg.topic
+        route = self._routes.get(topic)
+        if route is None:
+            route = self._route(topic)
+            if route is None:
+                return
+        payload = msg.payload
+        if not payload:
+            return  # a cleared retained message
+        self._sink(route[0], route[1], bytes(payload), time.time())
+
+    def _route(self, topic: str) -> tuple[str, str] | None:
+        """Route a topic not seen before; cache it once its device is known to be enrolled."""
         route = self.topics.route(topic)
         if route is None or route[1] not in _DEVICE_KINDS:
             self.dropped_malformed += 1
             log.warning("dropped message on unexpected topic %r", topic)
-            return
-        device_id, kind = route
-        if not self._is_known(device_id):
+            return None
+        if not self._is_known(route[0]):
             self.dropped_unknown += 1
-            return
-        payload = msg.payload
-        if not payload:
-            return  # a cleared retained message
-        self._sink(device_id, kind, bytes(payload), time.time())
+            return None
+        if len(self._routes) < _ROUTE_CACHE:
+            self._routes[topic] = route
+        return route
+
+    def forget(self, device_id: str) -> None:
+        """Stop routing a deleted device's messages."""
+        self._routes = {t: r for t, r in self._routes.items() if r[0] != device_id}

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import String, Table, bindparam, case, select, update
+from sqlalchemy import String, Table, bindparam, case, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.db.engine import transaction
-from controller.db.models import Device, UTCDateTime
+from controller.db.models import Device, HealthBatch, UTCDateTime
 from shared.messages import Health, Hello, Message, Presence
 from shared.topics import Kind
 
@@ -97,23 +97,19 @@ def merge(pending: dict[str, DeviceDelta], items: Sequence[Inbound]) -> None:
 
 
 def apply_batch(session: Session, items: Sequence[Inbound], *,
-                pending: dict[str, DeviceDelta] | None = None, flush_devices: bool = True,
-                existing: set[str] | None = None) -> int:
+                pending: dict[str, DeviceDelta] | None = None,
+                flush_devices: bool = True) -> int:
     """Write a batch of device messages; return how many were persisted.
 
-    Every health report is inserted. Device rows (status, last seen, last health)
-    are updated from ``pending`` when ``flush_devices`` is true or a presence or
-    hello is waiting; otherwise the deltas stay in ``pending`` for a later flush.
-    Messages from devices that no longer exist (deleted since the message was
-    queued) are skipped, so one of them cannot block the batch. ``existing`` is a
-    cache of device ids known to exist; only ids missing from it are looked up.
+    The batch's health reports go into one ``health_batches`` row, verbatim. Device
+    rows (status, last seen, last health, report count) are updated from ``pending``
+    when ``flush_devices`` is true or a presence or hello is waiting; otherwise the
+    deltas stay in ``pending`` for a later flush. A device deleted meanwhile is
+    simply not updated (its row is gone), so it cannot block a batch.
     """
-    existing = set() if existing is None else existing
-    unknown = {item.device_id for item in items} - existing
-    if unknown:
-        existing.update(session.scalars(select(Device.id).where(Device.id.in_(unknown))))
-    items = [item for item in items if item.device_id in existing]
-    _insert_health(session, [i for i in items if i.kind == Kind.HEALTH])
+    health = [item for item in items if item.kind == Kind.HEALTH]
+    if health:
+        session.add(health_batch(health))
     pending = {} if pending is None else pending
     merge(pending, items)
     if flush_devices or any(d.urgent for d in pending.values()):
@@ -122,43 +118,14 @@ def apply_batch(session: Session, items: Sequence[Inbound], *,
     return len(items)
 
 
-def _insert_health(session: Session, items: Sequence[Inbound]) -> None:
-    """executemany straight to the driver: the payload is stored as received, validated."""
-    if not items:
-        return
-    conn = session.connection()
-    when = _timestamp_binder(conn.dialect.name)
-    rows = [(i.device_id, when(i.received_at), cast(Health, i.message).seq, i.raw.decode())
-            for i in items]
-    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-    conn.exec_driver_sql(
-        f"INSERT INTO health_reports (device_id, received_at, seq, data) "  # noqa: S608
-        f"VALUES ({mark}, {mark}, {mark}, {mark})", rows)
-
-
-def _timestamp_binder(dialect: str) -> Callable[[float], object]:
-    """Turn a ``time.time()`` value into what the driver stores for a UTCDateTime.
-
-    SQLite stores SQLAlchemy's text form; formatting it is a hot spot, so the
-    date-and-seconds prefix is cached and only the microseconds are formatted.
-    """
-    if dialect != "sqlite":
-        return lambda ts: datetime.fromtimestamp(ts, UTC)
-    cache: dict[int, str] = {}
-
-    def sqlite_text(ts: float) -> str:
-        whole = int(ts)
-        micros = round((ts - whole) * 1e6)
-        if micros == 1_000_000:
-            whole, micros = whole + 1, 0
-        prefix = cache.get(whole)
-        if prefix is None:
-            if len(cache) > 64:
-                cache.clear()
-            prefix = cache[whole] = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        return f"{prefix}.{micros:06d}"
-
-    return sqlite_text
+def health_batch(items: Sequence[Inbound]) -> HealthBatch:
+    """One row holding every report of ``items`` as received (already validated)."""
+    entries = b",".join(b'{"d":"%s","t":%.6f,"r":%s}' % (i.device_id.encode(), i.received_at,
+                                                         i.raw) for i in items)
+    times = [i.received_at for i in items]
+    return HealthBatch(received_from=datetime.fromtimestamp(min(times), UTC),
+                       received_to=datetime.fromtimestamp(max(times), UTC), count=len(items),
+                       reports=(b"[%s]" % entries).decode())
 
 
 def _update_devices(session: Session, deltas: dict[str, DeviceDelta]) -> None:
@@ -234,7 +201,6 @@ class BatchWriter:
         self._stopping = stopping or threading.Event()
         self._clock = clock
         self._pending: dict[str, DeviceDelta] = {}
-        self._existing: set[str] = set()  # device ids seen in the database
         self._flushed_at = clock()
         self.stats = IngestStats()
 
@@ -251,10 +217,9 @@ class BatchWriter:
             try:
                 with transaction(self._factory) as session:
                     persisted = apply_batch(session, items, pending=pending,
-                                            flush_devices=flush, existing=self._existing)
+                                            flush_devices=flush)
             except Exception:
                 self.stats.write_failures += 1
-                self._existing.clear()  # a device deleted meanwhile breaks its foreign key
                 log.exception("writing %d device messages failed; retrying", len(items))
                 if self._stopping.wait(self._retry_delay):
                     return False

@@ -119,6 +119,8 @@ class Runtime:
     def forget_device(self, device_id: str) -> None:
         self.policy.devices.pop(device_id, None)
         self.known.discard(device_id)
+        if self.bridge is not None:
+            self.bridge.forget(device_id)
 
     def mqtt_connected(self) -> bool:
         return self.bridge is not None and self.bridge.connected.is_set()

@@ -1,4 +1,4 @@
-"""Initial schema: tokens, enrolment tokens, devices, health reports, audit log.
+"""Initial schema: tokens, enrolment tokens, devices, health batches, audit log.
 
 Revision ID: 0001
 Revises:
@@ -57,15 +57,14 @@ def upgrade() -> None:
         sa.Column("health_count", sa.BigInteger(), nullable=False),
     )
     op.create_table(
-        "health_reports",
+        "health_batches",
         sa.Column("id", BIGID, primary_key=True, autoincrement=True),
-        sa.Column("device_id", sa.String(64),
-                  sa.ForeignKey("devices.id", ondelete="CASCADE"), nullable=False),
-        sa.Column("received_at", UTCDateTime(), nullable=False),
-        sa.Column("seq", sa.BigInteger(), nullable=False),
-        sa.Column("data", JSON, nullable=False),
+        sa.Column("received_from", UTCDateTime(), nullable=False),
+        sa.Column("received_to", UTCDateTime(), nullable=False),
+        sa.Column("count", sa.Integer(), nullable=False),
+        sa.Column("reports", sa.Text(), nullable=False),
     )
-    op.create_index("ix_health_reports_received_at", "health_reports", ["received_at"])
+    op.create_index("ix_health_batches_received_to", "health_batches", ["received_to"])
     op.create_table(
         "audit_log",
         sa.Column("id", BIGID, primary_key=True, autoincrement=True),
@@ -80,8 +79,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("audit_log")
-    op.drop_index("ix_health_reports_received_at", table_name="health_reports")
-    op.drop_table("health_reports")
+    op.drop_index("ix_health_batches_received_to", table_name="health_batches")
+    op.drop_table("health_batches")
     op.drop_table("devices")
     op.drop_table("enroll_tokens")
     op.drop_table("api_tokens")

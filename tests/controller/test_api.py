@@ -176,3 +176,37 @@ def test_mutations_are_audited(client: TestClient, admin, settings: Settings) ->
         actions = list(s.scalars(select(AuditEntry.action)))
     engine.dispose()
     assert "enroll_token.create" in actions
+
+
+def test_a_deleted_device_is_no_longer_ingested(client: TestClient, admin, settings) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from shared.messages import Health, encode
+    from shared.topics import Kind, Topics
+    from tests.conftest import wait_for
+
+    token = client.post("/api/v1/enroll-tokens", json={}, headers=admin).json()["token"]
+    ident = client.post("/api/v1/enroll", json={"token": token}).json()
+    device_id = ident["device_id"]
+    host, port = ident["mqtt_url"].removeprefix("mqtt://").split(":")
+    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id)
+    device.username_pw_set(ident["mqtt_username"], ident["mqtt_password"])
+    device.connect(host, int(port))
+    device.loop_start()
+    topic = Topics(ident["topic_root"]).device(device_id, Kind.HEALTH)
+    report = encode(Health(seq=1, sent_at=datetime.now(UTC), cpu_percent=1, mem_used_bytes=1,
+                           mem_total_bytes=2, disk_free_bytes=3))
+    try:
+        device.publish(topic, report, qos=1).wait_for_publish(10)
+        wait_for(lambda: client.get(f"/api/v1/devices/{device_id}", headers=admin)
+                 .json()["health_count"] == 1, 30, "the report ingested")
+        assert client.delete(f"/api/v1/devices/{device_id}", headers=admin).status_code == 204
+        runtime = client.app.state.runtime
+        assert device_id not in runtime.known
+        assert device_id not in runtime.policy.devices  # the embedded broker refuses it now
+        assert topic not in runtime.bridge._routes
+        assert client.get(f"/api/v1/devices/{device_id}", headers=admin).status_code == 404
+    finally:
+        device.disconnect()
+        device.loop_stop()

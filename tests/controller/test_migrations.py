@@ -4,7 +4,7 @@ import sqlalchemy as sa
 
 from controller.db.engine import downgrade, make_engine, upgrade
 
-TABLES = {"api_tokens", "enroll_tokens", "devices", "health_reports", "audit_log"}
+TABLES = {"api_tokens", "enroll_tokens", "devices", "health_batches", "audit_log"}
 
 
 def _tables(engine: sa.Engine) -> set[str]:

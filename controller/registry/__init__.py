@@ -1,0 +1,1 @@
+"""The model registry: blobs, TUF trust metadata, versions and variants."""
