@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     if args.mqtt:
         brokers.append(("mosquitto", args.mqtt, args.start_rate))
     if not args.no_embedded:
-        brokers.append(("embedded", None, args.start_rate / 4))
+        brokers.append(("embedded", None, args.embedded_start_rate))
     results = []
     for label, url, start_rate in brokers:
         common = {"devices": args.devices, "factor": args.factor, "step_s": args.step,
@@ -382,8 +382,9 @@ def main() -> None:
     p.add_argument("--db", default=None, help="controller database URL (default: SQLite)")
     p.add_argument("--no-embedded", action="store_true")
     p.add_argument("--trials", type=int, default=3, help="interleaved trials per receiver")
-    p.add_argument("--start-rate", type=float, default=4000,
-                   help="first offered rate (a quarter of it for the embedded broker)")
+    p.add_argument("--start-rate", type=float, default=8000, help="first offered rate")
+    p.add_argument("--embedded-start-rate", type=float, default=500,
+                   help="first offered rate through the embedded broker")
     p.add_argument("--factor", type=float, default=1.1, help="rate growth per step")
     p.add_argument("--step", type=float, default=3.0, help="seconds per rate step")
     p.add_argument("--max-steps", type=int, default=20)
