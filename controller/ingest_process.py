@@ -10,7 +10,8 @@ The worker decodes (size-checked, validated) and writes with ``BatchWriter``.
 
 Counters live in shared memory. If the worker falls behind by more than
 ``max_backlog`` messages, new messages are dropped and counted, never queued
-without bound.
+without bound. A worker that dies is replaced at the next send; the chunk it was
+writing is lost, and the restart is logged and counted.
 """
 
 import logging
@@ -27,7 +28,7 @@ from shared.messages import Message, decode_for, decode_health_many
 from shared.topics import Kind
 
 if TYPE_CHECKING:
-    from controller.ingest import Inbound
+    from controller.ingest import BatchWriter, Inbound
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,12 @@ def _worker(conn: Connection, db_url: str, counters: Counters, device_flush: flo
         if chunk is None:
             break
         items = decode_chunk(chunk, counters)
-        failures = writer.stats.write_failures
+        before = (writer.stats.persisted, writer.stats.batches, writer.stats.write_failures)
         writer.write(items)
-        _count(counters, writer.stats.persisted, writer.stats.batches,
-               writer.stats.write_failures - failures)
+        _count(counters, writer, before)
+    before = (writer.stats.persisted, writer.stats.batches, writer.stats.write_failures)
     writer.write([], final=True)
-    _count(counters, writer.stats.persisted, writer.stats.batches, 0)
+    _count(counters, writer, before)
     engine.dispose()
     conn.send("stopped")
 
@@ -125,11 +126,11 @@ def decode_chunk(chunk: list[Raw], counters: Counters) -> list["Inbound"]:
     return items
 
 
-def _count(counters: Counters, persisted: int, batches: int, new_failures: int) -> None:
-    counters.persisted.value = persisted
-    counters.batches.value = batches
-    if new_failures:
-        counters.write_failures.value += new_failures
+def _count(counters: Counters, writer: "BatchWriter", before: tuple[int, int, int]) -> None:
+    """Add what the last write did (deltas: a restarted worker keeps the totals)."""
+    counters.persisted.value += writer.stats.persisted - before[0]
+    counters.batches.value += writer.stats.batches - before[1]
+    counters.write_failures.value += writer.stats.write_failures - before[2]
 
 
 class IngestProcess:
@@ -141,10 +142,9 @@ class IngestProcess:
         # Raw values: the worker is their only writer; no locks, no semaphores to leak.
         self._counters = Counters(*(ctx.RawValue("q", 0) for _ in range(4)))
         self.stats = IngestStats(self._counters)
-        self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(
-            target=_worker, name="edgefleet-ingest", daemon=True,
-            args=(child, db_url, self._counters, device_flush, logging.getLogger().level))
+        self._ctx, self._db_url, self._device_flush = ctx, db_url, device_flush
+        self._conn, self._process = self._spawn()
+        self.restarts = 0
         self._linger = linger
         self._max_backlog = max_backlog
         self._buffer: list[Raw] = []
@@ -153,13 +153,33 @@ class IngestProcess:
         self._sender = threading.Thread(target=self._send_loop, name="ingest-sender",
                                         daemon=True)
 
+    def _spawn(self) -> tuple[Connection, mp.process.BaseProcess]:
+        conn, child = self._ctx.Pipe()
+        process = self._ctx.Process(
+            target=_worker, name="edgefleet-ingest", daemon=True,
+            args=(child, self._db_url, self._counters, self._device_flush,
+                  logging.getLogger().level))
+        return conn, process
+
     @property
     def pid(self) -> int:
         return self._process.pid or 0
 
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
     def start(self) -> None:
         self._process.start()
         self._sender.start()
+
+    def _restart(self) -> None:
+        log.error("the ingest worker died (exit code %s); starting a new one",
+                  self._process.exitcode)
+        self._process.join(1)
+        self._conn, self._process = self._spawn()
+        self._process.start()
+        self.restarts += 1
 
     def submit(self, device_id: str, kind: str, payload: bytes, received_at: float) -> None:
         """Queue one raw message (``kind`` is a Kind value); from the MQTT network thread."""
@@ -178,8 +198,14 @@ class IngestProcess:
     def _ship(self) -> None:
         with self._lock:
             chunk, self._buffer = self._buffer, []
-        if chunk:
-            self._conn.send(chunk)  # blocks while the worker is busy: back-pressure
+        while chunk:
+            try:
+                self._conn.send(chunk)  # blocks while the worker is busy: back-pressure
+            except (BrokenPipeError, ConnectionResetError, EOFError):
+                # The chunk the dead worker was writing is lost; this one is not.
+                self._restart()
+            else:
+                return
 
     def stop(self, timeout: float = 15.0) -> None:
         """Ship what is buffered, let the worker write it, and end the worker."""

@@ -170,7 +170,8 @@ def healthz() -> dict[str, str]:
 @probes.get("/readyz")
 def readyz(session: Db, rt: Rt) -> Response:
     """Readiness: the database answers and the broker connection is up."""
-    checks = {"database": "ok", "mqtt": "ok" if rt.mqtt_connected() else "down"}
+    checks = {"database": "ok", "mqtt": "ok" if rt.mqtt_connected() else "down",
+              "ingest": "ok" if rt.ingestor.alive else "down"}
     try:
         session.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001 - any database failure means not ready

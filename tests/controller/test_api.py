@@ -160,7 +160,7 @@ def test_healthz_and_readyz(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "mqtt": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "mqtt": "ok", "ingest": "ok"}
     assert "/api/v1/devices" in client.get("/openapi.json").json()["paths"]
 
 

@@ -160,3 +160,25 @@ def test_ingest_process_decodes_writes_and_counts(factory, db_url) -> None:
         assert sorted(e["r"]["seq"] for e in stored(s)) == list(range(3000))
         assert s.scalar(select(func.sum(HealthBatch.count))) == 3000
         assert sum(s.get(Device, f"d{i}").health_count for i in range(3)) == 3000
+
+
+def test_a_killed_ingest_worker_is_replaced_and_ingestion_goes_on(factory, db_url) -> None:
+    import os
+    import signal
+
+    from controller.ingest_process import IngestProcess
+
+    proc = IngestProcess(db_url, linger=0.01, device_flush=0.1)
+    proc.start()
+    try:
+        proc.submit("d0", "health", encode(health(1)), T0.timestamp())
+        wait_for(lambda: proc.stats.persisted == 1, 60, "the first report")
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_for(lambda: not proc.alive, 10, "the worker to die")
+        proc.submit("d0", "health", encode(health(2)), T0.timestamp())
+        wait_for(lambda: proc.stats.persisted == 2, 60, "the report after the restart")
+        assert proc.restarts == 1
+    finally:
+        proc.stop()
+    with factory() as s:
+        assert [e["r"]["seq"] for e in stored(s)] == [1, 2]
