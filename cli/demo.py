@@ -101,11 +101,13 @@ def _watch_fleet(api: Api, count: int, timeout: float, console: Console) -> int:
         while time.monotonic() - started < timeout:
             devices = api.call("GET", "/devices")
             live.update(devices_table(devices))
-            if sum(d["status"] == "online" for d in devices) >= count:
-                break
+            online = [d for d in devices if d["status"] == "online"]
+            if len(online) >= count and all(d["last_health"] for d in online):
+                break  # every device online and reporting health
             time.sleep(0.5)
     online = sum(d["status"] == "online" for d in devices)
     elapsed = time.monotonic() - started
+    console.print()
     if online < count:
         console.print(f"[red]only {online}/{count} devices online after {elapsed:.0f} s[/]")
         return 1

@@ -3,6 +3,7 @@
 from datetime import UTC, datetime
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 _STATUS_STYLE = {"online": "green", "offline": "red", "enrolled": "yellow"}
@@ -19,17 +20,23 @@ def _gib(n: int | None) -> str:
     return f"{n / (1 << 30):.1f}" if n else "-"
 
 
+def _short_class(device_class: str) -> str:
+    """``arm64/ram<8G/llama.cpp+onnxruntime`` -> ``arm64/ram<8G/llama+ort`` for narrow terminals."""
+    return device_class.replace("onnxruntime", "ort").replace("llama.cpp", "llama")
+
+
 def devices_table(devices: list[dict[str, Any]], *, now: datetime | None = None) -> Table:
     now = now or datetime.now(UTC)
     online = sum(d["status"] == "online" for d in devices)
-    table = Table(title=f"edgefleet devices: {online}/{len(devices)} online", expand=False)
-    for col in ("device", "status", "class", "RAM GiB", "CPU %", "last seen"):
+    table = Table(title=f"edgefleet devices: {online}/{len(devices)} online",
+                  box=box.SIMPLE_HEAD)
+    for col in ("device", "status", "class", "GiB", "CPU%", "seen"):
         table.add_column(col, no_wrap=True)
     for d in devices:
         caps = d.get("capabilities") or {}
         health = d.get("last_health") or {}
         style = _STATUS_STYLE.get(d["status"], "")
-        table.add_row(d["id"], f"[{style}]{d['status']}[/]", d["device_class"],
+        table.add_row(d["id"], f"[{style}]{d['status']}[/]", _short_class(d["device_class"]),
                       _gib(caps.get("ram_bytes")), str(health.get("cpu_percent", "-")),
                       _ago(d.get("last_seen_at"), now))
     return table
