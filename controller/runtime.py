@@ -22,6 +22,9 @@ from controller.db.engine import make_engine, session_factory, transaction, upgr
 from controller.db.models import Device, utcnow
 from controller.ingest import mark_stale_offline
 from controller.ingest_process import IngestProcess
+from controller.registry.blobs import BlobStore
+from controller.registry.service import publish_targets
+from controller.registry.trust import TrustRepository
 from controller.security import ensure_admin_token, write_secret_file
 from controller.settings import MqttUrl, Settings
 from shared.envelope import Signer, public_key_to_text
@@ -59,6 +62,8 @@ class Runtime:
         self.session_factory = session_factory(self.engine)
         self.signer = Signer(load_or_create_key(settings.data_dir / "keys" / "desired-state.key"))
         self.desired_key_text = public_key_to_text(self.signer.private_key.public_key())
+        self.blobs = BlobStore(settings.data_dir / "blobs")
+        self.trust = TrustRepository(settings.data_dir / "tuf")
         self.policy = BrokerPolicy(self.topics)
         self.known: set[str] = set()
         self.broker: EmbeddedBroker | None = None
@@ -73,6 +78,10 @@ class Runtime:
             if ensure_admin_token(session, data_dir=s.data_dir, configured=s.admin_token,
                                   now=self.clock()) and s.admin_token is None:
                 log.info("created the admin token in %s", s.data_dir / "admin-token")
+            if not self.trust.exists():
+                self.trust.initialize(now=self.clock())
+                log.info("created the TUF repository in %s", self.trust.dir)
+            publish_targets(session, self.trust, now=self.clock())
             for device_id, secret_hash in session.execute(
                 select(Device.id, Device.mqtt_secret_hash)
             ):
@@ -93,6 +102,8 @@ class Runtime:
         self.scheduler.add_job(self.sweep, "interval", seconds=max(1.0, s.keepalive_s / 4),
                                kwargs={"silent_for": silent_for}, id="sweep", coalesce=True,
                                max_instances=1)
+        self.scheduler.add_job(self.refresh_trust, "interval", minutes=30, id="tuf-refresh",
+                               coalesce=True, max_instances=1)
         self.scheduler.start()
 
     def stop(self) -> None:
@@ -110,6 +121,11 @@ class Runtime:
         with transaction(self.session_factory) as session:
             if n := mark_stale_offline(session, now=self.clock(), silent_for=silent_for):
                 log.info("marked %d silent devices offline", n)
+
+    def refresh_trust(self) -> None:
+        """Scheduler job: re-sign the TUF timestamp/snapshot before they expire."""
+        if self.trust.refresh(now=self.clock()):
+            log.info("re-signed the TUF timestamp")
 
     def admit_device(self, device_id: str, secret_hash: str) -> None:
         """Let an enrolled device onto the broker and into ingestion."""

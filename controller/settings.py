@@ -71,6 +71,7 @@ class Settings:
     keepalive_s: int = 10  # MQTT keepalive handed to devices; offline within 1.5x
     health_interval_s: float = 5.0  # how often devices report health
     admin_token: str | None = field(default=None, repr=False)
+    max_upload_bytes: int = 4 << 30  # largest model file accepted by a push
     ingest_linger_s: float = 0.05  # how often received messages go to the ingest worker
 
     @property

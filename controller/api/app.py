@@ -5,7 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from controller.api import errors
+from controller.api import errors, models
 from controller.api.routes import api, probes
 from controller.runtime import Runtime
 from controller.settings import Settings
@@ -27,5 +27,6 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.state.runtime = rt
     errors.install(app)
     app.include_router(api)
+    app.include_router(models.router)
     app.include_router(probes)
     return app

@@ -4,7 +4,18 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -109,6 +120,47 @@ class HealthBatch(Base):
     def entries(self) -> list[dict[str, Any]]:
         """The batch's reports as dicts: ``{"d": device, "t": unix time, "r": report}``."""
         return list(json.loads(self.reports))
+
+
+class Model(Base):
+    """A named model; its versions carry the artifacts."""
+
+    __tablename__ = "models"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    created_at: Mapped[datetime]
+
+
+class ModelVersion(Base):
+    """One immutable, semantically versioned release of a model."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_name", "version"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    model_name: Mapped[str] = mapped_column(ForeignKey("models.name", ondelete="CASCADE"))
+    version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(128))
+
+
+class Variant(Base):
+    """One artifact of a version: the pushed source or a quantised derivative."""
+
+    __tablename__ = "variants"
+    __table_args__ = (UniqueConstraint("version_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))  # "source", "int8", "q4_k_m", ...
+    format: Mapped[str] = mapped_column(String(16))
+    quantization: Mapped[str] = mapped_column(String(32))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    requirements: Mapped[dict[str, Any]]
+    ram_estimate_bytes: Mapped[int] = mapped_column(BigInteger)
+    target_path: Mapped[str] = mapped_column(String(512), unique=True)
+    created_at: Mapped[datetime]
 
 
 class AuditEntry(Base):

@@ -30,6 +30,48 @@ class Blob:
     sha256: str
     size: int
     path: Path
+    created: bool = False  # this write added it (it was not stored before)
+
+
+class BlobWriter:
+    """An upload in progress: ``write`` chunks, then ``commit`` (or ``abort``)."""
+
+    def __init__(self, store: "BlobStore", max_bytes: int) -> None:
+        self._store, self._max = store, max_bytes
+        self._tmp = store.root / _TMP / f"{secrets.token_hex(8)}.part"
+        self._file = self._tmp.open("wb")
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self._max:
+            raise BlobTooLarge(self._max)
+        self._digest.update(chunk)
+        self._file.write(chunk)
+
+    def commit(self) -> Blob:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        sha = self._digest.hexdigest()
+        final = self._store.path(sha)
+        final.parent.mkdir(exist_ok=True)
+        existed = final.exists()
+        os.replace(self._tmp, final)
+        _fsync_dir(final.parent)
+        return Blob(sha, self.size, final, created=not existed)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "BlobWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._file.closed:
+            self.abort()
 
 
 class BlobStore:
@@ -52,29 +94,16 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
+    def writer(self, *, max_bytes: int) -> BlobWriter:
+        """Start a streamed write; use as a context manager so a failure aborts it."""
+        return BlobWriter(self, max_bytes)
+
     def put(self, chunks: Iterable[bytes], *, max_bytes: int) -> Blob:
         """Stream ``chunks`` into the store; raise BlobTooLarge past ``max_bytes``."""
-        tmp = self.root / _TMP / f"{secrets.token_hex(8)}.part"
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            with tmp.open("wb") as f:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise BlobTooLarge(max_bytes)
-                    digest.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            sha = digest.hexdigest()
-            final = self.path(sha)
-            final.parent.mkdir(exist_ok=True)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
-            return Blob(sha, size, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self.writer(max_bytes=max_bytes) as w:
+            for chunk in chunks:
+                w.write(chunk)
+            return w.commit()
 
     def put_bytes(self, data: bytes, *, max_bytes: int | None = None) -> Blob:
         return self.put([data], max_bytes=len(data) if max_bytes is None else max_bytes)

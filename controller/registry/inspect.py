@@ -1,0 +1,122 @@
+"""Validate an uploaded model file and describe it, before anything is registered.
+
+ONNX: ``onnx.checker`` must pass and onnxruntime must open a session on it.
+GGUF: the ``gguf`` package must parse it and it must name a known architecture.
+The format is taken from the content (GGUF files start with ``GGUF``), and a file
+whose name says otherwise is refused as mislabelled.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GGUF_MAGIC = b"GGUF"
+_ONNX_QUANT_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                   "QLinearMatMul", "QLinearConv", "ConvInteger"}
+
+
+class InvalidModel(Exception):
+    """The file is not a usable model; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    format: str  # "onnx" | "gguf"
+    quantization: str  # "fp32", "fp16", "int8", "q8_0", "q4_k_m", ...
+    requirements: dict[str, Any] = field(default_factory=dict)
+    ram_estimate_bytes: int = 0
+
+
+def inspect_artifact(path: Path, *, filename: str | None = None) -> ArtifactInfo:
+    """Validate ``path`` and describe it; raise InvalidModel with the reason."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    fmt = "gguf" if head == GGUF_MAGIC else "onnx"
+    if filename:
+        suffix = Path(filename).suffix.lower().lstrip(".")
+        if suffix in ("onnx", "gguf") and suffix != fmt:
+            raise InvalidModel(f"{filename} is named .{suffix} but its content is {fmt}")
+    return _inspect_gguf(path) if fmt == "gguf" else _inspect_onnx(path)
+
+
+def _inspect_onnx(path: Path) -> ArtifactInfo:
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - onnx raises many types for bad input
+        raise InvalidModel(f"not a valid ONNX model: {_first_line(exc)}") from None
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+        raise InvalidModel(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    ops = {node.op_type for node in model.graph.node}
+    dtypes = [init.data_type for init in model.graph.initializer]
+    if ops & _ONNX_QUANT_OPS:
+        quant = "int8"
+    elif dtypes and dtypes.count(onnx.TensorProto.FLOAT16) > len(dtypes) / 2:
+        quant = "fp16"
+    else:
+        quant = "fp32"
+    size = path.stat().st_size
+    return ArtifactInfo(
+        format="onnx", quantization=quant,
+        requirements={"runtime": "onnxruntime", "onnx_ir_version": model.ir_version,
+                      "onnx_opset": opset, "min_onnxruntime": ort.__version__},
+        ram_estimate_bytes=2 * size + (16 << 20),
+    )
+
+
+def _inspect_gguf(path: Path) -> ArtifactInfo:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        arch = _field_str(reader, "general.architecture")
+    except Exception as exc:  # noqa: BLE001 - a truncated file fails in many ways
+        raise InvalidModel(f"not a valid GGUF file: {_first_line(exc)}") from None
+    known = set(gguf.MODEL_ARCH_NAMES.values())
+    if arch not in known:
+        raise InvalidModel(f"GGUF architecture {arch!r} is not one llama.cpp knows")
+    file_type = _field_int(reader, "general.file_type")
+    quant = _GGUF_FILE_TYPES.get(file_type, f"type{file_type}") if file_type is not None \
+        else _dominant_tensor_type(reader)
+    size = path.stat().st_size
+    return ArtifactInfo(format="gguf", quantization=quant,
+                        requirements={"runtime": "llama.cpp", "gguf_architecture": arch},
+                        ram_estimate_bytes=size + (64 << 20))
+
+
+_GGUF_FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1",
+                    10: "q2_k", 11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s",
+                    15: "q4_k_m", 16: "q5_k_s", 17: "q5_k_m", 18: "q6_k"}
+
+
+def _field_str(reader: Any, key: str) -> str:
+    field_ = reader.fields.get(key)
+    if field_ is None:
+        raise InvalidModel(f"GGUF file has no {key}")
+    return bytes(field_.parts[field_.data[0]]).decode("utf-8", "replace")
+
+
+def _field_int(reader: Any, key: str) -> int | None:
+    field_ = reader.fields.get(key)
+    if field_ is None:
+        return None
+    return int(field_.parts[field_.data[0]][0])
+
+
+def _dominant_tensor_type(reader: Any) -> str:
+    counts: dict[str, int] = {}
+    for tensor in reader.tensors:
+        name = tensor.tensor_type.name.lower()
+        counts[name] = counts.get(name, 0) + int(tensor.n_bytes)
+    return max(counts, key=lambda k: counts[k]) if counts else "unknown"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,123 @@
+"""Registry services: register versions and variants, list them, publish TUF targets.
+
+Functions over a session; they never commit. TUF targets are a projection of the
+variants table: ``publish_targets`` rebuilds them from the database, so a publish
+that failed can simply be run again.
+"""
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from tuf.api.metadata import TargetFile
+
+from controller.db.models import Model, ModelVersion, Variant
+from controller.registry.blobs import Blob
+from controller.registry.inspect import ArtifactInfo
+from controller.registry.trust import TrustRepository
+
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+                     r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z.-]+)?$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+
+
+class RegistryError(Exception):
+    """A registry request that cannot be done; ``status`` and ``code`` go to the API."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def check_new_version(session: Session, *, name: str, version: str) -> None:
+    """Refuse a bad name, a non-semantic version, or a version that exists (immutable)."""
+    if not _NAME.match(name):
+        raise RegistryError(422, "invalid_name", f"model name {name!r}: use lowercase letters, "
+                            "digits, '.', '_' and '-' (at most 128)")
+    if not _SEMVER.match(version):
+        raise RegistryError(422, "invalid_version",
+                            f"version {version!r} is not a semantic version like 1.2.0")
+    if find_version(session, name=name, version=version) is not None:
+        raise RegistryError(409, "version_exists",
+                            f"{name}@{version} exists and versions are immutable; "
+                            "push a new version")
+
+
+def find_version(session: Session, *, name: str, version: str) -> ModelVersion | None:
+    return session.scalar(select(ModelVersion).where(ModelVersion.model_name == name,
+                                                     ModelVersion.version == version))
+
+
+def register_version(session: Session, *, name: str, version: str, blob: Blob,
+                     info: ArtifactInfo, now: datetime, actor: str) -> ModelVersion:
+    """Add the version and its source variant (validated, stored) to the registry."""
+    check_new_version(session, name=name, version=version)
+    if session.get(Model, name) is None:
+        session.add(Model(name=name, created_at=now))
+    row = ModelVersion(id=str(uuid.uuid4()), model_name=name, version=version,
+                       created_at=now, created_by=actor)
+    session.add(row)
+    session.add(Variant(
+        id=str(uuid.uuid4()), version_id=row.id, name="source", format=info.format,
+        quantization=info.quantization, sha256=blob.sha256, size=blob.size,
+        requirements=info.requirements, ram_estimate_bytes=info.ram_estimate_bytes,
+        target_path=f"models/{name}/{version}/source.{info.format}", created_at=now))
+    session.flush()
+    return row
+
+
+def variants_of(session: Session, version: ModelVersion) -> list[Variant]:
+    return list(session.scalars(select(Variant).where(Variant.version_id == version.id)
+                                .order_by(Variant.created_at, Variant.name)))
+
+
+def referenced_blobs(session: Session) -> set[str]:
+    return set(session.scalars(select(Variant.sha256)))
+
+
+@dataclass(frozen=True)
+class VersionView:
+    name: str
+    version: str
+    created_at: datetime
+    created_by: str
+    variants: list[dict[str, Any]]
+
+
+def describe(session: Session, version: ModelVersion, trust: TrustRepository) -> VersionView:
+    signed = trust.targets()
+    return VersionView(
+        name=version.model_name, version=version.version, created_at=version.created_at,
+        created_by=version.created_by,
+        variants=[{"name": v.name, "format": v.format, "quantization": v.quantization,
+                   "size": v.size, "sha256": v.sha256, "requirements": v.requirements,
+                   "ram_estimate_bytes": v.ram_estimate_bytes, "target": v.target_path,
+                   "signed": v.target_path in signed} for v in variants_of(session, version)])
+
+
+def list_versions(session: Session) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.model_name,
+                                                              ModelVersion.created_at)))
+
+
+def publish_targets(session: Session, trust: TrustRepository, *, now: datetime) -> int:
+    """Make the signed targets exactly the variants in the database; return their count."""
+    rows = session.execute(select(Variant, ModelVersion).join(
+        ModelVersion, Variant.version_id == ModelVersion.id)).all()
+    targets = {
+        v.target_path: TargetFile(v.size, {"sha256": v.sha256}, v.target_path,
+                                  unrecognized_fields={"custom": {
+                                      "model": mv.model_name, "version": mv.version,
+                                      "variant": v.name, "format": v.format,
+                                      "quantization": v.quantization,
+                                      "requirements": v.requirements,
+                                      "ram_estimate_bytes": v.ram_estimate_bytes}})
+        for v, mv in rows
+    }
+    if targets != trust.targets():
+        trust.set_targets(targets, now=now)
+    return len(targets)
