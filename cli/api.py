@@ -3,8 +3,10 @@
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -46,6 +48,26 @@ class Api:
                               "Is it running? Pass --controller or set EDGEFLEET_CONTROLLER."
                               ) from None
         return json.loads(raw) if raw else None
+
+    def upload(self, path: str, file: Path, *, params: dict[str, str],
+               timeout: float = 3600.0) -> Any:
+        """POST ``file`` as the raw request body, streamed from disk."""
+        url = f"{self.controller.rstrip('/')}/api/v1{path}?{urllib.parse.urlencode(params)}"
+        headers = {"Content-Type": "application/octet-stream", "Accept": "application/json",
+                   "Content-Length": str(file.stat().st_size)}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        with file.open("rb") as body:
+            req = urllib.request.Request(url, data=body, headers=headers,  # noqa: S310
+                                         method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                raise ApiFailure(_problem_text(exc)) from None
+            except (urllib.error.URLError, OSError) as exc:
+                raise Unreachable(f"cannot reach the controller at {self.controller}: {exc}"
+                                  ) from None
 
 
 def _problem_text(exc: urllib.error.HTTPError) -> str:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.live import Live
 
 from cli.api import api_options, make_api
-from cli.views import devices_table, summary_table
+from cli.views import devices_table, summary_table, versions_table
 
 console = Console()
 
@@ -272,3 +272,47 @@ def api_token_create(controller: str, token: str | None, name: str, role: str,
     out: dict[str, Any] = make_api(controller, token).call("POST", "/tokens",
                                                            {"name": name, "role": role})
     click.echo(json.dumps(out, indent=2) if as_json else out["token"])
+
+
+@main.group()
+def model() -> None:
+    """The model registry."""
+
+
+@model.command("push")
+@api_options
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Model name (lowercase, digits, . _ -).")
+@click.option("--version", "version", required=True, help="Semantic version, e.g. 1.2.0.")
+@click.option("--json", "as_json", is_flag=True)
+def model_push(controller: str, token: str | None, file: Path, name: str, version: str,
+               as_json: bool) -> None:
+    """Upload FILE (ONNX or GGUF) as NAME@VERSION; it is validated and signed."""
+    out = make_api(controller, token).upload(f"/models/{name}/versions/{version}", file,
+                                             params={"filename": file.name})
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    console.print(versions_table([out]))
+
+
+@model.command("list")
+@api_options
+@click.option("--json", "as_json", is_flag=True)
+def model_list(controller: str, token: str | None, as_json: bool) -> None:
+    """List model versions and their variants."""
+    out = make_api(controller, token).call("GET", "/models")
+    click.echo(json.dumps(out, indent=2)) if as_json else console.print(versions_table(out))
+
+
+@model.command("show")
+@api_options
+@click.argument("ref", metavar="NAME@VERSION")
+@click.option("--json", "as_json", is_flag=True)
+def model_show(controller: str, token: str | None, ref: str, as_json: bool) -> None:
+    """Show one version with its variants."""
+    name, sep, version = ref.partition("@")
+    if not sep:
+        raise click.BadParameter(f"{ref!r} is not NAME@VERSION")
+    out = make_api(controller, token).call("GET", f"/models/{name}/versions/{version}")
+    click.echo(json.dumps(out, indent=2)) if as_json else console.print(versions_table([out]))

@@ -52,3 +52,15 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for cls, n in summary["by_class"].items():
         table.add_row(cls, str(n))
     return table
+
+
+def versions_table(versions: list[dict[str, Any]]) -> Table:
+    table = Table(title="edgefleet models", box=box.SIMPLE_HEAD)
+    for col in ("model", "version", "variant", "format", "quant", "size", "sha256", "signed"):
+        table.add_column(col, no_wrap=True)
+    for v in versions:
+        for variant in v["variants"]:
+            table.add_row(v["name"], v["version"], variant["name"], variant["format"],
+                          variant["quantization"], f"{variant['size']:,}",
+                          variant["sha256"][:12], "yes" if variant["signed"] else "[red]no[/]")
+    return table
