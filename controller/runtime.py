@@ -23,7 +23,7 @@ from controller.db.models import Device, utcnow
 from controller.ingest import mark_stale_offline
 from controller.ingest_process import IngestProcess
 from controller.registry.blobs import BlobStore
-from controller.registry.service import publish_targets
+from controller.registry.service import publish_targets, referenced_blobs
 from controller.registry.trust import TrustRepository
 from controller.security import ensure_admin_token, write_secret_file
 from controller.settings import MqttUrl, Settings
@@ -104,6 +104,8 @@ class Runtime:
                                max_instances=1)
         self.scheduler.add_job(self.refresh_trust, "interval", minutes=30, id="tuf-refresh",
                                coalesce=True, max_instances=1)
+        self.scheduler.add_job(self.collect_blobs, "interval", hours=1, id="blob-gc",
+                               coalesce=True, max_instances=1)
         self.scheduler.start()
 
     def stop(self) -> None:
@@ -126,6 +128,15 @@ class Runtime:
         """Scheduler job: re-sign the TUF timestamp/snapshot before they expire."""
         if self.trust.refresh(now=self.clock()):
             log.info("re-signed the TUF timestamp")
+
+    def collect_blobs(self) -> list[str]:
+        """Scheduler job: delete blobs no variant references (older than an hour)."""
+        with self.session_factory() as session:
+            referenced = referenced_blobs(session)
+        gone = self.blobs.collect(referenced)
+        if gone:
+            log.info("collected %d unreferenced blobs", len(gone))
+        return gone
 
     def admit_device(self, device_id: str, secret_hash: str) -> None:
         """Let an enrolled device onto the broker and into ingestion."""

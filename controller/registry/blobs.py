@@ -120,10 +120,13 @@ class BlobStore:
             yield path.name
 
     def collect(self, referenced: set[str], *, stray_after_s: float = 3600) -> list[str]:
-        """Delete blobs not in ``referenced``, and temp files older than ``stray_after_s``
-        (a crashed upload's); return the digests deleted."""
-        gone = [sha for sha in self.all() if sha not in referenced and self.delete(sha)]
+        """Delete blobs not in ``referenced`` and temp files (a crashed upload's), both
+        only when older than ``stray_after_s``: a push in progress has a stored blob
+        that is not referenced yet. Return the digests deleted."""
         cutoff = time.time() - stray_after_s
+        gone = [sha for sha in self.all()
+                if sha not in referenced and self.path(sha).stat().st_mtime < cutoff
+                and self.delete(sha)]
         for stray in (self.root / _TMP).glob("*.part"):
             if stray.stat().st_mtime < cutoff:
                 stray.unlink(missing_ok=True)

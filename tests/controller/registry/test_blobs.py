@@ -46,11 +46,15 @@ def test_a_failing_stream_leaves_nothing_behind(tmp_path: Path) -> None:
 def test_collect_removes_unreferenced_blobs_and_old_strays_only(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     keep, drop = store.put_bytes(b"keep"), store.put_bytes(b"drop")
+    just_pushed = store.put_bytes(b"not registered yet")
     old, fresh = tmp_path / ".tmp" / "old.part", tmp_path / ".tmp" / "fresh.part"
     old.write_bytes(b"x")
     fresh.write_bytes(b"y")
-    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    an_hour_ago = time.time() - 7200
+    for path in (old, keep.path, drop.path):
+        os.utime(path, (an_hour_ago, an_hour_ago))
     assert store.collect({keep.sha256}) == [drop.sha256]
+    assert store.get(just_pushed.sha256) is not None  # a push in progress keeps its blob
     assert store.get(keep.sha256) is not None
     assert store.get(drop.sha256) is None
     assert not old.exists()

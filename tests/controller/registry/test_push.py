@@ -147,3 +147,17 @@ def test_a_viewer_cannot_push(client) -> None:
     r = client.post("/api/v1/models/mlp/versions/1.0.0", content=tiny_onnx(),
                     headers={"Authorization": f"Bearer {viewer}"})
     assert r.status_code == 403
+
+
+def test_the_blob_collector_keeps_what_variants_use(client) -> None:
+    import os
+    import time
+
+    assert push(client, "mlp", "1.0.0", tiny_onnx(), "m.onnx").status_code == 201
+    runtime = client.app.state.runtime
+    orphan = runtime.blobs.put_bytes(b"left by a crash")
+    for sha in runtime.blobs.all():
+        old = time.time() - 7200
+        os.utime(runtime.blobs.path(sha), (old, old))
+    assert runtime.collect_blobs() == [orphan.sha256]
+    assert len(list(runtime.blobs.all())) == 1
