@@ -82,6 +82,7 @@ class Runtime:
                 self.trust.initialize(now=self.clock())
                 log.info("created the TUF repository in %s", self.trust.dir)
             publish_targets(session, self.trust, now=self.clock())
+            self.refresh_trust()  # the controller may have been down past an expiry
             for device_id, secret_hash in session.execute(
                 select(Device.id, Device.mqtt_secret_hash)
             ):

@@ -161,3 +161,14 @@ def test_the_blob_collector_keeps_what_variants_use(client) -> None:
         os.utime(runtime.blobs.path(sha), (old, old))
     assert runtime.collect_blobs() == [orphan.sha256]
     assert len(list(runtime.blobs.all())) == 1
+
+
+def test_a_controller_started_after_the_timestamp_expired_re_signs_it(settings) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    long_ago = datetime.now(UTC) - timedelta(days=3)
+    with TestClient(create_app(settings, runtime=Runtime(settings, clock=lambda: long_ago))):
+        pass  # first start, three days ago: the timestamp expired two days ago
+    with TestClient(create_app(settings, runtime=Runtime(settings))) as c:
+        expires = c.app.state.runtime.trust.load("timestamp").signed.expires
+    assert expires > datetime.now(UTC)
