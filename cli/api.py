@@ -32,12 +32,26 @@ class Api:
     def call(self, method: str, path: str, body: object | None = None,
              timeout: float = 30.0, *, prefix: str = "/api/v1") -> Any:
         """Call ``prefix + path``; raise ApiFailure with the problem detail on error."""
-        url = f"{self.controller.rstrip('/')}{prefix}{path}"
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        return self._send(method, f"{prefix}{path}", data, "application/json", timeout)
+
+    def upload(self, path: str, file: Path, *, params: dict[str, str],
+               timeout: float = 3600.0) -> Any:
+        """POST ``file`` as the raw request body, streamed from disk."""
+        with file.open("rb") as body:
+            return self._send("POST", f"/api/v1{path}?{urllib.parse.urlencode(params)}", body,
+                              "application/octet-stream", timeout,
+                              length=file.stat().st_size)
+
+    def _send(self, method: str, path: str, data: Any, content_type: str, timeout: float,
+              *, length: int | None = None) -> Any:
+        headers = {"Content-Type": content_type, "Accept": "application/json"}
+        if length is not None:
+            headers["Content-Length"] = str(length)
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
+        req = urllib.request.Request(f"{self.controller.rstrip('/')}{path}", data=data,  # noqa: S310
+                                     headers=headers, method=method)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
                 raw = resp.read()
@@ -48,26 +62,6 @@ class Api:
                               "Is it running? Pass --controller or set EDGEFLEET_CONTROLLER."
                               ) from None
         return json.loads(raw) if raw else None
-
-    def upload(self, path: str, file: Path, *, params: dict[str, str],
-               timeout: float = 3600.0) -> Any:
-        """POST ``file`` as the raw request body, streamed from disk."""
-        url = f"{self.controller.rstrip('/')}/api/v1{path}?{urllib.parse.urlencode(params)}"
-        headers = {"Content-Type": "application/octet-stream", "Accept": "application/json",
-                   "Content-Length": str(file.stat().st_size)}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        with file.open("rb") as body:
-            req = urllib.request.Request(url, data=body, headers=headers,  # noqa: S310
-                                         method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-                    return json.loads(resp.read())
-            except urllib.error.HTTPError as exc:
-                raise ApiFailure(_problem_text(exc)) from None
-            except (urllib.error.URLError, OSError) as exc:
-                raise Unreachable(f"cannot reach the controller at {self.controller}: {exc}"
-                                  ) from None
 
 
 def _problem_text(exc: urllib.error.HTTPError) -> str:
