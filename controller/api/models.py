@@ -68,7 +68,7 @@ def _register(rt: Runtime, who: Principal, name: str, version: str, blob: Blob,
                          remote=who.remote, now=rt.clock(),
                          detail={"sha256": blob.sha256, "size": blob.size})
             service.publish_targets(session, rt.trust, now=rt.clock())
-            view = service.describe(session, row, rt.trust)
+            view = service.describe(session, row, rt.trust.targets())
     except (InvalidModel, service.RegistryError) as exc:
         _forget_blob(rt, blob)
         if isinstance(exc, InvalidModel):
@@ -91,7 +91,8 @@ def _forget_blob(rt: Runtime, blob: Blob) -> None:
 
 @router.get("", response_model=list[VersionOut])
 def list_models(session: Db, rt: Rt, _who: Viewer) -> list[VersionOut]:
-    return [VersionOut(**service.describe(session, v, rt.trust).__dict__)
+    signed = rt.trust.targets()
+    return [VersionOut(**service.describe(session, v, signed).__dict__)
             for v in service.list_versions(session)]
 
 
@@ -100,4 +101,4 @@ def show_version(name: str, version: str, session: Db, rt: Rt, _who: Viewer) -> 
     row = service.find_version(session, name=name, version=version)
     if row is None:
         raise ApiError(404, "version_not_found", f"no version {name}@{version}")
-    return VersionOut(**service.describe(session, row, rt.trust).__dict__)
+    return VersionOut(**service.describe(session, row, rt.trust.targets()).__dict__)

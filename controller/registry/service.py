@@ -7,6 +7,7 @@ that failed can simply be run again.
 
 import re
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -88,8 +89,9 @@ class VersionView:
     variants: list[dict[str, Any]]
 
 
-def describe(session: Session, version: ModelVersion, trust: TrustRepository) -> VersionView:
-    signed = trust.targets()
+def describe(session: Session, version: ModelVersion, signed: Collection[str]) -> VersionView:
+    """A version with its variants; ``signed`` is the set of signed target paths
+    (``trust.targets()``, read once by the caller however many versions it shows)."""
     return VersionView(
         name=version.model_name, version=version.version, created_at=version.created_at,
         created_by=version.created_by,
