@@ -61,6 +61,16 @@ class Backend:
     mqtt_url: str | None  # None: the embedded broker
     topic_root: str = field(default_factory=lambda: f"test/{secrets.token_hex(4)}/ef/v1")
 
+    def settings(self, data_dir: Path, **overrides: Any) -> Any:
+        """Controller Settings for an in-process Runtime on this backend."""
+        from controller.settings import HostPort, MqttUrl, Settings
+
+        return Settings(
+            data_dir=data_dir, database_url=self.database_url,
+            mqtt_url=MqttUrl.parse(self.mqtt_url) if self.mqtt_url else None,
+            broker_listen=HostPort("127.0.0.1", free_port()), topic_root=self.topic_root,
+            **overrides)
+
 
 def _pg_schema_url(base: str) -> Iterator[str]:
     """A fresh PostgreSQL schema for one test, dropped afterwards."""

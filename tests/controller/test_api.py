@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from controller.api.app import create_app
 from controller.runtime import Runtime
-from controller.settings import HostPort, MqttUrl, Settings
+from controller.settings import HostPort, Settings
 from tests.conftest import Backend, free_port
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -31,11 +31,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def settings(backend: Backend, tmp_path: Path) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "data", database_url=backend.database_url,
-        mqtt_url=MqttUrl.parse(backend.mqtt_url) if backend.mqtt_url else None,
-        broker_listen=HostPort("127.0.0.1", free_port()), topic_root=backend.topic_root,
-    )
+    return backend.settings(tmp_path / "data")
 
 
 @pytest.fixture

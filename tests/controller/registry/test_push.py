@@ -14,8 +14,8 @@ from controller.api.app import create_app
 from controller.db.engine import make_engine, session_factory
 from controller.db.models import Model, ModelVersion, Variant
 from controller.runtime import Runtime
-from controller.settings import HostPort, MqttUrl, Settings
-from tests.conftest import Backend, free_port
+from controller.settings import Settings
+from tests.conftest import Backend
 
 
 def tiny_onnx() -> bytes:
@@ -43,11 +43,7 @@ def tiny_gguf(path: Path) -> bytes:
 
 @pytest.fixture
 def settings(backend: Backend, tmp_path: Path) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "data", database_url=backend.database_url,
-        mqtt_url=MqttUrl.parse(backend.mqtt_url) if backend.mqtt_url else None,
-        broker_listen=HostPort("127.0.0.1", free_port()), topic_root=backend.topic_root,
-        max_upload_bytes=64 * 1024)
+    return backend.settings(tmp_path / "data", max_upload_bytes=64 * 1024)
 
 
 @pytest.fixture
