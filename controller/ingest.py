@@ -1,10 +1,10 @@
 """Fleet-state writes: decoded device messages in, batched database writes out.
 
 ``BatchWriter`` runs in the ingest worker process (``controller.ingest_process``):
-each chunk of messages is one transaction that inserts every health report with
-one executemany; device rows are updated from merged per-device deltas at most
-once a second. A batch whose write fails is retried, not dropped. Nothing here
-touches MQTT.
+each chunk of messages is one transaction that stores all its health reports,
+verbatim, in one ``health_batches`` row; device rows are updated from merged
+per-device deltas at most once a second. A batch whose write fails is retried,
+not dropped. Nothing here touches MQTT.
 """
 
 import json
