@@ -124,10 +124,10 @@ class MultiLoop:
                 continue
             if client.want_write():
                 client.loop_write()
-            if client.loop_misc() == mqtt.MQTT_ERR_NO_CONN and id(client) not in self._retry_at:
-                self._retry_at[id(client)] = now + random.uniform(0.5, 1.5)  # noqa: S311
+            client.loop_misc()  # keepalive; a connection it drops is rescheduled below
 
     def _sync_selector(self) -> None:
+        """Poll the live sockets; schedule a jittered reconnect for each client without one."""
         live = {}
         for client in self.clients:
             sock = client.socket()
