@@ -268,15 +268,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def bare_trial(url: str | None, common: dict[str, Any]) -> Result:
+    from cli.demo import free_port
     from controller.broker import BrokerPolicy, EmbeddedBroker
     from controller.settings import HostPort
     from shared.topics import Topics
@@ -301,6 +294,8 @@ def bare_trial(url: str | None, common: dict[str, Any]) -> Result:
 
 
 def controller_trial(url: str | None, db: str | None, common: dict[str, Any]) -> Result:
+    from cli.demo import free_port
+
     root = f"bench/{secrets.token_hex(4)}/ef/v1"
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:

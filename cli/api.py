@@ -35,6 +35,14 @@ class Api:
         data = json.dumps(body).encode() if body is not None else None
         return self._send(method, f"{prefix}{path}", data, "application/json", timeout)
 
+    def ready(self) -> bool:
+        """Whether the controller answers /readyz with ready."""
+        try:
+            self.call("GET", "/readyz", timeout=2, prefix="")
+        except ApiFailure:
+            return False
+        return True
+
     def upload(self, path: str, file: Path, *, params: dict[str, str],
                timeout: float = 3600.0) -> Any:
         """POST ``file`` as the raw request body, streamed from disk."""

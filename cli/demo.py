@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
-from cli.api import Api, ApiFailure
+from cli.api import Api
 from cli.views import devices_table
 
 
@@ -30,13 +30,16 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def pick_port(preferred: int, host: str = "127.0.0.1") -> int:
-    """``preferred`` if it is free, else a free port the OS picks."""
-    if port_free(preferred, host):
-        return preferred
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free right now."""
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def pick_port(preferred: int, host: str = "127.0.0.1") -> int:
+    """``preferred`` if it is free, else a free port the OS picks."""
+    return preferred if port_free(preferred, host) else free_port(host)
 
 
 def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
@@ -46,14 +49,6 @@ def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.2)
             return True
         time.sleep(interval)
     return False
-
-
-def _ready(api: Api) -> bool:
-    try:
-        api.call("GET", "/readyz", timeout=2, prefix="")
-    except ApiFailure:
-        return False
-    return True
 
 
 def run_demo(count: int, *, timeout: float, console: Console) -> int:
@@ -73,7 +68,7 @@ def run_demo(count: int, *, timeout: float, console: Console) -> int:
              "--keepalive", "5", "--health-interval", "2"], env=env))
         url = f"http://127.0.0.1:{http_port}"
         token_file = data_dir / "admin-token"
-        if not wait_until(lambda: token_file.exists() and _ready(Api(url, None)), 30):
+        if not wait_until(lambda: token_file.exists() and Api(url, None).ready(), 30):
             console.print("[red]the controller did not become ready in 30 s[/]")
             return 1
         api = Api(url, token_file.read_text().strip())

@@ -8,7 +8,6 @@ PostgreSQL + Mosquitto. A missing service skips, unless ``EDGEFLEET_TEST_REQUIRE
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from cli.api import Api, ApiFailure
+from cli.api import Api
+from cli.demo import free_port
 
 REQUIRE_ALL = os.environ.get("EDGEFLEET_TEST_REQUIRE") == "all"
 PG_URL = os.environ.get("EDGEFLEET_TEST_DATABASE_URL")
@@ -44,12 +44,6 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str,
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -151,14 +145,6 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cli", *args]
 
 
-def _ready(url: str) -> bool:
-    try:
-        Api(url, None).call("GET", "/readyz", timeout=2, prefix="")
-    except ApiFailure:
-        return False
-    return True
-
-
 @pytest.fixture
 def start_controller(tmp_path: Path,
                      backend: Backend) -> Iterator[Callable[..., ControllerProcess]]:
@@ -197,7 +183,7 @@ def start_controller(tmp_path: Path,
         def up() -> bool:
             if proc.poll() is not None:
                 pytest.fail(f"controller exited with {proc.returncode}:\n{log_path.read_text()}")
-            return _ready(url)
+            return Api(url, None).ready()
 
         wait_for(up, 60, "the controller to become ready")
         admin = run_env.get("EDGEFLEET_ADMIN_TOKEN") or (data_dir / "admin-token").read_text()
