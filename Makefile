@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLM_STAMP := $(VENV)/.installed-llm
 
 .PHONY: demo test lint bench clean
 
@@ -13,6 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# llama-cpp-python compiles llama.cpp (about 10 minutes on 2 cores the first time; pip
+# caches the wheel). The demo does not need it; the tests do.
+$(LLM_STAMP): $(STAMP)
+	@echo "installing llama-cpp-python (first build compiles llama.cpp: ~10 min)"
+	$(BIN)/pip install --quiet -e '.[llm]'
+	touch $(LLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/edgefleet demo
 
@@ -20,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
+test: lint $(LLM_STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

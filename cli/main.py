@@ -284,16 +284,68 @@ def model() -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", required=True, help="Model name (lowercase, digits, . _ -).")
 @click.option("--version", "version", required=True, help="Semantic version, e.g. 1.2.0.")
+@click.option("--smoke-test", "smoke_file", type=click.Path(exists=True, dir_okay=False,
+              path_type=Path), help="JSON: inputs, expected (optional), tolerance, "
+              "latency_budget_ms. Without it, inputs are generated and outputs computed.")
+@click.option("--labels", "labels", multiple=True, metavar="KEY=VALUE")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait for the smoke test and quantised variants to be built.")
 @click.option("--json", "as_json", is_flag=True)
 def model_push(controller: str, token: str | None, file: Path, name: str, version: str,
+               smoke_file: Path | None, labels: tuple[str, ...], wait: bool,
                as_json: bool) -> None:
-    """Upload FILE (ONNX or GGUF) as NAME@VERSION; it is validated and signed."""
-    out = make_api(controller, token).upload(f"/models/{name}/versions/{version}", file,
-                                             params={"filename": file.name})
+    """Upload FILE (ONNX or GGUF) as NAME@VERSION; it is validated, signed, and its
+    quantised variants are built in the background."""
+    body: dict[str, Any] = {"labels": parse_labels(labels)}
+    if smoke_file is not None:
+        try:
+            body["smoke_test"] = json.loads(smoke_file.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"{smoke_file} is not JSON: {exc}") from None
+    api = make_api(controller, token)
+    if not as_json:
+        console.print(f"uploading {file.name} ({file.stat().st_size:,} bytes)")
+    uploaded = api.upload("/uploads", file, params={"filename": file.name})
+    out = api.call("POST", f"/models/{name}/versions/{version}",
+                   body | {"upload": uploaded["sha256"]})
+    if wait:
+        out = _wait_for_job(api, f"/models/{name}/versions/{version}", quiet=as_json)
     if as_json:
         click.echo(json.dumps(out, indent=2))
-        return
-    console.print(versions_table([out]))
+    else:
+        console.print(versions_table([out]))
+    if out["status"] == "failed":
+        sys.exit(1)
+
+
+def _wait_for_job(api: Any, path: str, *, quiet: bool) -> Any:
+    """Poll a version until its job is done, showing progress on the terminal."""
+    with console.status("", spinner="dots") as status:
+        while True:
+            out = api.call("GET", path)
+            job = out.get("job") or {}
+            if out["status"] != "processing":
+                return out
+            if not quiet:
+                status.update(f"{job.get('progress', 0):.0%} {job.get('message', '')}")
+            time.sleep(0.5)
+
+
+@model.command("delete")
+@api_options
+@click.argument("ref", metavar="NAME@VERSION")
+def model_delete(controller: str, token: str | None, ref: str) -> None:
+    """Delete a version no device runs."""
+    name, version = _split_ref(ref)
+    make_api(controller, token).call("DELETE", f"/models/{name}/versions/{version}")
+    console.print(f"deleted {name}@{version}")
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    name, sep, version = ref.partition("@")
+    if not sep:
+        raise click.BadParameter(f"{ref!r} is not NAME@VERSION")
+    return name, version
 
 
 @model.command("list")
@@ -311,8 +363,6 @@ def model_list(controller: str, token: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def model_show(controller: str, token: str | None, ref: str, as_json: bool) -> None:
     """Show one version with its variants."""
-    name, sep, version = ref.partition("@")
-    if not sep:
-        raise click.BadParameter(f"{ref!r} is not NAME@VERSION")
+    name, version = _split_ref(ref)
     out = make_api(controller, token).call("GET", f"/models/{name}/versions/{version}")
     click.echo(json.dumps(out, indent=2)) if as_json else console.print(versions_table([out]))

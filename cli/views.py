@@ -56,11 +56,28 @@ def summary_table(summary: dict[str, Any]) -> Table:
 
 def versions_table(versions: list[dict[str, Any]]) -> Table:
     table = Table(title="edgefleet models", box=box.SIMPLE_HEAD)
-    for col in ("model", "version", "variant", "format", "quant", "size", "sha256", "signed"):
+    for col in ("model", "status", "variant", "quant", "bytes", "vs source", "signed"):
         table.add_column(col, no_wrap=True)
     for v in versions:
+        status = {"ready": "[green]ready[/]", "failed": "[red]failed[/]"}.get(
+            v["status"], f"{v['status']} {(v.get('job') or {}).get('progress', 0):.0%}")
         for variant in v["variants"]:
-            table.add_row(v["name"], v["version"], variant["name"], variant["format"],
-                          variant["quantization"], f"{variant['size']:,}",
-                          variant["sha256"][:12], "yes" if variant["signed"] else "[red]no[/]")
+            table.add_row(f"{v['name']}@{v['version']}", status, variant["name"],
+                          f"{variant['format']} {variant['quantization']}",
+                          f"{variant['size']:,}", comparison_text(variant.get("comparison")),
+                          "yes" if variant["signed"] else "[red]no[/]")
+        if v["status"] == "failed":
+            table.add_row("", "", "", f"[red]{v['job']['message']}[/]")
     return table
+
+
+def comparison_text(c: dict[str, Any] | None) -> str:
+    """``27% size, top-1 100%, max diff 0.04`` for a derived variant; ``-`` for a source."""
+    if not c:
+        return "-"
+    parts = [f"{c['size_ratio']:.0%} size"]
+    if "top1_agreement" in c:
+        parts += [f"top-1 {c['top1_agreement']:.0%}", f"max diff {c['max_abs_diff']:.3g}"]
+    if "token_agreement" in c:
+        parts.append(f"tokens {c['token_agreement']:.0%}")
+    return ", ".join(parts)

@@ -1,7 +1,7 @@
 """The controller's running parts, built from Settings and started/stopped together.
 
 Start order: data dir, database (migrated), keys, embedded broker (if no --mqtt),
-ingestor, MQTT bridge, scheduler. Stop runs the other way round.
+job runner, ingestor, MQTT bridge, scheduler. Stop runs the other way round.
 """
 
 import logging
@@ -23,6 +23,7 @@ from controller.db.models import Device, utcnow
 from controller.ingest import mark_stale_offline
 from controller.ingest_process import IngestProcess
 from controller.registry.blobs import BlobStore
+from controller.registry.jobs import JobRunner
 from controller.registry.service import publish_targets, referenced_blobs
 from controller.registry.trust import TrustRepository
 from controller.security import ensure_admin_token, write_secret_file
@@ -70,6 +71,9 @@ class Runtime:
         self.bridge: Bridge | None = None
         self.ingestor = IngestProcess(settings.db_url, linger=settings.ingest_linger_s)
         self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.jobs = JobRunner(session_factory=self.session_factory, blobs=self.blobs,
+                              trust=self.trust, clock=clock,
+                              workdir=settings.data_dir / "work")
 
     def start(self) -> None:
         s = self.settings
@@ -95,6 +99,7 @@ class Runtime:
             self.broker.start()
             mqtt_url = MqttUrl(s.broker_listen.host, s.broker_listen.port, CONTROLLER_USER,
                                password)
+        self.jobs.start()
         self.ingestor.start()
         self.bridge = Bridge(mqtt_url, self.topics, sink=self.ingestor.submit,
                              is_known=self.known.__contains__)
@@ -114,6 +119,7 @@ class Runtime:
             self.scheduler.shutdown(wait=True)
         if self.bridge is not None:
             self.bridge.stop()
+        self.jobs.stop()
         self.ingestor.stop()
         if self.broker is not None:
             self.broker.stop()

@@ -1,23 +1,47 @@
-"""Routes of ``/api/v1/models``: push a version (streamed upload), list, show."""
+"""Routes of the model registry: upload an artifact, register a version, list, show, delete.
+
+A push is two requests, as in OCI registries: ``POST /api/v1/uploads`` streams the model
+file to disk (size-capped) and validates it, and ``POST /api/v1/models/{name}/versions/
+{version}`` registers the upload with its labels and smoke test. An upload that is never
+registered is collected with the other unreferenced blobs after an hour.
+"""
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 
 from controller import audit
-from controller.api.deps import Db, Operator, Principal, Rt, Viewer
+from controller.api.deps import Db, Operator, Rt, Viewer
 from controller.api.errors import ApiError
 from controller.db.engine import transaction
-from controller.registry import service
+from controller.db.models import ModelVersion
+from controller.registry import jobs, service
 from controller.registry.blobs import Blob, BlobTooLarge
 from controller.registry.inspect import InvalidModel, inspect_artifact
 from controller.runtime import Runtime
+from shared.smoke import SmokeTest
 
-router = APIRouter(prefix="/api/v1/models")
+router = APIRouter(prefix="/api/v1")
+
+
+class UploadOut(BaseModel):
+    sha256: str
+    size: int
+    format: str
+    quantization: str
+
+
+class VersionIn(BaseModel):
+    upload: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$",
+                                 description="sha256 returned by POST /api/v1/uploads")]
+    labels: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)]] \
+        = Field(default_factory=dict, max_length=32)
+    smoke_test: SmokeTest | None = None
 
 
 class VersionOut(BaseModel):
@@ -25,15 +49,18 @@ class VersionOut(BaseModel):
     version: str
     created_at: datetime
     created_by: str
+    labels: dict[str, str]
+    status: str
+    job: dict[str, Any] | None
+    smoke_test: dict[str, Any] | None
     variants: list[dict[str, Any]]
 
 
-@router.post("/{name}/versions/{version}", status_code=201, response_model=VersionOut)
-async def push_version(name: str, version: str, request: Request, rt: Rt, who: Operator,
-                       filename: str | None = None) -> VersionOut:
-    """Upload a model file as the request body (streamed to disk, size-capped),
-    validate it, register it and sign it. A refused upload leaves nothing behind."""
-    await run_in_threadpool(_check, rt, name, version)
+@router.post("/uploads", status_code=201, response_model=UploadOut)
+async def upload(request: Request, rt: Rt, _who: Operator,
+                 filename: str | None = None) -> UploadOut:
+    """Stream a model file (the request body) to disk, size-capped, and validate it. A
+    refused upload leaves nothing behind."""
     writer = rt.blobs.writer(max_bytes=rt.settings.max_upload_bytes)
     try:
         async for chunk in request.stream():
@@ -46,38 +73,13 @@ async def push_version(name: str, version: str, request: Request, rt: Rt, who: O
     except ClientDisconnect:
         writer.abort()
         raise ApiError(400, "upload_interrupted", "the upload ended early") from None
-    return await run_in_threadpool(_register, rt, who, name, version, blob, filename)
-
-
-def _check(rt: Runtime, name: str, version: str) -> None:
-    with transaction(rt.session_factory) as session:
-        try:
-            service.check_new_version(session, name=name, version=version)
-        except service.RegistryError as exc:
-            raise ApiError(exc.status, exc.code, exc.detail) from None
-
-
-def _register(rt: Runtime, who: Principal, name: str, version: str, blob: Blob,
-              filename: str | None) -> VersionOut:
     try:
-        info = inspect_artifact(blob.path, filename=filename)
-        with transaction(rt.session_factory) as session:
-            row = service.register_version(session, name=name, version=version, blob=blob,
-                                           info=info, now=rt.clock(), actor=who.name)
-            audit.record(session, actor=who.name, action="model.push", target=f"{name}@{version}",
-                         remote=who.remote, now=rt.clock(),
-                         detail={"sha256": blob.sha256, "size": blob.size})
-            service.publish_targets(session, rt.trust, now=rt.clock())
-            view = service.describe(session, row, rt.trust.targets())
-    except (InvalidModel, service.RegistryError) as exc:
-        _forget_blob(rt, blob)
-        if isinstance(exc, InvalidModel):
-            raise ApiError(422, "invalid_model", str(exc)) from None
-        raise ApiError(exc.status, exc.code, exc.detail) from None
-    except Exception:
-        _forget_blob(rt, blob)
-        raise
-    return VersionOut(**view.__dict__)
+        info = await run_in_threadpool(inspect_artifact, blob.path, filename=filename)
+    except InvalidModel as exc:
+        await run_in_threadpool(_forget_blob, rt, blob)
+        raise ApiError(422, "invalid_model", str(exc)) from None
+    return UploadOut(sha256=blob.sha256, size=blob.size, format=info.format,
+                     quantization=info.quantization)
 
 
 def _forget_blob(rt: Runtime, blob: Blob) -> None:
@@ -89,16 +91,67 @@ def _forget_blob(rt: Runtime, blob: Blob) -> None:
             rt.blobs.delete(blob.sha256)
 
 
-@router.get("", response_model=list[VersionOut])
+@router.post("/models/{name}/versions/{version}", status_code=201, response_model=VersionOut)
+def create_version(name: str, version: str, body: VersionIn, rt: Rt,
+                   who: Operator) -> VersionOut:
+    """Register an upload as NAME@VERSION; its smoke test and quantised variants are
+    built by a background job whose progress the version shows."""
+    blob = rt.blobs.get(body.upload)
+    if blob is None:
+        raise ApiError(404, "upload_not_found", f"no upload {body.upload}; upload the file "
+                       "first (POST /api/v1/uploads)")
+    try:
+        info = inspect_artifact(blob.path)
+        with transaction(rt.session_factory) as session:
+            row = service.register_version(
+                session, name=name, version=version, blob=blob, info=info, now=rt.clock(),
+                actor=who.name, labels=body.labels,
+                smoke_test=None if body.smoke_test is None
+                else body.smoke_test.model_dump(exclude_none=True))
+            jobs.enqueue(session, version=row, now=rt.clock())
+            audit.record(session, actor=who.name, action="model.push", target=f"{name}@{version}",
+                         remote=who.remote, now=rt.clock(),
+                         detail={"sha256": blob.sha256, "size": blob.size})
+            service.publish_targets(session, rt.trust, now=rt.clock())
+            view = service.describe(session, row, rt.trust.targets())
+    except InvalidModel as exc:
+        raise ApiError(422, "invalid_model", str(exc)) from None
+    except service.RegistryError as exc:
+        raise ApiError(exc.status, exc.code, exc.detail) from None
+    rt.jobs.wake()
+    return VersionOut(**view.__dict__)
+
+
+@router.get("/models", response_model=list[VersionOut])
 def list_models(session: Db, rt: Rt, _who: Viewer) -> list[VersionOut]:
     signed = rt.trust.targets()
     return [VersionOut(**service.describe(session, v, signed).__dict__)
             for v in service.list_versions(session)]
 
 
-@router.get("/{name}/versions/{version}", response_model=VersionOut)
+@router.get("/models/{name}/versions/{version}", response_model=VersionOut)
 def show_version(name: str, version: str, session: Db, rt: Rt, _who: Viewer) -> VersionOut:
+    return VersionOut(**service.describe(session, _find(session, name, version),
+                                         rt.trust.targets()).__dict__)
+
+
+@router.delete("/models/{name}/versions/{version}", status_code=204)
+def delete_version(name: str, version: str, rt: Rt, who: Operator) -> None:
+    """Delete a version no device runs; its blobs go with the next collection."""
+    with transaction(rt.session_factory) as session:
+        row = _find(session, name, version)
+        try:
+            service.delete_version(session, row)
+        except service.RegistryError as exc:
+            raise ApiError(exc.status, exc.code, exc.detail) from None
+        audit.record(session, actor=who.name, action="model.delete", target=f"{name}@{version}",
+                     remote=who.remote, now=rt.clock(), detail={})
+        service.publish_targets(session, rt.trust, now=rt.clock())
+
+
+def _find(session: Session, name: str, version: str) -> ModelVersion:
     row = service.find_version(session, name=name, version=version)
     if row is None:
         raise ApiError(404, "version_not_found", f"no version {name}@{version}")
-    return VersionOut(**service.describe(session, row, rt.trust.targets()).__dict__)
+    return row
+

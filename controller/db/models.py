@@ -8,6 +8,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -142,6 +143,10 @@ class ModelVersion(Base):
     version: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
     created_by: Mapped[str] = mapped_column(String(128))
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: inputs, tolerance, latency budget (see ``registry.smoke``); the expected outputs
+    #: live on each variant, since a quantised variant computes its own.
+    smoke_test: Mapped[dict[str, Any] | None]
 
 
 class Variant(Base):
@@ -161,6 +166,26 @@ class Variant(Base):
     ram_estimate_bytes: Mapped[int] = mapped_column(BigInteger)
     target_path: Mapped[str] = mapped_column(String(512), unique=True)
     created_at: Mapped[datetime]
+    derived_from: Mapped[str | None] = mapped_column(String(64))  # the source variant's name
+    comparison: Mapped[dict[str, Any] | None]  # against the source, on the smoke inputs
+    expected: Mapped[list[Any] | None] = mapped_column(JsonType)  # smoke-test outputs
+
+
+class Job(Base):
+    """Background work on a version (quantisation, smoke-test outputs), with progress."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    version_id: Mapped[str] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|succeeded|failed
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(String(512), default="")
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
 
 
 class AuditEntry(Base):

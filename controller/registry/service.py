@@ -16,10 +16,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from tuf.api.metadata import TargetFile
 
-from controller.db.models import Model, ModelVersion, Variant
+from controller.db.models import Device, Job, Model, ModelVersion, Variant
 from controller.registry.blobs import Blob
 from controller.registry.inspect import ArtifactInfo
 from controller.registry.trust import TrustRepository
+from shared import smoke
 
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
                      r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z.-]+)?$")
@@ -54,26 +55,35 @@ def find_version(session: Session, *, name: str, version: str) -> ModelVersion |
 
 
 def register_version(session: Session, *, name: str, version: str, blob: Blob,
-                     info: ArtifactInfo, now: datetime, actor: str) -> ModelVersion:
-    """Add the version and its source variant (validated, stored) to the registry."""
+                     info: ArtifactInfo, now: datetime, actor: str,
+                     labels: dict[str, str] | None = None,
+                     smoke_test: dict[str, Any] | None = None) -> ModelVersion:
+    """Add the version and its source variant (validated, stored) to the registry.
+    ``smoke_test`` is the operator's, to be completed by the version's derive job."""
     check_new_version(session, name=name, version=version)
     if session.get(Model, name) is None:
         session.add(Model(name=name, created_at=now))
     row = ModelVersion(id=str(uuid.uuid4()), model_name=name, version=version,
-                       created_at=now, created_by=actor)
+                       created_at=now, created_by=actor, labels=labels or {},
+                       smoke_test=smoke_test)
     session.add(row)
     session.add(Variant(
         id=str(uuid.uuid4()), version_id=row.id, name="source", format=info.format,
         quantization=info.quantization, sha256=blob.sha256, size=blob.size,
         requirements=info.requirements, ram_estimate_bytes=info.ram_estimate_bytes,
-        target_path=f"models/{name}/{version}/source.{info.format}", created_at=now))
+        target_path=target_path(row, "source", info.format), created_at=now))
     session.flush()
     return row
 
 
+def target_path(version: ModelVersion, variant: str, fmt: str) -> str:
+    return f"models/{version.model_name}/{version.version}/{variant}.{fmt}"
+
+
 def variants_of(session: Session, version: ModelVersion) -> list[Variant]:
-    return list(session.scalars(select(Variant).where(Variant.version_id == version.id)
-                                .order_by(Variant.created_at, Variant.name)))
+    """The source first, then derived variants from the largest (most faithful) down."""
+    rows = session.scalars(select(Variant).where(Variant.version_id == version.id))
+    return sorted(rows, key=lambda v: (v.derived_from is not None, -v.size, v.name))
 
 
 def referenced_blobs(session: Session) -> set[str]:
@@ -86,19 +96,58 @@ class VersionView:
     version: str
     created_at: datetime
     created_by: str
+    labels: dict[str, str]
+    status: str  # processing | ready | failed
+    job: dict[str, Any] | None
+    smoke_test: dict[str, Any] | None
     variants: list[dict[str, Any]]
 
 
 def describe(session: Session, version: ModelVersion, signed: Collection[str]) -> VersionView:
     """A version with its variants; ``signed`` is the set of signed target paths
     (``trust.targets()``, read once by the caller however many versions it shows)."""
+    job = latest_job(session, version.id)
+    status = "ready" if job is None or job.state == "succeeded" else \
+        "failed" if job.state == "failed" else "processing"
+    test = version.smoke_test
     return VersionView(
         name=version.model_name, version=version.version, created_at=version.created_at,
-        created_by=version.created_by,
+        created_by=version.created_by, labels=version.labels, status=status,
+        job=None if job is None else {"id": job.id, "state": job.state,
+                                      "progress": job.progress, "message": job.message},
+        smoke_test=None if test is None else {
+            "inputs": len(test.get("inputs") or []), "tolerance": test.get("tolerance"),
+            "latency_budget_ms": test.get("latency_budget_ms"),
+            "generated_inputs": test.get("generated_inputs", False)},
         variants=[{"name": v.name, "format": v.format, "quantization": v.quantization,
                    "size": v.size, "sha256": v.sha256, "requirements": v.requirements,
                    "ram_estimate_bytes": v.ram_estimate_bytes, "target": v.target_path,
+                   "derived_from": v.derived_from, "comparison": v.comparison,
                    "signed": v.target_path in signed} for v in variants_of(session, version)])
+
+
+def latest_job(session: Session, version_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.version_id == version_id)
+                          .order_by(Job.created_at.desc()).limit(1))
+
+
+def users_of(session: Session, version: ModelVersion) -> list[str]:
+    """Devices that report running ``version`` (``active_model`` is ``name@version``)."""
+    ref = f"{version.model_name}@{version.version}"
+    return list(session.scalars(select(Device.id).where(
+        Device.last_health["active_model"].as_string() == ref).order_by(Device.id).limit(11)))
+
+
+def delete_version(session: Session, version: ModelVersion) -> None:
+    """Delete a version (and its variants and jobs) unless a device runs it."""
+    users = users_of(session, version)
+    if users:
+        shown = ", ".join(users[:10]) + (" and more" if len(users) > 10 else "")
+        raise RegistryError(409, "version_in_use",
+                            f"{version.model_name}@{version.version} runs on {shown}; roll "
+                            "those devices to another version first")
+    session.delete(version)
+    session.flush()
 
 
 def list_versions(session: Session) -> list[ModelVersion]:
@@ -110,16 +159,21 @@ def publish_targets(session: Session, trust: TrustRepository, *, now: datetime) 
     """Make the signed targets exactly the variants in the database; return their count."""
     rows = session.execute(select(Variant, ModelVersion).join(
         ModelVersion, Variant.version_id == ModelVersion.id)).all()
-    targets = {
-        v.target_path: TargetFile(v.size, {"sha256": v.sha256}, v.target_path,
-                                  unrecognized_fields={"custom": {
-                                      "model": mv.model_name, "version": mv.version,
-                                      "variant": v.name, "format": v.format,
-                                      "quantization": v.quantization,
-                                      "requirements": v.requirements,
-                                      "ram_estimate_bytes": v.ram_estimate_bytes}})
-        for v, mv in rows
-    }
+    targets = {v.target_path: TargetFile(v.size, {"sha256": v.sha256}, v.target_path,
+                                         unrecognized_fields={"custom": _custom(v, mv)})
+               for v, mv in rows}
     if targets != trust.targets():
         trust.set_targets(targets, now=now)
     return len(targets)
+
+
+def _custom(v: Variant, mv: ModelVersion) -> dict[str, Any]:
+    """What a device learns about a variant from its signed target."""
+    custom: dict[str, Any] = {
+        "model": mv.model_name, "version": mv.version, "variant": v.name, "format": v.format,
+        "quantization": v.quantization, "requirements": v.requirements,
+        "ram_estimate_bytes": v.ram_estimate_bytes}
+    if mv.smoke_test is not None and v.expected is not None:
+        custom["smoke_test"] = smoke.encode({k: val for k, val in mv.smoke_test.items()
+                                             if k != "generated_inputs"} | {"expected": v.expected})
+    return custom

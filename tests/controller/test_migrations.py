@@ -5,7 +5,7 @@ import sqlalchemy as sa
 from controller.db.engine import downgrade, make_engine, upgrade
 
 TABLES = {"api_tokens", "enroll_tokens", "devices", "health_batches", "audit_log",
-          "models", "model_versions", "variants"}
+          "models", "model_versions", "variants", "jobs"}
 
 
 def _tables(engine: sa.Engine) -> set[str]:
@@ -23,7 +23,7 @@ def test_upgrade_and_downgrade_round_trip(db_url: str) -> None:
         assert _tables(engine) == TABLES
         with engine.connect() as conn:
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-        assert version == "0002"
+        assert version == "0003"
     finally:
         engine.dispose()
 

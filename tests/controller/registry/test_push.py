@@ -3,11 +3,8 @@
 import hashlib
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from onnx import TensorProto, helper, numpy_helper
 from sqlalchemy import func, select
 
 from controller.api.app import create_app
@@ -15,35 +12,16 @@ from controller.db.engine import make_engine, session_factory
 from controller.db.models import Model, ModelVersion, Variant
 from controller.runtime import Runtime
 from controller.settings import Settings
-from tests.conftest import Backend
+from shared.smoke import decode
+from tests.conftest import Backend, unavailable, wait_for
+from tests.models import tiny_gguf, tiny_onnx
 
-
-def tiny_onnx() -> bytes:
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.random((8, 4), dtype=np.float32), "W")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    return model.SerializeToString()
-
-
-def tiny_gguf(path: Path) -> bytes:
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_file_type(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 256), dtype=np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path.read_bytes()
+CAP = 4 << 20
 
 
 @pytest.fixture
 def settings(backend: Backend, tmp_path: Path) -> Settings:
-    return backend.settings(tmp_path / "data", max_upload_bytes=64 * 1024)
+    return backend.settings(tmp_path / "data", max_upload_bytes=CAP)
 
 
 @pytest.fixture
@@ -54,10 +32,22 @@ def client(settings: Settings):
         yield c
 
 
-def push(client: TestClient, name: str, version: str, data: bytes, filename: str):
+def push(client: TestClient, name: str, version: str, data: bytes, filename: str, **body):
+    """Upload, then register: the two requests of a push. Returns the first refusal."""
+    up = client.post("/api/v1/uploads", params={"filename": filename}, content=data,
+                     headers={"Content-Type": "application/octet-stream"})
+    if up.status_code != 201:
+        return up
     return client.post(f"/api/v1/models/{name}/versions/{version}",
-                       params={"filename": filename}, content=data,
-                       headers={"Content-Type": "application/octet-stream"})
+                       json={"upload": up.json()["sha256"], **body})
+
+
+def ready(client: TestClient, name: str, version: str) -> dict:
+    """The version once its background job has finished (ready or failed)."""
+    def done() -> dict | None:
+        v = client.get(f"/api/v1/models/{name}/versions/{version}").json()
+        return v if v["status"] != "processing" else None
+    return wait_for(done, 120, f"the job of {name}@{version}")
 
 
 def state(settings: Settings) -> dict:
@@ -87,17 +77,105 @@ def test_a_pushed_onnx_version_is_stored_described_and_signed(client, settings) 
     target = client.app.state.runtime.trust.targets()["models/mlp/1.0.0/source.onnx"]
     assert target.custom["model"] == "mlp"
     assert target.custom["version"] == "1.0.0"
-    shown = client.get("/api/v1/models/mlp/versions/1.0.0").json()
-    assert shown["variants"] == r.json()["variants"]
+    shown = ready(client, "mlp", "1.0.0")
+    assert shown["variants"][0] == r.json()["variants"][0]
     assert [v["version"] for v in client.get("/api/v1/models").json()] == ["1.0.0"]
+
+
+def test_an_fp32_onnx_push_gets_a_signed_int8_variant_with_its_comparison(client) -> None:
+    data = tiny_onnx()
+    created = push(client, "mlp", "1.0.0", data, "mlp.onnx")
+    assert created.json()["status"] == "processing"
+    shown = ready(client, "mlp", "1.0.0")
+    assert (shown["status"], shown["job"]["progress"]) == ("ready", 1.0), shown["job"]
+    source, int8 = shown["variants"]
+    assert (int8["name"], int8["quantization"], int8["derived_from"]) == ("int8", "int8",
+                                                                          "source")
+    assert int8["size"] <= 0.35 * len(data)
+    c = int8["comparison"]
+    assert c["size_ratio"] == pytest.approx(int8["size"] / len(data), abs=1e-3)
+    assert c["top1_agreement"] >= 0.75
+    assert 0 < c["max_abs_diff"] < float("inf")
+    assert c["inputs"] == 8  # generated: no smoke test was given
+    assert "int8" in shown["job"]["message"]
+    assert shown["smoke_test"] == {"inputs": 8, "tolerance": 1e-3, "latency_budget_ms": 1000.0,
+                                   "generated_inputs": True}
+    targets = client.app.state.runtime.trust.targets()
+    for v in (source, int8):
+        assert v["signed"]
+        smoke_test = decode(targets[v["target"]].custom["smoke_test"])
+        assert len(smoke_test["inputs"]) == len(smoke_test["expected"]) == 8
+    # each variant carries its own expected outputs, computed from it
+    assert (decode(targets[source["target"]].custom["smoke_test"])["expected"]
+            != decode(targets[int8["target"]].custom["smoke_test"])["expected"])
+
+
+def test_a_given_smoke_test_is_checked_against_the_source_and_kept(client) -> None:
+    x = [[0.5] * 128]
+    smoke_test = {"inputs": [{"x": x}], "tolerance": 0.01, "latency_budget_ms": 50}
+    push(client, "mlp", "1.0.0", tiny_onnx(), "m.onnx", smoke_test=smoke_test)
+    shown = ready(client, "mlp", "1.0.0")
+    assert shown["status"] == "ready"
+    assert shown["smoke_test"] == {"inputs": 1, "tolerance": 0.01, "latency_budget_ms": 50,
+                                   "generated_inputs": False}
+    target = client.app.state.runtime.trust.targets()["models/mlp/1.0.0/source.onnx"]
+    expected = decode(target.custom["smoke_test"])["expected"]
+    wrong = {"inputs": [{"x": x}], "expected": [{"y": [[v + 1 for v in expected[0]["y"][0]]]}]}
+    push(client, "mlp", "1.0.1", tiny_onnx(), "m.onnx", smoke_test=wrong)
+    failed = ready(client, "mlp", "1.0.1")
+    assert failed["status"] == "failed"
+    assert "does not reproduce smoke-test output 0" in failed["job"]["message"]
+    misnamed = {"inputs": [{"image": x}]}
+    push(client, "mlp", "1.0.2", tiny_onnx(), "m.onnx", smoke_test=misnamed)
+    assert "the model takes ['x']" in ready(client, "mlp", "1.0.2")["job"]["message"]
+
+
+def test_a_malformed_smoke_test_is_refused_before_anything_is_registered(client) -> None:
+    r = push(client, "mlp", "1.0.0", tiny_onnx(), "m.onnx",
+             smoke_test={"inputs": [{"x": [[1.0]]}], "expected": [], "tolerence": 1})
+    assert r.status_code == 422
+    assert client.get("/api/v1/models").json() == []
 
 
 def test_a_gguf_version_records_architecture_and_quantization(client, tmp_path) -> None:
     r = push(client, "tiny-llama", "0.1.0", tiny_gguf(tmp_path / "t.gguf"), "t.gguf")
     assert r.status_code == 201, r.text
-    (variant,) = r.json()["variants"]
+    variant = r.json()["variants"][0]
     assert (variant["format"], variant["quantization"]) == ("gguf", "f16")
     assert variant["requirements"]["gguf_architecture"] == "llama"
+
+
+def test_an_f16_gguf_push_gets_q8_0_and_q4_k_m_that_llama_cpp_runs(client, tmp_path) -> None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        unavailable("llama-cpp-python (the llm extra)")
+    data = tiny_gguf(tmp_path / "t.gguf")
+    push(client, "tiny-llama", "0.1.0", data, "t.gguf")
+    shown = ready(client, "tiny-llama", "0.1.0")
+    assert shown["status"] == "ready", shown["job"]
+    variants = {v["name"]: v for v in shown["variants"]}
+    assert list(variants) == ["source", "q8_0", "q4_k_m"]
+    runtime = client.app.state.runtime
+    targets = runtime.trust.targets()
+    for name in ("q8_0", "q4_k_m"):
+        v = variants[name]
+        assert (v["quantization"], v["requirements"]["gguf_architecture"]) == (name, "llama")
+        assert v["size"] < 0.6 * len(data)
+        assert 0.0 <= v["comparison"]["token_agreement"] <= 1.0
+        assert v["comparison"]["inputs"] == 2
+        smoke_test = decode(targets[v["target"]].custom["smoke_test"])
+        llm = Llama(model_path=str(runtime.blobs.path(v["sha256"])), n_ctx=128, verbose=False)
+        prompt = llm.tokenize(smoke_test["inputs"][0].encode())
+        generated = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0):
+            if len(generated) == smoke_test["max_tokens"] or token == llm.token_eos():
+                break
+            generated.append(token)
+        llm.close()
+        assert generated  # it loads and generates...
+        assert generated == smoke_test["expected"][0]  # ...what its smoke test expects
+    assert variants["q4_k_m"]["size"] < variants["q8_0"]["size"]
 
 
 def test_versions_are_semantic_and_immutable(client) -> None:
@@ -117,12 +195,13 @@ def test_versions_are_semantic_and_immutable(client) -> None:
 def test_a_refused_push_leaves_everything_as_it_was(client, settings, tmp_path, case, status,
                                                     code) -> None:
     assert push(client, "mlp", "1.0.0", tiny_onnx(), "m.onnx").status_code == 201
+    ready(client, "mlp", "1.0.0")
     before = state(settings)
     data, filename = {
         "truncated onnx": (tiny_onnx()[:60], "m.onnx"),
         "corrupt gguf": (tiny_gguf(tmp_path / "t.gguf")[:100], "t.gguf"),
         "mislabelled": (tiny_onnx(), "m.gguf"),
-        "oversize": (b"\0" * (64 * 1024 + 1), "m.onnx"),
+        "oversize": (b"\0" * (CAP + 1), "m.onnx"),
     }[case]
     r = push(client, "mlp", "2.0.0", data, filename)
     assert (r.status_code, r.json()["code"]) == (status, code), r.text

@@ -1,0 +1,97 @@
+"""Smoke tests: what an operator gives with a version, and how a result is judged.
+
+A smoke test is a few golden inputs with the outputs they must produce, a tolerance and a
+latency budget. The controller completes it (fills in what was left out, computes each
+variant's own expected outputs) and ships it inside the variant's TUF target; the agent
+runs it before it reports an install as good. Both judge results with the functions
+here, so "passes" means the same on either side.
+
+- ONNX: ``inputs`` is a list of feeds ``{input name: nested list}``; ``expected`` the
+  matching ``{output name: nested list}``; ``tolerance`` the largest allowed
+  ``|actual - expected| / (1 + |expected|)`` over every element.
+- GGUF: ``inputs`` is a list of prompts; ``expected`` the greedy token ids each must
+  produce (``max_tokens`` of them); ``tolerance`` the fraction of tokens that may differ.
+
+In a TUF target the completed test travels as a JSON *string* (``encode``/``decode``):
+TUF's canonical JSON, which is what gets signed, has no floating-point numbers.
+
+This module does not run models; ``controller.registry.derive`` and the agent do.
+"""
+
+import json
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_BYTES = 256 * 1024
+DEFAULT_TOLERANCE = {"onnx": 1e-3, "gguf": 0.25}
+DEFAULT_LATENCY_BUDGET_MS = {"onnx": 1000.0, "gguf": 30000.0}
+DEFAULT_PROMPTS = ["The quick brown fox", "Edge devices run models"]
+GENERATED_INPUTS = 8
+
+
+class SmokeTest(BaseModel):
+    """A smoke test as given by an operator (anything left out is filled in on push)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    inputs: Annotated[list[dict[str, Any]] | list[str] | None,
+                      Field(min_length=1, max_length=64)] = None
+    expected: list[Any] | None = None
+    tolerance: Annotated[float | None, Field(gt=0)] = None
+    latency_budget_ms: Annotated[float | None, Field(gt=0)] = None
+    max_tokens: Annotated[int, Field(ge=1, le=256)] = 16
+
+    @model_validator(mode="after")
+    def _expected_matches_inputs(self) -> "SmokeTest":
+        if self.expected is not None:
+            if self.inputs is None:
+                raise ValueError("expected outputs were given without the inputs they belong to")
+            if len(self.expected) != len(self.inputs):
+                raise ValueError(f"{len(self.inputs)} inputs but {len(self.expected)} "
+                                 "expected outputs")
+        return self
+
+
+def deviation(actual: dict[str, Any], expected: dict[str, Any]) -> float:
+    """The largest ``|a - e| / (1 + |e|)`` over all outputs; inf if shapes or names differ."""
+    import numpy as np
+
+    if set(actual) != set(expected):
+        return float("inf")
+    worst = 0.0
+    for name, want in expected.items():
+        a, e = np.asarray(actual[name], dtype=np.float64), np.asarray(want, dtype=np.float64)
+        if a.shape != e.shape:
+            return float("inf")
+        if e.size:
+            worst = max(worst, float(np.max(np.abs(a - e) / (1.0 + np.abs(e)))))
+    return worst
+
+
+def distance(fmt: str, actual: Any, expected: Any) -> float:
+    """How far one result is from its expected value, in the unit ``tolerance`` uses."""
+    if fmt == "gguf":
+        return 1.0 - token_agreement(actual, expected)
+    return deviation(actual, expected)
+
+
+def token_agreement(actual: list[int], expected: list[int]) -> float:
+    """The fraction of positions where two generations agree (1.0 for two empty ones)."""
+    n = max(len(actual), len(expected))
+    if n == 0:
+        return 1.0
+    return sum(a == e for a, e in zip(actual, expected, strict=False)) / n
+
+
+def encode(completed: dict[str, Any]) -> str:
+    """A completed smoke test (with ``expected``) as the string a TUF target carries."""
+    return json.dumps(completed, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def decode(text: str) -> dict[str, Any]:
+    """The inverse of ``encode``; raises ValueError on anything else."""
+    value = json.loads(text)
+    if not isinstance(value, dict) or "inputs" not in value or "expected" not in value:
+        raise ValueError("not a completed smoke test")
+    return value

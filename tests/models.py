@@ -1,0 +1,72 @@
+"""Tiny real models built in the tests: an fp32 ONNX MLP and a llama GGUF that loads."""
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+
+def tiny_onnx(hidden: int = 256, inputs: int = 128, classes: int = 10) -> bytes:
+    """An fp32 MLP (x[1, inputs] -> relu -> y[1, classes]); big enough that weights,
+    not graph overhead, dominate its size, as in a real model."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((inputs, hidden), dtype=np.float32), "W1")
+    w2 = numpy_helper.from_array(rng.standard_normal((hidden, classes), dtype=np.float32), "W2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "W2"], ["y"])], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, classes])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def tiny_gguf(path: Path, *, width: int = 256, layers: int = 1) -> bytes:
+    """An f16 llama that llama.cpp loads and generates from: the usual llama keys, a
+    ``llama`` tokenizer with all 256 byte tokens, widths that k-quants accept (256)."""
+    rng = np.random.default_rng(0)
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+    tokens += [w.encode() for w in ("\u2581the", "\u2581quick", "\u2581fox", "\u2581edge")]
+    vocab, heads, ff = len(tokens), 2, 2 * width
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(512)
+    writer.add_embedding_length(width)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_rope_dimension_count(width // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(1)  # mostly f16
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * (vocab - 259))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+    def matrix(name: str, rows: int, cols: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal((rows, cols)) * 0.05).astype(np.float16))
+
+    def norm(name: str) -> None:
+        writer.add_tensor(name, np.ones(width, dtype=np.float32))
+
+    matrix("token_embd.weight", vocab, width)
+    for i in range(layers):
+        norm(f"blk.{i}.attn_norm.weight")
+        for part in ("q", "k", "v", "output"):
+            matrix(f"blk.{i}.attn_{part}.weight", width, width)
+        norm(f"blk.{i}.ffn_norm.weight")
+        matrix(f"blk.{i}.ffn_gate.weight", ff, width)
+        matrix(f"blk.{i}.ffn_up.weight", ff, width)
+        matrix(f"blk.{i}.ffn_down.weight", width, ff)
+    norm("output_norm.weight")
+    matrix("output.weight", vocab, width)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
