@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.live import Live
 
 from cli.api import api_options, make_api
+from cli.keys import keys
 from cli.views import devices_table, summary_table, versions_table
 
 console = Console()
@@ -56,6 +57,9 @@ def main(log_level: str) -> None:
 
 
 # -- controller ---------------------------------------------------------------------------
+
+main.add_command(keys)
+
 
 @main.group()
 def controller() -> None:

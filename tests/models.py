@@ -1,10 +1,22 @@
 """Tiny real models built in the tests: an fp32 ONNX MLP and a llama GGUF that loads."""
 
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import unavailable
+
+
+def llama_cpp() -> Any:
+    """The llama_cpp module; skips (fails in CI) without the ``llm`` extra."""
+    try:
+        import llama_cpp
+    except ImportError:
+        unavailable("llama-cpp-python (the llm extra)")
+    return llama_cpp
 
 
 def tiny_onnx(hidden: int = 256, inputs: int = 128, classes: int = 10) -> bytes:

@@ -56,10 +56,12 @@ class JobRunner:
     """One thread that runs queued jobs one at a time, each in a child process."""
 
     def __init__(self, *, session_factory: sessionmaker[Session], blobs: BlobStore,
-                 trust: TrustRepository, clock: Callable[[], datetime], workdir: Path) -> None:
+                 trust: TrustRepository, clock: Callable[[], datetime], workdir: Path,
+                 timeout_s: float = 3600.0) -> None:
         self._sessions = session_factory
         self._blobs, self._trust, self._clock = blobs, trust, clock
         self._workdir = workdir
+        self.timeout_s = timeout_s  # a job running longer is killed and marked failed
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -144,6 +146,14 @@ class JobRunner:
                 [sys.executable, "-m", "controller.registry.derive", str(workdir / "spec.json")],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True)
             self._child = child
+            timed_out = threading.Event()
+
+            def expire() -> None:
+                timed_out.set()
+                child.kill()
+
+            watchdog = threading.Timer(self.timeout_s, expire)
+            watchdog.start()
             for line in _json_lines(child.stdout or ()):
                 if "progress" in line:
                     self._set(job_id, progress=float(line["progress"]),
@@ -151,8 +161,11 @@ class JobRunner:
                 result = line.get("result", result)
                 error = str(line.get("error", error))
             code = child.wait()
+            watchdog.cancel()
             self._child = None
-            if result is None and not error:
+            if timed_out.is_set():
+                result, error = None, f"stopped after {self.timeout_s:g} s: the job took too long"
+            elif result is None and not error:
                 stderr.seek(0)
                 tail = [ln for ln in stderr.read().splitlines() if ln.strip()][-1:]
                 error = (f"the derive worker died (exit code {code})"

@@ -13,8 +13,9 @@ from controller.db.models import Model, ModelVersion, Variant
 from controller.runtime import Runtime
 from controller.settings import Settings
 from shared.smoke import decode
-from tests.conftest import Backend, unavailable, wait_for
-from tests.models import tiny_gguf, tiny_onnx
+from tests.conftest import Backend, wait_for
+from tests.controller.registry.test_trust import download, updater
+from tests.models import llama_cpp, tiny_gguf, tiny_onnx
 
 CAP = 4 << 20
 
@@ -130,6 +131,15 @@ def test_a_given_smoke_test_is_checked_against_the_source_and_kept(client) -> No
     assert "the model takes ['x']" in ready(client, "mlp", "1.0.2")["job"]["message"]
 
 
+def test_a_job_that_runs_too_long_is_stopped_and_says_so(client) -> None:
+    client.app.state.runtime.jobs.timeout_s = 0.2  # less than the worker needs to start
+    push(client, "mlp", "1.0.0", tiny_onnx(), "m.onnx")
+    failed = ready(client, "mlp", "1.0.0")
+    assert failed["status"] == "failed"
+    assert "stopped after 0.2 s" in failed["job"]["message"]
+    assert [v["name"] for v in failed["variants"]] == ["source"]
+
+
 def test_a_malformed_smoke_test_is_refused_before_anything_is_registered(client) -> None:
     r = push(client, "mlp", "1.0.0", tiny_onnx(), "m.onnx",
              smoke_test={"inputs": [{"x": [[1.0]]}], "expected": [], "tolerence": 1})
@@ -146,10 +156,7 @@ def test_a_gguf_version_records_architecture_and_quantization(client, tmp_path) 
 
 
 def test_an_f16_gguf_push_gets_q8_0_and_q4_k_m_that_llama_cpp_runs(client, tmp_path) -> None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        unavailable("llama-cpp-python (the llm extra)")
+    Llama = llama_cpp().Llama  # noqa: N806 - the class
     data = tiny_gguf(tmp_path / "t.gguf")
     push(client, "tiny-llama", "0.1.0", data, "t.gguf")
     shown = ready(client, "tiny-llama", "0.1.0")
@@ -176,6 +183,47 @@ def test_an_f16_gguf_push_gets_q8_0_and_q4_k_m_that_llama_cpp_runs(client, tmp_p
         assert generated  # it loads and generates...
         assert generated == smoke_test["expected"][0]  # ...what its smoke test expects
     assert variants["q4_k_m"]["size"] < variants["q8_0"]["size"]
+
+
+def test_every_variant_downloads_verified_through_a_tuf_updater(client, tmp_path) -> None:
+    llama_cpp()  # the GGUF variants need it
+    push(client, "mlp", "1.0.0", tiny_onnx(), "m.onnx")
+    push(client, "tiny-llama", "0.1.0", tiny_gguf(tmp_path / "t.gguf"), "t.gguf")
+    versions = [ready(client, "mlp", "1.0.0"), ready(client, "tiny-llama", "0.1.0")]
+    runtime = client.app.state.runtime
+    up = updater(runtime.trust, runtime.blobs, tmp_path / "device")
+    paths = [v["target"] for version in versions for v in version["variants"]]
+    assert len(paths) == 5  # source + int8, source + q8_0 + q4_k_m
+    for version in versions:
+        for v in version["variants"]:
+            data = download(up, v["target"])
+            assert hashlib.sha256(data).hexdigest() == v["sha256"]
+            custom = up.get_targetinfo(v["target"]).custom
+            assert (custom["model"], custom["variant"]) == (version["name"], v["name"])
+            assert decode(custom["smoke_test"])["expected"]
+
+
+def test_a_version_a_device_runs_cannot_be_deleted(client, settings) -> None:
+    from datetime import UTC, datetime
+
+    from controller.db.models import Device
+
+    for version in ("1.0.0", "1.1.0"):
+        push(client, "mlp", version, tiny_onnx(), "m.onnx")
+        ready(client, "mlp", version)
+    with session_factory(client.app.state.runtime.engine)() as s:
+        s.add(Device(id="cam-1", name="cam-1", labels={}, mqtt_secret_hash="0" * 64,
+                     enrolled_at=datetime.now(UTC), status="online",
+                     last_health={"active_model": "mlp@1.0.0"}))
+        s.commit()
+    r = client.delete("/api/v1/models/mlp/versions/1.0.0")
+    assert (r.status_code, r.json()["code"]) == (409, "version_in_use")
+    assert "cam-1" in r.json()["detail"]
+    assert client.delete("/api/v1/models/mlp/versions/1.1.0").status_code == 204
+    assert [v["version"] for v in client.get("/api/v1/models").json()] == ["1.0.0"]
+    signed = client.app.state.runtime.trust.targets()
+    assert sorted(signed) == ["models/mlp/1.0.0/int8.onnx", "models/mlp/1.0.0/source.onnx"]
+    assert client.delete("/api/v1/models/mlp/versions/1.1.0").status_code == 404
 
 
 def test_versions_are_semantic_and_immutable(client) -> None:
