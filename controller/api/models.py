@@ -129,6 +129,15 @@ def list_models(session: Db, rt: Rt, _who: Viewer) -> list[VersionOut]:
             for v in service.list_versions(session)]
 
 
+@router.get("/models/{name}/versions", response_model=list[VersionOut])
+def list_model_versions(name: str, session: Db, rt: Rt, _who: Viewer) -> list[VersionOut]:
+    versions = service.list_versions(session, name=name)
+    if not versions:
+        raise ApiError(404, "model_not_found", f"no model {name!r}")
+    signed = rt.trust.targets()
+    return [VersionOut(**service.describe(session, v, signed).__dict__) for v in versions]
+
+
 @router.get("/models/{name}/versions/{version}", response_model=VersionOut)
 def show_version(name: str, version: str, session: Db, rt: Rt, _who: Viewer) -> VersionOut:
     return VersionOut(**service.describe(session, _find(session, name, version),

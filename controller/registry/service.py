@@ -150,9 +150,11 @@ def delete_version(session: Session, version: ModelVersion) -> None:
     session.flush()
 
 
-def list_versions(session: Session) -> list[ModelVersion]:
-    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.model_name,
-                                                              ModelVersion.created_at)))
+def list_versions(session: Session, *, name: str | None = None) -> list[ModelVersion]:
+    query = select(ModelVersion).order_by(ModelVersion.model_name, ModelVersion.created_at)
+    if name is not None:
+        query = query.where(ModelVersion.model_name == name)
+    return list(session.scalars(query))
 
 
 def publish_targets(session: Session, trust: TrustRepository, *, now: datetime) -> int:

@@ -221,6 +221,8 @@ def test_a_version_a_device_runs_cannot_be_deleted(client, settings) -> None:
     assert "cam-1" in r.json()["detail"]
     assert client.delete("/api/v1/models/mlp/versions/1.1.0").status_code == 204
     assert [v["version"] for v in client.get("/api/v1/models").json()] == ["1.0.0"]
+    assert [v["version"] for v in client.get("/api/v1/models/mlp/versions").json()] == ["1.0.0"]
+    assert client.get("/api/v1/models/nope/versions").status_code == 404
     signed = client.app.state.runtime.trust.targets()
     assert sorted(signed) == ["models/mlp/1.0.0/int8.onnx", "models/mlp/1.0.0/source.onnx"]
     assert client.delete("/api/v1/models/mlp/versions/1.1.0").status_code == 404
