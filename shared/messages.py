@@ -91,7 +91,7 @@ class Health(Message):
     error_count: Count = 0
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
-    active_model: Name | None = None
+    active_model: Name | None = None  # "name@version" being served; the registry reads it
 
 
 class DesiredState(Message):

@@ -65,7 +65,7 @@ def _inspect_onnx(path: Path) -> ArtifactInfo:
     return ArtifactInfo(
         format="onnx", quantization=quant,
         requirements={"runtime": "onnxruntime", "onnx_ir_version": model.ir_version,
-                      "onnx_opset": opset, "min_onnxruntime": ort.__version__},
+                      "onnx_opset": opset, "min_onnxruntime": min_onnxruntime(opset)},
         ram_estimate_bytes=2 * size + (16 << 20),
     )
 
@@ -88,6 +88,21 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
     return ArtifactInfo(format="gguf", quantization=quant,
                         requirements={"runtime": "llama.cpp", "gguf_architecture": arch},
                         ram_estimate_bytes=size + (64 << 20))
+
+
+#: The first onnxruntime release implementing each ONNX opset (onnxruntime's
+#: docs/Versioning.md). Newer opsets than listed need what the controller runs.
+_ORT_FOR_OPSET = {11: "1.0", 12: "1.3", 13: "1.6", 14: "1.8", 15: "1.9", 16: "1.11",
+                  17: "1.13", 18: "1.14", 19: "1.15", 20: "1.17", 21: "1.18", 22: "1.20"}
+
+
+def min_onnxruntime(opset: int) -> str:
+    """The oldest onnxruntime that runs a model stamped with ``opset``."""
+    import onnxruntime as ort
+
+    if opset > max(_ORT_FOR_OPSET):
+        return str(ort.__version__)
+    return _ORT_FOR_OPSET.get(max(opset, 11), "1.0")
 
 
 _GGUF_FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1",

@@ -75,6 +75,7 @@ def test_a_pushed_onnx_version_is_stored_described_and_signed(client, settings) 
         "sha256": hashlib.sha256(data).hexdigest(), "signed": True,
         "target": "models/mlp/1.0.0/source.onnx", "requirements": None}
     assert variant["requirements"]["onnx_opset"] == 17
+    assert variant["requirements"]["min_onnxruntime"] == "1.13"  # not the controller's
     target = client.app.state.runtime.trust.targets()["models/mlp/1.0.0/source.onnx"]
     assert target.custom["model"] == "mlp"
     assert target.custom["version"] == "1.0.0"
