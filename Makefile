@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint $(LLM_STAMP)
+test: $(LLM_STAMP) lint
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -219,7 +219,7 @@ def _generate(model: Path, prompts: list[str], max_tokens: int) -> tuple[list[li
     llm = Llama(model_path=str(model), n_ctx=512, n_threads=2, seed=0, verbose=False)
     out, times = [], []
     for prompt in prompts:
-        llm.reset()  # type: ignore[no-untyped-call]
+        llm.reset()
         started = time.perf_counter()
         ids: list[int] = []
         for token in llm.generate(llm.tokenize(prompt.encode()), top_k=1, temp=0.0):
