@@ -93,6 +93,7 @@ class Identity:
     keepalive_s: int
     health_interval_s: float
     desired_state_key: str
+    tuf_root: str = ""  # 1.root.json from enrolment: where trust in model metadata starts
 
     @classmethod
     def from_enrolment(cls, data: dict[str, Any]) -> "Identity":

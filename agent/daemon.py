@@ -7,10 +7,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
+from tuf.ngclient import Updater
+
 from agent import probe
 from agent.config import AgentConfig, Identity
+from agent.fetcher import META_URL, TARGETS_URL, FetchChannel, MqttFetcher
 from agent.mqtt import device_client, parse_broker
-from agent.session import DeviceSession
+from agent.serving import LocalApi, Serving
+from agent.session import DeviceSession, Publisher
+from agent.update.installer import Install, Installer
+from shared.messages import ReportedState
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +29,24 @@ def run(config_path: Path) -> None:
     """Run until SIGTERM/SIGINT; reconnects to the broker with backoff on its own."""
     config = AgentConfig.load(config_path)
     identity = Identity.load(config.state_dir).with_overrides(config)
+    serving = Serving()
     session = DeviceSession(
         identity,
         capabilities=lambda: probe.capabilities(config.state_dir),
-        health=lambda seq, now: probe.health(seq, now, config.state_dir),
+        health=lambda seq, now: probe.health(seq, now, config.state_dir, serving.health()),
         labels=config.labels,
         clock=_now,
     )
     stop = threading.Event()
+    client = device_client(session)
+    channel = FetchChannel(lambda payload: session.send_fetch(client, payload))
+    installer = Installer(config.state_dir, updater=lambda: _updater(config.state_dir, identity,
+                                                                     channel),
+                          reporter=_Reporter(session, client), serving=serving)
+    session.generation = installer.install.generation
+    session.on_desired, session.on_data = installer.want, channel.deliver
+    host, _, port = config.inference_listen.rpartition(":")
+    api = LocalApi(serving, host or "127.0.0.1", int(port))
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)
@@ -39,17 +55,48 @@ def run(config_path: Path) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
-    client = device_client(session)
-    host, port, _ = parse_broker(identity.mqtt_url)
-    client.connect_async(host, port, keepalive=identity.keepalive_s)
+    broker_host, broker_port, _ = parse_broker(identity.mqtt_url)
+    client.connect_async(broker_host, broker_port, keepalive=identity.keepalive_s)
     client.loop_start()
-    log.info("agent %s starting; broker %s", identity.device_id, identity.mqtt_url)
+    installer.start()  # loads the active model first
+    api.start()
+    log.info("agent %s starting; broker %s; local API on %s", identity.device_id,
+             identity.mqtt_url, config.inference_listen)
     try:
         while not stop.wait(identity.health_interval_s):
             if client.is_connected():
                 session.send_health(client)
     finally:
+        api.stop()
+        installer.stop()
+        serving.activate(None)
         if client.is_connected():
             session.going_offline(client)
         client.disconnect()
         client.loop_stop()
+
+
+def _updater(state_dir: Path, identity: Identity, channel: FetchChannel) -> Updater:
+    """A fresh TUF Updater (one per install) that fetches over MQTT."""
+    meta, download = state_dir / "tuf" / "metadata", state_dir / "tuf" / "download"
+    meta.mkdir(parents=True, exist_ok=True)
+    download.mkdir(parents=True, exist_ok=True)
+    trusted = meta / "root.json"
+    root = trusted.read_bytes() if trusted.exists() else identity.tuf_root.encode()
+    return Updater(str(meta), META_URL, str(download), TARGETS_URL,
+                   fetcher=MqttFetcher(channel), bootstrap=root)
+
+
+class _Reporter:
+    """Install news to the controller: an event per step, the reported state at the end."""
+
+    def __init__(self, session: DeviceSession, client: Publisher) -> None:
+        self._session, self._client = session, client
+
+    def event(self, kind: str, generation: int, detail: str) -> None:
+        self._session.send_event(self._client, kind, generation, detail or "")
+
+    def reported(self, install: Install) -> None:
+        self._session.send_reported(self._client, ReportedState(
+            generation=install.generation, model=install.model, version=install.version,
+            variant=install.variant, state=install.state.value, detail=install.reason[:2048]))

@@ -6,6 +6,7 @@ import shutil
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -82,10 +83,13 @@ def temperature_c() -> float | None:
     return max(readings) if readings else None
 
 
-def health(seq: int, now: datetime, state_dir: Path) -> Health:
+def health(seq: int, now: datetime, state_dir: Path, serving: dict[str, Any] | None = None
+           ) -> Health:
+    """Host figures, plus the serving counters (``Serving.health()``) when given."""
     mem = psutil.virtual_memory()
     return Health(
         seq=seq, sent_at=now, cpu_percent=psutil.cpu_percent(interval=None),
         mem_used_bytes=mem.total - mem.available, mem_total_bytes=mem.total,
         disk_free_bytes=shutil.disk_usage(state_dir).free, temperature_c=temperature_c(),
+        **(serving or {}),
     )

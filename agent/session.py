@@ -15,7 +15,16 @@ from agent import AGENT_VERSION
 from agent.config import Identity
 from shared.envelope import Verifier, open_desired, public_key_from_text
 from shared.errors import ProtocolError, StaleGeneration
-from shared.messages import Capabilities, DesiredState, Health, Hello, Presence, encode
+from shared.messages import (
+    Capabilities,
+    DesiredState,
+    Event,
+    Health,
+    Hello,
+    Presence,
+    ReportedState,
+    encode,
+)
 from shared.topics import Kind, Topics
 
 log = logging.getLogger(__name__)
@@ -52,6 +61,9 @@ class DeviceSession:
         self.generation = 0
         self.desired: DesiredState | None = None
         self.connected_at = clock()
+        #: set by the daemon: a verified desired state, and a fetch response (``data``)
+        self.on_desired: Callable[[DesiredState], None] | None = None
+        self.on_data: Callable[[bytes], None] | None = None
 
     def will(self) -> Outgoing:
         """The last will: retained ``offline`` presence."""
@@ -59,7 +71,8 @@ class DeviceSession:
                         encode(Presence(state="offline", since=self.connected_at)), 1, True)
 
     def subscriptions(self) -> list[str]:
-        return [self.topics.device(self.device_id, Kind.DESIRED)]
+        kinds = [Kind.DESIRED] if self.on_data is None else [Kind.DESIRED, Kind.DATA]
+        return [self.topics.device(self.device_id, kind) for kind in kinds]
 
     def on_connected(self, pub: Publisher) -> None:
         """Announce presence and capabilities after every (re)connect."""
@@ -83,7 +96,12 @@ class DeviceSession:
         """Handle a controller message; a bad one is logged and dropped."""
         try:
             where = self.topics.parse(topic)
-            if where.device_id != self.device_id or where.kind != Kind.DESIRED:
+            if where.device_id != self.device_id:
+                return
+            if where.kind == Kind.DATA and self.on_data is not None:
+                self.on_data(payload)
+                return
+            if where.kind != Kind.DESIRED:
                 return
             if not payload:
                 return
@@ -99,6 +117,18 @@ class DeviceSession:
         self.generation, self.desired = desired.generation, desired
         log.info("desired state generation %d: %s@%s", desired.generation, desired.model,
                  desired.version)
+        if self.on_desired is not None:
+            self.on_desired(desired)
+
+    def send_event(self, pub: Publisher, kind: str, generation: int, detail: str) -> None:
+        self._send(pub, Kind.EVENTS, encode(Event(kind=kind, generation=generation,
+                                                  detail=detail[:2048], at=self._clock())))
+
+    def send_reported(self, pub: Publisher, reported: ReportedState) -> None:
+        self._send(pub, Kind.REPORTED, encode(reported), retain=True)
+
+    def send_fetch(self, pub: Publisher, payload: bytes) -> None:
+        self._send(pub, Kind.FETCH, payload)
 
     def _send(self, pub: Publisher, kind: Kind, payload: bytes, *, qos: int = 1,
               retain: bool = False) -> None:

@@ -130,15 +130,18 @@ def agent() -> None:
               default=Path("/var/lib/edgefleet"), show_default=True)
 @click.option("--name", help="Device name (default: host name).")
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE, repeatable.")
+@click.option("--inference-listen", default="127.0.0.1:8787", show_default=True,
+              help="Where the local inference API listens.")
 def agent_enroll(controller: str, token: str, config_path: Path, state_dir: Path,
-                 name: str | None, labels: tuple[str, ...]) -> None:
+                 name: str | None, labels: tuple[str, ...], inference_listen: str) -> None:
     """Enrol this box with the controller (once)."""
     from agent.config import ConfigError
     from agent.enroll import enroll
 
     try:
         identity = enroll(controller=controller, token=token, config_path=config_path,
-                          state_dir=state_dir, name=name, labels=parse_labels(labels))
+                          state_dir=state_dir, name=name, labels=parse_labels(labels),
+                          inference_listen=inference_listen)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"enrolled as {identity.device_id}; config in {config_path}")

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import String, Table, bindparam, case, update
+from sqlalchemy import String, Table, bindparam, case, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.db.engine import transaction
-from controller.db.models import Device, HealthBatch, UTCDateTime
-from shared.messages import Health, Hello, Message, Presence
+from controller.db.models import Device, DeviceEvent, HealthBatch, UTCDateTime
+from shared.messages import Event, Health, Hello, Message, Presence, ReportedState
 from shared.topics import Kind
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,9 @@ class DeviceDelta:
     last_health: bytes | None = None
     health_count: int = 0
     hello: Hello | None = None
-    urgent: bool = False  # a presence or hello: write now, not at the next flush
+    reported: ReportedState | None = None
+    events: tuple[tuple[float, Event], ...] = ()
+    urgent: bool = False  # a presence, hello or install news: write now, not at the next flush
 
 
 def combine(old: DeviceDelta | None, new: DeviceDelta) -> DeviceDelta:
@@ -67,7 +69,8 @@ def combine(old: DeviceDelta | None, new: DeviceDelta) -> DeviceDelta:
                        last_seen_at=new.last_seen_at,
                        last_health=new.last_health or old.last_health,
                        health_count=old.health_count + new.health_count,
-                       hello=new.hello or old.hello, urgent=old.urgent or new.urgent)
+                       hello=new.hello or old.hello, reported=new.reported or old.reported,
+                       events=old.events + new.events, urgent=old.urgent or new.urgent)
 
 
 def merge(pending: dict[str, DeviceDelta], items: Sequence[Inbound]) -> None:
@@ -92,6 +95,10 @@ def merge(pending: dict[str, DeviceDelta], items: Sequence[Inbound]) -> None:
         elif isinstance(msg, Hello):
             delta.status, delta.status_at, delta.urgent = "online", item.received_at, True
             delta.hello = msg
+        elif isinstance(msg, ReportedState):
+            delta.reported, delta.urgent = msg, True
+        elif isinstance(msg, Event):
+            delta.events, delta.urgent = (*delta.events, (item.received_at, msg)), True
     for device_id, delta in batch.items():
         pending[device_id] = combine(pending.get(device_id), delta)
 
@@ -156,6 +163,19 @@ def _update_devices(session: Session, deltas: dict[str, DeviceDelta]) -> None:
     for device_id, d in deltas.items():
         if d.hello is not None:
             _apply_hello(session, device_id, d.hello)
+    reported = [{"b_id": device_id, "b_reported": d.reported.model_dump(mode="json")}
+                for device_id, d in deltas.items() if d.reported is not None]
+    if reported:
+        session.execute(update(t).where(where).values(reported=bindparam("b_reported")),
+                        reported)
+    events = [{"device_id": device_id, "at": to_dt(at, UTC), "kind": e.kind,
+               "generation": e.generation, "detail": e.detail}
+              for device_id, d in deltas.items() for at, e in d.events]
+    if events:
+        known = set(session.scalars(select(Device.id).where(
+            Device.id.in_({e["device_id"] for e in events}))))
+        if rows := [e for e in events if e["device_id"] in known]:  # deleted devices: drop
+            session.execute(insert(DeviceEvent), rows)
 
 
 def _apply_hello(session: Session, device_id: str, hello: Hello) -> None:

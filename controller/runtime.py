@@ -16,10 +16,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 
+from controller import delivery
 from controller.bridge import Bridge
 from controller.broker import BrokerPolicy, EmbeddedBroker
 from controller.db.engine import make_engine, session_factory, transaction, upgrade
 from controller.db.models import Device, utcnow
+from controller.fetch import FetchServer
 from controller.ingest import mark_stale_offline
 from controller.ingest_process import IngestProcess
 from controller.registry.blobs import BlobStore
@@ -29,7 +31,7 @@ from controller.registry.trust import TrustRepository
 from controller.security import ensure_admin_token, write_secret_file
 from controller.settings import MqttUrl, Settings
 from shared.envelope import Signer, public_key_to_text
-from shared.topics import Topics
+from shared.topics import Kind, Topics
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class Runtime:
         self.known: set[str] = set()
         self.broker: EmbeddedBroker | None = None
         self.bridge: Bridge | None = None
+        self.fetch: FetchServer | None = None
         self.ingestor = IngestProcess(settings.db_url, linger=settings.ingest_linger_s)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.jobs = JobRunner(session_factory=self.session_factory, blobs=self.blobs,
@@ -101,9 +104,16 @@ class Runtime:
                                password)
         self.jobs.start()
         self.ingestor.start()
-        self.bridge = Bridge(mqtt_url, self.topics, sink=self.ingestor.submit,
+        self.bridge = Bridge(mqtt_url, self.topics, sink=self._inbound,
                              is_known=self.known.__contains__)
+        bridge = self.bridge
+        self.fetch = FetchServer(self.trust, self.blobs, self.topics,
+                                 lambda topic, payload: bridge.publish(topic, payload, qos=1))
         self.bridge.start()
+        with self.session_factory() as session:  # an embedded broker forgot them
+            for device in delivery.published(session):
+                self.publish_desired(delivery.Assignment(
+                    device.id, delivery.envelope(device, self.signer)))
         silent_for = timedelta(seconds=max(3 * s.health_interval_s, 2 * s.keepalive_s))
         self.scheduler.add_job(self.sweep, "interval", seconds=max(1.0, s.keepalive_s / 4),
                                kwargs={"silent_for": silent_for}, id="sweep", coalesce=True,
@@ -114,11 +124,21 @@ class Runtime:
                                coalesce=True, max_instances=1)
         self.scheduler.start()
 
+    def _inbound(self, device_id: str, kind: str, payload: bytes, received_at: float) -> None:
+        """From the MQTT network thread: fetches to the fetch server, the rest to ingest."""
+        if kind == "fetch":
+            if self.fetch is not None:
+                self.fetch.submit(device_id, payload)
+            return
+        self.ingestor.submit(device_id, kind, payload, received_at)
+
     def stop(self) -> None:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if self.bridge is not None:
             self.bridge.stop()
+        if self.fetch is not None:
+            self.fetch.stop()
         self.jobs.stop()
         self.ingestor.stop()
         if self.broker is not None:
@@ -155,6 +175,13 @@ class Runtime:
         self.known.discard(device_id)
         if self.bridge is not None:
             self.bridge.forget(device_id)
+            self.bridge.publish(self.topics.device(device_id, Kind.DESIRED), b"", retain=True)
+
+    def publish_desired(self, assignment: delivery.Assignment) -> None:
+        """Publish a device's signed desired state, retained (after the commit)."""
+        if self.bridge is not None:
+            self.bridge.publish(self.topics.device(assignment.device_id, Kind.DESIRED),
+                                assignment.envelope, qos=1, retain=True)
 
     def mqtt_connected(self) -> bool:
         return self.bridge is not None and self.bridge.connected.is_set()

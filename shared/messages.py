@@ -26,6 +26,7 @@ MAX_SIZE: dict[Kind, int] = {
     Kind.REPORTED: 16 * 1024,
     Kind.EVENTS: 16 * 1024,
     Kind.DESIRED: 16 * 1024,
+    Kind.FETCH: 1024,
 }
 
 Name = Annotated[str, Field(max_length=128)]
@@ -101,6 +102,8 @@ class DesiredState(Message):
     generation: Count
     model: Name | None = None
     version: Name | None = None
+    variant: Name | None = None
+    target: Annotated[str, Field(max_length=512)] | None = None  # the TUF target to fetch
     issued_at: datetime
 
 

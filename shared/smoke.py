@@ -28,6 +28,10 @@ DEFAULT_TOLERANCE = {"onnx": 1e-3, "gguf": 0.25}
 DEFAULT_LATENCY_BUDGET_MS = {"onnx": 1000.0, "gguf": 30000.0}
 DEFAULT_PROMPTS = ["The quick brown fox", "Edge devices run models"]
 GENERATED_INPUTS = 8
+#: numpy dtypes of the ONNX input types smoke tests (and the local API) accept
+ONNX_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
+               "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32",
+               "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
 class SmokeTest(BaseModel):

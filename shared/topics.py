@@ -27,11 +27,14 @@ class Kind(StrEnum):
     REPORTED = "reported"  # device -> controller, retained: what the device runs
     EVENTS = "events"  # device -> controller: install progress
     DESIRED = "desired"  # controller -> device, retained and signed
+    FETCH = "fetch"  # device -> controller: a request for a chunk of metadata or a blob
+    DATA = "data"  # controller -> device: the chunk (``shared.fetch``)
 
 
 _KIND_BY_VALUE = {kind.value: kind for kind in Kind}
-DEVICE_PUBLISHES = frozenset({Kind.HELLO, Kind.PRESENCE, Kind.HEALTH, Kind.REPORTED, Kind.EVENTS})
-DEVICE_SUBSCRIBES = frozenset({Kind.DESIRED})
+DEVICE_PUBLISHES = frozenset({Kind.HELLO, Kind.PRESENCE, Kind.HEALTH, Kind.REPORTED, Kind.EVENTS,
+                              Kind.FETCH})
+DEVICE_SUBSCRIBES = frozenset({Kind.DESIRED, Kind.DATA})
 
 
 def validate_device_id(device_id: str) -> str:

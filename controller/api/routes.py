@@ -33,6 +33,9 @@ class DeviceOut(BaseModel):
     last_health: dict[str, Any] | None
     health_count: int
     enrolled_at: datetime
+    desired_generation: int
+    desired: dict[str, Any] | None
+    reported: dict[str, Any] | None
 
     @classmethod
     def of(cls, d: Device) -> "DeviceOut":
@@ -40,7 +43,9 @@ class DeviceOut(BaseModel):
                    last_seen_at=d.last_seen_at, labels=d.labels,
                    device_class=fleet.device_class(d.capabilities), agent_version=d.agent_version,
                    capabilities=d.capabilities, last_health=d.last_health,
-                   health_count=d.health_count, enrolled_at=d.enrolled_at)
+                   health_count=d.health_count, enrolled_at=d.enrolled_at,
+                   desired_generation=d.desired_generation, desired=d.desired,
+                   reported=d.reported)
 
 
 @api.get("/devices", response_model=list[DeviceOut])
@@ -52,7 +57,7 @@ def list_devices(session: Db, _who: Viewer,
                                                           offset=offset)]
 
 
-def _device(session: Db, device_id: str) -> Device:
+def device_or_404(session: Db, device_id: str) -> Device:
     device = session.get(Device, device_id)
     if device is None:
         raise ApiError(404, "device_not_found", f"no device {device_id!r}")
@@ -61,17 +66,17 @@ def _device(session: Db, device_id: str) -> Device:
 
 @api.get("/devices/{device_id}", response_model=DeviceOut)
 def get_device(device_id: str, session: Db, _who: Viewer) -> DeviceOut:
-    return DeviceOut.of(_device(session, device_id))
+    return DeviceOut.of(device_or_404(session, device_id))
 
 
 @api.delete("/devices/{device_id}", status_code=204)
 def delete_device(device_id: str, session: Db, rt: Rt, who: Operator) -> Response:
-    device = _device(session, device_id)
+    device = device_or_404(session, device_id)
     session.delete(device)
     audit.record(session, actor=who.name, action="device.delete", target=device_id,
                  remote=who.remote, now=rt.clock())
     session.commit()
-    rt.forget_device(device_id)
+    rt.forget_device(device_id)  # also clears its retained desired state
     return Response(status_code=204)
 
 
@@ -138,6 +143,7 @@ class EnrollOut(BaseModel):
     keepalive_s: int
     health_interval_s: float
     desired_state_key: str
+    tuf_root: str
 
 
 @api.post("/enroll", status_code=201, response_model=EnrollOut)
@@ -158,7 +164,8 @@ def enroll(body: EnrollIn, request: Request, session: Db, rt: Rt) -> EnrollOut:
     return EnrollOut(device_id=device.id, mqtt_url=s.device_mqtt_url, mqtt_username=device.id,
                      mqtt_password=done.mqtt_secret, topic_root=s.topic_root,
                      keepalive_s=s.keepalive_s, health_interval_s=s.health_interval_s,
-                     desired_state_key=rt.desired_key_text)
+                     desired_state_key=rt.desired_key_text,
+                     tuf_root=rt.trust.trusted_root().decode())
 
 
 @probes.get("/healthz")

@@ -97,6 +97,24 @@ class Device(Base):
     capabilities: Mapped[dict[str, Any] | None]
     last_health: Mapped[dict[str, Any] | None]
     health_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: the generation of the last desired state published (0: never)
+    desired_generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    desired: Mapped[dict[str, Any] | None]  # model, version, variant, target, sha256, size
+    reported: Mapped[dict[str, Any] | None]  # the device's last ReportedState
+
+
+class DeviceEvent(Base):
+    """One step of an install (or anything else) a device reported."""
+
+    __tablename__ = "device_events"
+    __table_args__ = (Index("ix_device_events_device_id", "device_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(128))
+    generation: Mapped[int] = mapped_column(BigInteger)
+    detail: Mapped[str] = mapped_column(Text)
 
 
 class HealthBatch(Base):

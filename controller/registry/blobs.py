@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.files import fsync_dir
+
 _TMP = ".tmp"
 
 
@@ -59,7 +61,7 @@ class BlobWriter:
         final.parent.mkdir(exist_ok=True)
         existed = final.exists()
         os.replace(self._tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return Blob(sha, self.size, final, created=not existed)
 
     def abort(self) -> None:
@@ -131,11 +133,3 @@ class BlobStore:
             if stray.stat().st_mtime < cutoff:
                 stray.unlink(missing_ok=True)
         return gone
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

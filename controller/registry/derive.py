@@ -98,7 +98,7 @@ def _generated_feeds(session: Any) -> list[dict[str, Any]]:
         feed = {}
         for arg in session.get_inputs():
             shape = [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
-            dtype = _DTYPES.get(arg.type)
+            dtype = smoke.ONNX_DTYPES.get(arg.type)
             if dtype is None:
                 raise DeriveError(f"cannot generate smoke inputs for {arg.name} of type "
                                   f"{arg.type}; give them with --smoke-test")
@@ -109,9 +109,6 @@ def _generated_feeds(session: Any) -> list[dict[str, Any]]:
     return feeds
 
 
-_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
-           "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32",
-           "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
 def _feed(session: Any, given: dict[str, Any], n: int) -> dict[str, Any]:
@@ -125,7 +122,7 @@ def _feed(session: Any, given: dict[str, Any], n: int) -> dict[str, Any]:
     for name, values in given.items():
         arg = wanted[name]
         try:
-            array = np.asarray(values, dtype=_DTYPES.get(arg.type, "float32"))
+            array = np.asarray(values, dtype=smoke.ONNX_DTYPES.get(arg.type, "float32"))
         except (TypeError, ValueError) as exc:
             raise DeriveError(f"smoke-test input {n}, {name}: {exc}") from None
         fixed = list(arg.shape)

@@ -1,0 +1,192 @@
+"""Model runtimes in a worker process: onnxruntime or llama.cpp, one model at a time.
+
+The agent never loads a model in its own process: llama.cpp aborts the process on some
+bad input and a runtime can exhaust memory. ``ModelWorker`` starts a spawned child that
+loads the model and answers requests over a pipe; a child that dies is reported as an
+error (``RuntimeCrashed``) and started again on the next request. This module checks
+ONNX inputs against the model (names, dtypes, shapes) so a bad request gets a clear
+message; it does not verify files (the installer does, before anything is loaded).
+"""
+
+import logging
+import multiprocessing as mp
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from shared import smoke
+
+log = logging.getLogger(__name__)
+
+
+
+class RuntimeCrashed(Exception):
+    """The worker process died while answering; it is restarted on the next request."""
+
+
+class BadRequest(Exception):
+    """The request does not fit the model; the message says why."""
+
+
+def _serve(conn: Connection, path: str, fmt: str) -> None:
+    """The worker process: load the model, then answer requests until the pipe closes."""
+    try:
+        model: Any = _OnnxModel(path) if fmt == "onnx" else _LlamaModel(path)
+    except Exception as exc:  # noqa: BLE001 - report any load failure to the parent
+        conn.send({"error": f"cannot load the model: {exc}"})
+        return
+    conn.send({"ready": model.describe()})
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send({"ok": getattr(model, request["op"])(**request["args"])})
+        except BadRequest as exc:
+            conn.send({"bad_request": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - the runtime's own errors
+            conn.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+class _OnnxModel:
+    def __init__(self, path: str) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(path, providers=ort.get_available_providers())
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def describe(self) -> dict[str, Any]:
+        return {"inputs": {n: {"type": i.type, "shape": list(i.shape)}
+                           for n, i in self.inputs.items()}, "outputs": self.outputs,
+                "providers": self.session.get_providers()}
+
+    def infer(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        if set(inputs) != set(self.inputs):
+            raise BadRequest(f"inputs are {sorted(inputs)}; the model takes {sorted(self.inputs)}")
+        feed = {}
+        for name, values in inputs.items():
+            arg = self.inputs[name]
+            dtype = smoke.ONNX_DTYPES.get(arg.type)
+            if dtype is None:
+                raise BadRequest(f"{name}: inputs of type {arg.type} are not supported")
+            try:
+                array = np.asarray(values, dtype=dtype)
+            except (TypeError, ValueError) as exc:
+                raise BadRequest(f"{name}: not {dtype} values: {exc}") from None
+            want = list(arg.shape)
+            if array.ndim != len(want) or any(isinstance(d, int) and d > 0 and d != got
+                                              for d, got in zip(want, array.shape, strict=True)):
+                raise BadRequest(f"{name}: shape {list(array.shape)} does not fit {want}")
+            feed[name] = array
+        values = self.session.run(self.outputs, feed)
+        return {name: v.tolist() for name, v in zip(self.outputs, values, strict=True)}
+
+
+class _LlamaModel:
+    def __init__(self, path: str) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=path, n_ctx=512, n_threads=2, seed=0, verbose=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"context": self.llm.n_ctx()}
+
+    def generate(self, prompt: str, max_tokens: int) -> list[int]:
+        """Greedy token ids (what smoke tests compare)."""
+        self.llm.reset()
+        ids: list[int] = []
+        for token in self.llm.generate(self.llm.tokenize(prompt.encode()), top_k=1, temp=0.0):
+            if token == self.llm.token_eos() or len(ids) >= max_tokens:
+                break
+            ids.append(int(token))
+        return ids
+
+    def complete(self, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
+        out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature)
+        return dict(out)
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int,
+             temperature: float) -> dict[str, Any]:
+        out = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens,
+                                              temperature=temperature)
+        return dict(out)
+
+
+class ModelWorker:
+    """The parent's handle on one model's worker process (thread-safe, one call at a time)."""
+
+    def __init__(self, path: Path, fmt: str, *, load_timeout: float = 120.0) -> None:
+        self.path, self.format = path, fmt
+        self._load_timeout = load_timeout
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
+        self._process: mp.process.BaseProcess | None = None
+        self.description: dict[str, Any] = {}
+        self.crashes = 0
+
+    def start(self) -> None:
+        """Start the worker and wait until the model is loaded; raise if it cannot be."""
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_serve, args=(child, str(self.path), self.format),
+                              name="edgefleet-model", daemon=True)
+        process.start()
+        child.close()
+        if not parent.poll(self._load_timeout):
+            process.kill()
+            raise RuntimeCrashed(f"the model did not load within {self._load_timeout:.0f} s")
+        try:
+            hello = parent.recv()
+        except EOFError:
+            process.join(5)
+            raise RuntimeCrashed(f"the runtime died loading the model "
+                                 f"(exit code {process.exitcode})") from None
+        if "error" in hello:
+            process.join(5)
+            raise RuntimeCrashed(hello["error"])
+        self._conn, self._process, self.description = parent, process, hello["ready"]
+
+    def call(self, op: str, **args: Any) -> Any:
+        """Run ``op`` in the worker; BadRequest for bad input, RuntimeCrashed if it died."""
+        with self._lock:
+            if self._conn is None or self._process is None or not self._process.is_alive():
+                self._start()
+            assert self._conn is not None  # noqa: S101 - set by _start
+            try:
+                self._conn.send({"op": op, "args": args})
+                answer = self._conn.recv()
+            except (EOFError, OSError, BrokenPipeError):
+                self.crashes += 1
+                code = self._process.exitcode if self._process else None
+                self._conn = None
+                log.warning("the model runtime died (exit code %s); it restarts on the next "
+                            "request", code)
+                raise RuntimeCrashed(f"the model runtime died (exit code {code})") from None
+        if "bad_request" in answer:
+            raise BadRequest(answer["bad_request"])
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer["ok"]
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+            if self._process is not None:
+                self._process.join(5)
+                if self._process.is_alive():
+                    self._process.kill()
+            self._conn = self._process = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None

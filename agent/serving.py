@@ -1,0 +1,206 @@
+"""The active model: its runtime worker, the local inference API, and what they measure.
+
+``Serving`` owns the ``ModelWorker`` of the model ``current`` points at and swaps it
+when the installer activates another. Every inference (API or smoke test) is counted;
+the health report carries the count, errors and latency p50/p95 of a rolling window.
+``LocalApi`` is a small HTTP server bound to 127.0.0.1 (stdlib: the agent stays light):
+
+    GET  /v1/models                         what is loaded
+    POST /v1/models/{name}/infer            ONNX: {"inputs": {name: nested list}}
+    POST /v1/completions                    GGUF, OpenAI-compatible
+    POST /v1/chat/completions               GGUF, OpenAI-compatible
+"""
+
+import json
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from agent.runtime import BadRequest, ModelWorker, RuntimeCrashed
+from agent.update.installer import run_smoke_test
+from shared import smoke
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 16 * 1024 * 1024
+_INFER = re.compile(r"^/v1/models/([^/]+)/infer$")
+
+
+class Serving:
+    """The loaded model and its counters (thread-safe)."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.worker: ModelWorker | None = None
+        self.meta: dict[str, Any] = {}
+        self.count = 0
+        self.errors = 0
+        self._latencies: deque[float] = deque(maxlen=1000)
+
+    def activate(self, model_dir: Path | None) -> None:
+        """Load the model in ``model_dir`` (None: serve nothing); raise if it cannot load."""
+        new = meta = None
+        if model_dir is not None:
+            meta = json.loads((model_dir / "meta.json").read_text())
+            new = ModelWorker(next(model_dir.glob("model.*")), meta.get("format", "onnx"))
+            new.start()
+        with self._lock:
+            old, self.worker, self.meta = self.worker, new, meta or {}
+        if old is not None:
+            old.stop()
+
+    def call(self, op: str, **args: Any) -> Any:
+        worker = self.worker
+        if worker is None:
+            raise LookupError("no model is active")
+        started = self._clock()
+        try:
+            out = worker.call(op, **args)
+        except BadRequest:
+            raise
+        except Exception:
+            with self._lock:
+                self.count += 1
+                self.errors += 1
+            raise
+        with self._lock:
+            self.count += 1
+            self._latencies.append((self._clock() - started) * 1000)
+        return out
+
+    def smoke_test(self, model_dir: Path) -> str | None:
+        meta = json.loads((model_dir / "meta.json").read_text())
+        encoded = meta.get("smoke_test")
+        if not encoded:
+            return None  # a version pushed without one has nothing to check
+        try:
+            return run_smoke_test(self.call, meta.get("format", "onnx"), smoke.decode(encoded),
+                                  self._clock)
+        except (BadRequest, RuntimeCrashed, RuntimeError, ValueError) as exc:
+            return f"the smoke test could not run: {exc}"
+
+    def probation(self, seconds: float, stop: threading.Event) -> str | None:
+        """Watch the live model for ``seconds``: a crash or an error rate over a half fails."""
+        start_count, start_errors = self.count, self.errors
+        crashes = self.worker.crashes if self.worker else 0
+        stop.wait(seconds)
+        worker = self.worker
+        if worker is not None and worker.crashes > crashes:
+            return "the runtime crashed during probation"
+        calls, errors = self.count - start_count, self.errors - start_errors
+        if calls and errors / calls > 0.5:
+            return f"{errors} of {calls} requests failed during probation"
+        return None
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            ordered = sorted(self._latencies)
+        pick = (lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)) \
+            if ordered else (lambda q: None)
+        meta = self.meta
+        return {"inference_count": self.count, "error_count": self.errors,
+                "latency_p50_ms": pick(0.5), "latency_p95_ms": pick(0.95),
+                "active_model": f"{meta['model']}@{meta['version']}" if meta else None}
+
+
+class LocalApi:
+    """The local inference API on ``host:port`` (127.0.0.1 unless configured)."""
+
+    def __init__(self, serving: Serving, host: str, port: int) -> None:
+        handler = type("Handler", (_Handler,), {"serving": serving})
+        self.server = ThreadingHTTPServer((host, port), handler)
+        self.server.daemon_threads = True
+        self._thread = threading.Thread(target=self.server.serve_forever, name="local-api",
+                                        daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    serving: Serving
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug(format, *args)
+
+    def do_GET(self) -> None:
+        if self.path != "/v1/models":
+            return self._send(404, {"error": f"no route {self.path}"})
+        meta = self.serving.meta
+        models = [] if not meta else [{
+            "id": meta["model"], "object": "model", "version": meta["version"],
+            "variant": meta["variant"], "format": meta["format"],
+            "quantization": meta["quantization"]}]
+        return self._send(200, {"object": "list", "data": models})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            return self._send(413, {"error": f"request body over {MAX_BODY} bytes"})
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError as exc:
+            return self._send(400, {"error": f"invalid JSON: {exc}"})
+        if not isinstance(body, dict):
+            return self._send(400, {"error": "the body must be a JSON object"})
+        try:
+            status, out = self._route(body)
+        except BadRequest as exc:
+            status, out = 400, {"error": str(exc)}
+        except LookupError as exc:
+            status, out = 404, {"error": str(exc)}
+        except (RuntimeCrashed, RuntimeError) as exc:
+            status, out = 500, {"error": str(exc)}
+        return self._send(status, out)
+
+    def _route(self, body: dict[str, Any]) -> tuple[int, Any]:
+        meta = self.serving.meta
+        match = _INFER.match(self.path)
+        if match:
+            if not meta or match.group(1) != meta["model"]:
+                raise LookupError(f"model {match.group(1)!r} is not loaded")
+            if meta["format"] != "onnx":
+                raise BadRequest("this is a GGUF model: use /v1/completions")
+            inputs = body.get("inputs")
+            if not isinstance(inputs, dict):
+                raise BadRequest('the body must be {"inputs": {name: values}}')
+            return 200, {"model": meta["model"], "version": meta["version"],
+                         "outputs": self.serving.call("infer", inputs=inputs)}
+        if self.path in ("/v1/completions", "/v1/chat/completions"):
+            if not meta or meta["format"] != "gguf":
+                raise LookupError("no GGUF model is loaded")
+            args = {"max_tokens": int(body.get("max_tokens", 16)),
+                    "temperature": float(body.get("temperature", 0.0))}
+            if self.path == "/v1/completions":
+                if not isinstance(body.get("prompt"), str):
+                    raise BadRequest('the body must have a "prompt" string')
+                return 200, self.serving.call("complete", prompt=body["prompt"], **args)
+            if not isinstance(body.get("messages"), list):
+                raise BadRequest('the body must have a "messages" list')
+            return 200, self.serving.call("chat", messages=body["messages"], **args)
+        raise LookupError(f"no route {self.path}")
+
+    def _send(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status, HTTPStatus(status).phrase)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)

@@ -1,0 +1,326 @@
+"""Drives the install state machine: download (TUF over MQTT), verify, stage, activate,
+smoke test, probation, commit; or roll back to the previous model.
+
+On disk, under the agent's state dir::
+
+    install.json            the install in progress or last finished (atomic writes)
+    models/<sha256>/        a staged, verified model: model.<onnx|gguf> + meta.json
+    current -> models/<sha> the active model (a symlink, swapped atomically)
+    tuf/metadata, tuf/download
+
+The state is written *before* every step that changes something, so an agent killed
+anywhere resumes per ``machine.RESUME`` and only ever serves a staged model whose hash
+was checked against signed metadata. Steps before activation never touch ``current``,
+so a failure there leaves the previous model serving.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from tuf.api import exceptions as tuf_errors
+
+from agent.update.machine import RESUME, TERMINAL, Event, State, next_state
+from shared import smoke
+from shared.files import fsync_dir, write_atomic
+from shared.messages import DesiredState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Install:
+    """What ``install.json`` holds."""
+
+    generation: int = 0
+    state: State = State.IDLE
+    model: str | None = None
+    version: str | None = None
+    variant: str | None = None
+    target: str | None = None
+    sha256: str | None = None
+    previous: str | None = None  # the sha256 that was active before this install
+    reason: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class InstallFailed(Exception):
+    """A step failed; ``reason`` is a stable code for the controller, ``str`` the detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class Reporter(Protocol):
+    def event(self, kind: str, generation: int, detail: str) -> None: ...
+    def reported(self, install: Install) -> None: ...
+
+
+class Serving(Protocol):
+    def activate(self, model_dir: Path | None) -> None: ...
+    def smoke_test(self, model_dir: Path) -> str | None: ...
+    def probation(self, seconds: float, stop: threading.Event) -> str | None: ...
+
+
+class Installer:
+    """Runs installs on its own thread, one at a time; newer desired states win."""
+
+    def __init__(self, state_dir: Path, *, updater: Callable[[], Any], reporter: Reporter,
+                 serving: Serving, probation_s: float = 5.0,
+                 disk_free: Callable[[Path], int] | None = None) -> None:
+        self.dir = state_dir
+        self.models = state_dir / "models"
+        self.current = state_dir / "current"
+        self._updater, self._reporter, self._serving = updater, reporter, serving
+        self._probation_s = probation_s
+        self._disk_free = disk_free or (lambda p: shutil.disk_usage(p).free)
+        self._wanted: DesiredState | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="installer", daemon=True)
+        self.install = self._load()
+
+    # -- the outside ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.models.mkdir(parents=True, exist_ok=True)
+        self._serving.activate(self.active_dir())
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def want(self, desired: DesiredState) -> None:
+        """A verified desired state (from the MQTT thread): install it unless it is done."""
+        if desired.generation <= self.install.generation and self.install.state in TERMINAL:
+            return
+        self._wanted = desired
+        self._wake.set()
+
+    def active_dir(self) -> Path | None:
+        return self.current.resolve() if self.current.is_symlink() else None
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        if self.install.state not in TERMINAL:
+            log.info("resuming the install of generation %d from %s", self.install.generation,
+                     self.install.state)
+            self._run(replace(self.install, state=RESUME[self.install.state]))
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            desired, self._wanted = self._wanted, None
+            if desired is not None and not self._stop.is_set():
+                self._run(self._begin(desired))
+
+    def _begin(self, d: DesiredState) -> Install:
+        return Install(generation=d.generation, state=next_state(State.IDLE, Event.START),
+                       model=d.model, version=d.version, variant=d.variant, target=d.target,
+                       previous=self._active_sha())
+
+    def _run(self, install: Install) -> None:
+        steps: dict[State, Callable[[Install], Install]] = {
+            State.DOWNLOADING: self._download, State.ACTIVATING: self._activate,
+            State.SMOKE_TEST: self._smoke_test, State.PROBATION: self._probation,
+        }
+        if install.target is None:  # "run no model"
+            self._save(install)
+            self._swap(None)
+            self._serving.activate(None)
+            self._finish(replace(install, state=State.COMMITTED))
+            return
+        self._save(install)
+        self._reporter.event(install.state.value, install.generation, install.target)
+        while install.state not in TERMINAL:
+            if self._wanted is not None and self._wanted.generation > install.generation:
+                log.info("generation %d supersedes %d", self._wanted.generation,
+                         install.generation)
+                if install.state in (State.SMOKE_TEST, State.PROBATION):
+                    install = self._rollback(install, "superseded")
+                return
+            try:
+                install = steps[install.state](install)
+            except InstallFailed as exc:
+                if install.state in (State.SMOKE_TEST, State.PROBATION):
+                    install = self._rollback(install, f"{exc.reason}: {exc}")
+                else:
+                    install = replace(install, state=next_state(install.state, Event.FAILED),
+                                      reason=f"{exc.reason}: {exc}")
+                    self._discard_partial(install)
+            self._save(install)
+        self._finish(install)
+
+    # -- steps --------------------------------------------------------------------------
+
+    def _download(self, install: Install) -> Install:
+        """Refresh TUF metadata, download the target (verified by the Updater), re-hash
+        it, and stage it under models/<sha256>: downloading -> verifying -> staging."""
+        assert install.target is not None  # noqa: S101 - checked by _run
+        try:
+            updater = self._updater()
+            updater.refresh()
+            info = updater.get_targetinfo(install.target)
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
+            raise InstallFailed("metadata_refused", f"{type(exc).__name__}: {exc}") from None
+        if info is None:
+            raise InstallFailed("not_signed", f"{install.target} is not a signed target")
+        sha = info.hashes["sha256"]
+        install = replace(install, sha256=sha, detail={"size": info.length,
+                                                       "custom": info.custom})
+        self._save(install)
+        staged = self.models / sha
+        if not (staged / "meta.json").exists():
+            needed = 2 * info.length
+            free = self._disk_free(self.dir)
+            if free < needed:
+                raise InstallFailed("insufficient_disk", f"needs {needed} bytes free for "
+                                    f"{install.target}, has {free}")
+            try:
+                path = Path(updater.download_target(info))
+            except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
+                raise InstallFailed("download_refused", f"{type(exc).__name__}: {exc}") from None
+            except OSError as exc:
+                reason = "insufficient_disk" if exc.errno == 28 else "io_error"
+                raise InstallFailed(reason, str(exc)) from None
+            install = self._step(install, Event.DOWNLOADED)
+            if _sha256(path) != sha:
+                path.unlink(missing_ok=True)
+                raise InstallFailed("hash_mismatch", f"{install.target} changed on disk")
+            install = self._step(install, Event.VERIFIED)
+            self._stage(path, staged, info.custom)
+        else:
+            install = self._step(self._step(install, Event.DOWNLOADED), Event.VERIFIED)
+        return self._step(install, Event.STAGED)
+
+    def _stage(self, path: Path, staged: Path, custom: dict[str, Any]) -> None:
+        work = staged.with_name(staged.name + ".tmp")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        os.replace(path, work / f"model.{custom.get('format', 'onnx')}")
+        write_atomic(work / "meta.json", json.dumps(custom).encode())
+        fsync_dir(work)
+        os.replace(work, staged)
+        fsync_dir(self.models)
+
+    def _activate(self, install: Install) -> Install:
+        assert install.sha256 is not None  # noqa: S101 - set while downloading
+        staged = self.models / install.sha256
+        model = _model_file(staged)
+        if model is None or _sha256(model) != install.sha256:
+            raise InstallFailed("staged_corrupt", f"the staged copy of {install.target} "
+                                "is missing or damaged")
+        self._swap(staged)
+        try:
+            self._serving.activate(staged)
+        except Exception as exc:  # noqa: BLE001 - any runtime failure to load
+            self._swap(self.models / install.previous if install.previous else None)
+            self._serving.activate(self.active_dir())
+            raise InstallFailed("load_failed", str(exc)) from None
+        return self._step(install, Event.ACTIVATED)
+
+    def _smoke_test(self, install: Install) -> Install:
+        assert install.sha256 is not None  # noqa: S101 - set while downloading
+        why = self._serving.smoke_test(self.models / install.sha256)
+        if why is not None:
+            raise InstallFailed("smoke_test_failed", why)
+        return self._step(install, Event.PASSED)
+
+    def _probation(self, install: Install) -> Install:
+        why = self._serving.probation(self._probation_s, self._stop)
+        if why is not None:
+            raise InstallFailed("regression", why)
+        return self._step(install, Event.PASSED)
+
+    def _rollback(self, install: Install, reason: str) -> Install:
+        previous = self.models / install.previous if install.previous else None
+        self._swap(previous)
+        self._serving.activate(previous)
+        log.warning("rolled back generation %d: %s", install.generation, reason)
+        return replace(install, state=State.ROLLED_BACK, reason=reason)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _step(self, install: Install, event: Event) -> Install:
+        install = replace(install, state=next_state(install.state, event))
+        self._save(install)
+        if install.state not in TERMINAL:
+            self._reporter.event(install.state.value, install.generation, install.target or "")
+        return install
+
+    def _finish(self, install: Install) -> None:
+        self._save(install)
+        self._reporter.event(install.state.value, install.generation, install.reason)
+        self._reporter.reported(install)
+
+    def _swap(self, target: Path | None) -> None:
+        """Point ``current`` at ``target`` (None: no model) in one rename."""
+        if target is None:
+            self.current.unlink(missing_ok=True)
+        else:
+            link = self.dir / "current.new"
+            link.unlink(missing_ok=True)
+            link.symlink_to(target.relative_to(self.dir))
+            os.replace(link, self.current)
+        fsync_dir(self.dir)
+
+    def _active_sha(self) -> str | None:
+        active = self.active_dir()
+        return active.name if active is not None else None
+
+    def _discard_partial(self, install: Install) -> None:
+        shutil.rmtree(self.dir / "tuf" / "download", ignore_errors=True)
+        for work in self.models.glob("*.tmp"):
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _load(self) -> Install:
+        path = self.dir / "install.json"
+        if not path.exists():
+            return Install()
+        raw = json.loads(path.read_text())
+        return Install(**{**raw, "state": State(raw["state"])})
+
+    def _save(self, install: Install) -> None:
+        self.install = install
+        write_atomic(self.dir / "install.json", json.dumps(asdict(install)).encode())
+
+
+def run_smoke_test(call: Callable[..., Any], fmt: str, test: dict[str, Any],
+                   clock: Callable[[], float]) -> str | None:
+    """Run a completed smoke test through ``call`` (a ModelWorker's); None if it passes."""
+    tolerance, budget = float(test["tolerance"]), float(test["latency_budget_ms"])
+    for n, (given, expected) in enumerate(zip(test["inputs"], test["expected"], strict=True)):
+        started = clock()
+        if fmt == "gguf":
+            got = call("generate", prompt=given, max_tokens=int(test.get("max_tokens", 16)))
+        else:
+            got = call("infer", inputs=given)
+        took_ms = (clock() - started) * 1000
+        off = smoke.distance(fmt, got, expected)
+        if off > tolerance:
+            return f"input {n}: off by {off:.3g}, tolerance {tolerance:g}"
+        if took_ms > budget:
+            return f"input {n}: took {took_ms:.0f} ms, budget {budget:g} ms"
+    return None
+
+
+def _model_file(staged: Path) -> Path | None:
+    return next((p for p in staged.glob("model.*")), None)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

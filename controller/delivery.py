@@ -1,0 +1,86 @@
+"""Desired state: which model each device should run, signed for that device.
+
+``assign`` records a device's new desired state (a new generation, the variant the
+registry's choice picks for the device's capabilities) and returns the signed
+envelope to publish, retained, on the device's ``desired`` topic. The caller publishes
+it after the transaction commits; ``envelope`` rebuilds the same bytes from the row,
+so a controller (or an embedded broker) that restarted publishes them again. Functions
+over a session; they never commit and never touch MQTT.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller.db.models import Device, ModelVersion
+from controller.registry import service
+from controller.registry.choice import VariantSpec, choose_variant
+from shared.envelope import Signer, seal_desired
+from shared.messages import Capabilities, DesiredState
+
+
+class DeliveryError(Exception):
+    """A desired state that cannot be set; ``status`` and ``code`` go to the API."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+@dataclass(frozen=True)
+class Assignment:
+    device_id: str
+    envelope: bytes
+
+
+def assign(session: Session, device: Device, version: ModelVersion | None, *, now: datetime,
+           signer: Signer) -> Assignment:
+    """Make ``version`` (None: no model) the device's desired state, as a new generation."""
+    desired: dict[str, Any] = {"issued_at": now.isoformat()}
+    if version is not None:
+        desired |= _pick(session, device, version)
+    device.desired_generation += 1
+    device.desired = desired
+    session.flush()
+    return Assignment(device.id, envelope(device, signer))
+
+
+def envelope(device: Device, signer: Signer) -> bytes:
+    """The signed desired state of ``device`` as stored (same row, same bytes)."""
+    d = device.desired or {}
+    return seal_desired(signer, DesiredState(
+        device_id=device.id, generation=device.desired_generation, model=d.get("model"),
+        version=d.get("version"), variant=d.get("variant"), target=d.get("target"),
+        issued_at=datetime.fromisoformat(d["issued_at"])))
+
+
+def published(session: Session) -> list[Device]:
+    """Devices that have a desired state (to publish again after a restart)."""
+    return list(session.scalars(select(Device).where(Device.desired_generation > 0)))
+
+
+def _pick(session: Session, device: Device, version: ModelVersion) -> dict[str, Any]:
+    ref = f"{version.model_name}@{version.version}"
+    view = service.describe(session, version, signed=())
+    if view.status != "ready":
+        raise DeliveryError(409, "version_not_ready",
+                            f"{ref} is {view.status}: {(view.job or {}).get('message', '')}")
+    if device.capabilities is None:
+        raise DeliveryError(409, "capabilities_unknown",
+                            f"{device.id} has not reported its capabilities yet (it has never "
+                            "connected); pin it once it is online")
+    variants = service.variants_of(session, version)
+    choice = choose_variant(
+        [VariantSpec(v.name, v.format, v.quantization, v.size, v.ram_estimate_bytes,
+                     v.requirements) for v in variants],
+        Capabilities.model_validate(device.capabilities))
+    if choice.variant is None:
+        why = "; ".join(f"{name}: {reason}" for name, reason in choice.reasons.items())
+        raise DeliveryError(409, "no_fitting_variant", f"no variant of {ref} fits {device.id}: "
+                            f"{why}")
+    chosen = next(v for v in variants if v.name == choice.variant.name)
+    return {"model": version.model_name, "version": version.version, "variant": chosen.name,
+            "target": chosen.target_path, "sha256": chosen.sha256, "size": chosen.size}

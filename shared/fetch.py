@@ -1,0 +1,65 @@
+"""Fetching TUF metadata and model blobs over MQTT: one chunk per request.
+
+A device publishes a ``FetchRequest`` on its own ``fetch`` topic; the controller answers
+on the device's own ``data`` topic with a response: one line of JSON header, a newline,
+then the chunk's bytes. Paths are what ``tuf.ngclient`` asks for under its two base
+URLs: ``meta/<N.root.json|N.targets.json|N.snapshot.json|timestamp.json>`` and
+``targets/<dirs>/<sha256>.<name>`` (consistent snapshots: a blob is named by its hash).
+
+Every request has a size cap (``MAX_CHUNK``); a download is a sequence of requests by
+offset, so a transfer cut by a disconnect resumes where it stopped. Nothing here
+verifies content: the Updater does, with the hashes in signed metadata.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from shared.errors import MalformedMessage
+from shared.messages import Count, Message, Name, decode
+
+DEFAULT_CHUNK = 256 * 1024
+MAX_CHUNK = 1024 * 1024
+MAX_REQUEST = 1024
+_MAX_HEADER = 1024
+
+Path = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^(meta|targets)/[^\x00]+$")]
+
+
+class FetchRequest(Message):
+    id: Name  # the requester's own id, echoed in the response
+    path: Path
+    offset: Count = 0
+    length: Annotated[int, Field(ge=1, le=MAX_CHUNK)] = DEFAULT_CHUNK
+
+
+class FetchResponse(Message):
+    id: Name
+    status: Literal["ok", "not_found", "bad_request"]
+    offset: Count = 0
+    total: Count = 0  # the whole file's size
+    error: Annotated[str, Field(max_length=512)] = ""
+
+
+def encode_request(request: FetchRequest) -> bytes:
+    return request.model_dump_json().encode()
+
+
+def decode_request(payload: bytes) -> FetchRequest:
+    return decode(FetchRequest, payload, limit=MAX_REQUEST)
+
+
+def encode_response(response: FetchResponse, data: bytes = b"") -> bytes:
+    return response.model_dump_json().encode() + b"\n" + data
+
+
+def decode_response(payload: bytes) -> tuple[FetchResponse, bytes]:
+    """Split and validate a response; raise a ``ProtocolError`` on anything else."""
+    end = payload.find(b"\n", 0, _MAX_HEADER)
+    if end < 0:
+        raise MalformedMessage("fetch response has no header line")
+    response = decode(FetchResponse, payload[:end], limit=_MAX_HEADER)
+    data = payload[end + 1:]
+    if len(data) > MAX_CHUNK:
+        raise MalformedMessage(f"fetch response chunk is larger than {MAX_CHUNK} bytes")
+    return response, data

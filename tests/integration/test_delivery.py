@@ -1,0 +1,95 @@
+"""A real agent pinned to a model: fetched over MQTT, verified, activated, served."""
+
+import json
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from tests.conftest import cli, free_port, wait_for
+from tests.models import tiny_onnx
+
+
+def enrolled_agent(controller, spawn, tmp_path: Path, name: str = "box-1"):
+    """Enrol and start an agent; returns (device id, local API URL, process)."""
+    port = free_port()
+    config, state = tmp_path / f"{name}.toml", tmp_path / name
+    done = subprocess.run(
+        cli("agent", "enroll", "--controller", controller.url, "--token",
+            controller.enroll_token(), "--config", str(config), "--state-dir", str(state),
+            "--name", name, "--inference-listen", f"127.0.0.1:{port}"),
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    agent = spawn("agent", "run", "--config", str(config), log_name=name)
+    device = wait_for(lambda: next((d for d in controller.devices() if d["name"] == name
+                                    and d["status"] == "online" and d["capabilities"]), None),
+                      60, f"{name} online")
+    return device["id"], f"http://127.0.0.1:{port}", agent
+
+
+def push(controller, tmp_path: Path, name: str, version: str, data: bytes, filename: str):
+    path = tmp_path / filename
+    path.write_bytes(data)
+    api = controller.admin
+    upload = api.upload("/uploads", path, params={"filename": filename})
+    api.call("POST", f"/models/{name}/versions/{version}", {"upload": upload["sha256"]})
+    return wait_for(lambda: (v := api.call("GET", f"/models/{name}/versions/{version}"))
+                    ["status"] != "processing" and v, 120, f"{name}@{version} built")
+
+
+def http(method: str, url: str, body: object | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,  # noqa: S310
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def reported(controller, device_id: str, generation: int) -> dict | None:
+    device = controller.admin.call("GET", f"/devices/{device_id}")
+    r = device.get("reported")
+    return r if r and r["generation"] == generation and r["state"] in (
+        "committed", "rolled_back", "failed") else None
+
+
+def test_a_pinned_agent_fetches_verifies_activates_and_serves_the_model(
+        start_controller, spawn, tmp_path) -> None:
+    controller = start_controller()
+    version = push(controller, tmp_path, "mlp", "1.0.0", tiny_onnx(), "mlp.onnx")
+    device_id, local, _agent = enrolled_agent(controller, spawn, tmp_path)
+
+    pinned = controller.admin.call("PUT", f"/devices/{device_id}/pin", {"model": "mlp@1.0.0"})
+    assert pinned["desired"]["variant"] == "source"  # fp32 ranks first where it fits
+    done = wait_for(lambda: reported(controller, device_id, pinned["desired_generation"]), 90,
+                    "the install to finish")
+    assert done["state"] == "committed", done
+    assert (done["model"], done["version"], done["variant"]) == ("mlp", "1.0.0", "source")
+    kinds = [e["kind"] for e in controller.admin.call("GET", f"/devices/{device_id}/events")]
+    assert kinds[:7] == ["downloading", "verifying", "staging", "activating", "smoke_test",
+                         "probation", "committed"]
+
+    status, models = http("GET", f"{local}/v1/models")
+    assert status == 200
+    assert [m["id"] for m in models["data"]] == ["mlp"]
+    x = np.random.default_rng(1).standard_normal((1, 128)).astype(np.float32)
+    status, out = http("POST", f"{local}/v1/models/mlp/infer", {"inputs": {"x": x.tolist()}})
+    assert status == 200, out
+    source = next(v for v in version["variants"] if v["name"] == "source")
+    blob = controller.data_dir / "blobs" / "sha256" / source["sha256"][:2] / source["sha256"]
+    direct = ort.InferenceSession(str(blob), providers=["CPUExecutionProvider"])
+    (want,) = direct.run(["y"], {"x": x})
+    np.testing.assert_allclose(np.asarray(out["outputs"]["y"], dtype=np.float32), want,
+                               rtol=1e-6)
+
+    status, bad = http("POST", f"{local}/v1/models/mlp/infer", {"inputs": {"x": [[1.0, 2.0]]}})
+    assert status == 400
+    assert "shape [1, 2] does not fit [1, 128]" in bad["error"]
+    health = wait_for(lambda: (d := controller.admin.call("GET", f"/devices/{device_id}"))
+                      ["last_health"].get("inference_count", 0) >= 2 and d, 30,
+                      "health with the inference counters")
+    assert health["last_health"]["active_model"] == "mlp@1.0.0"
