@@ -206,14 +206,17 @@ def demo(count: int, timeout: float) -> None:
 
 # -- operator commands --------------------------------------------------------------------
 
-@main.command()
+@main.group(invoke_without_command=True)
 @api_options
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
 @click.option("--status", type=click.Choice(["online", "offline", "enrolled"]))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def devices(controller: str, token: str | None, watch: bool, status: str | None,
-            as_json: bool) -> None:
-    """List devices."""
+@click.pass_context
+def devices(ctx: click.Context, controller: str, token: str | None, watch: bool,
+            status: str | None, as_json: bool) -> None:
+    """List devices (or pin/unpin one)."""
+    if ctx.invoked_subcommand is not None:
+        return
     api = make_api(controller, token)
     path = f"/devices?status={status}" if status else "/devices"
     if as_json:
@@ -229,6 +232,28 @@ def devices(controller: str, token: str | None, watch: bool, status: str | None,
                 live.update(devices_table(api.call("GET", path)))
         except KeyboardInterrupt:
             pass
+
+
+@devices.command("pin")
+@api_options
+@click.argument("device")
+@click.argument("ref", metavar="MODEL@VERSION")
+def devices_pin(controller: str, token: str | None, device: str, ref: str) -> None:
+    """Make DEVICE run MODEL@VERSION (the variant that fits it best)."""
+    _split_ref(ref)
+    out = make_api(controller, token).call("PUT", f"/devices/{device}/pin", {"model": ref})
+    d = out["desired"]
+    console.print(f"{device}: generation {out['desired_generation']} -> {d['model']}@"
+                  f"{d['version']} ({d['variant']}); edgefleet devices to watch it install")
+
+
+@devices.command("unpin")
+@api_options
+@click.argument("device")
+def devices_unpin(controller: str, token: str | None, device: str) -> None:
+    """Make DEVICE run no model."""
+    out = make_api(controller, token).call("DELETE", f"/devices/{device}/pin")
+    console.print(f"{device}: generation {out['desired_generation']} -> no model")
 
 
 @main.command()

@@ -30,7 +30,7 @@ def devices_table(devices: list[dict[str, Any]], *, now: datetime | None = None)
     online = sum(d["status"] == "online" for d in devices)
     table = Table(title=f"edgefleet devices: {online}/{len(devices)} online",
                   box=box.SIMPLE_HEAD)
-    for col in ("device", "status", "class", "GiB", "CPU%", "seen"):
+    for col in ("device", "status", "class", "GiB", "CPU%", "model", "seen"):
         table.add_column(col, no_wrap=True)
     for d in devices:
         caps = d.get("capabilities") or {}
@@ -38,8 +38,18 @@ def devices_table(devices: list[dict[str, Any]], *, now: datetime | None = None)
         style = _STATUS_STYLE.get(d["status"], "")
         table.add_row(d["id"], f"[{style}]{d['status']}[/]", _short_class(d["device_class"]),
                       _gib(caps.get("ram_bytes")), str(health.get("cpu_percent", "-")),
-                      _ago(d.get("last_seen_at"), now))
+                      _model(d.get("reported")), _ago(d.get("last_seen_at"), now))
     return table
+
+
+def _model(reported: dict[str, Any] | None) -> str:
+    """``mlp@1.2.0 committed``: what the device last reported running."""
+    if not reported:
+        return "-"
+    what = f"{reported['model']}@{reported['version']}" if reported.get("model") else "none"
+    style = {"committed": "green", "rolled_back": "yellow", "failed": "red"}.get(
+        reported["state"], "")
+    return f"{what} [{style}]{reported['state']}[/]"
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
