@@ -29,6 +29,8 @@ class AgentConfig:
     health_interval_s: float | None = None  # None: what the controller said at enrolment
     mqtt_url: str | None = None  # None: what the controller said at enrolment
     labels: dict[str, str] = field(default_factory=dict)
+    probation_s: float = 30.0  # how long a new model is watched before it is committed
+    fetch_chunk_bytes: int = 256 * 1024  # per MQTT fetch request (the controller caps 1 MiB)
 
     @classmethod
     def load(cls, path: Path, *, env: dict[str, str] | None = None) -> "AgentConfig":
@@ -48,6 +50,8 @@ class AgentConfig:
             "controller": env.get("EDGEFLEET_CONTROLLER"),
             "mqtt_url": env.get("EDGEFLEET_MQTT_URL"),
             "health_interval_s": env.get("EDGEFLEET_AGENT_HEALTH_INTERVAL"),
+            "probation_s": env.get("EDGEFLEET_AGENT_PROBATION"),
+            "fetch_chunk_bytes": env.get("EDGEFLEET_AGENT_FETCH_CHUNK"),
         }
         raw.update({k: v for k, v in overrides.items() if v is not None})
         try:
@@ -59,6 +63,8 @@ class AgentConfig:
                                    if raw.get("health_interval_s") is not None else None),
                 mqtt_url=raw.get("mqtt_url"),
                 labels={str(k): str(v) for k, v in dict(raw.get("labels", {})).items()},
+                probation_s=float(raw.get("probation_s", 30.0)),
+                fetch_chunk_bytes=int(raw.get("fetch_chunk_bytes", 256 * 1024)),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: {exc}") from None

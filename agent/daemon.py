@@ -40,9 +40,9 @@ def run(config_path: Path) -> None:
     stop = threading.Event()
     client = device_client(session)
     channel = FetchChannel(lambda payload: session.send_fetch(client, payload))
-    installer = Installer(config.state_dir, updater=lambda: _updater(config.state_dir, identity,
-                                                                     channel),
-                          reporter=_Reporter(session, client), serving=serving)
+    installer = Installer(config.state_dir, updater=lambda: _updater(config, identity, channel),
+                          reporter=_Reporter(session, client), serving=serving,
+                          probation_s=config.probation_s)
     session.generation = installer.install.generation
     session.on_desired, session.on_data = installer.want, channel.deliver
     host, _, port = config.inference_listen.rpartition(":")
@@ -76,15 +76,17 @@ def run(config_path: Path) -> None:
         client.loop_stop()
 
 
-def _updater(state_dir: Path, identity: Identity, channel: FetchChannel) -> Updater:
+def _updater(config: AgentConfig, identity: Identity, channel: FetchChannel) -> Updater:
     """A fresh TUF Updater (one per install) that fetches over MQTT."""
-    meta, download = state_dir / "tuf" / "metadata", state_dir / "tuf" / "download"
+    tuf = config.state_dir / "tuf"
+    meta, download = tuf / "metadata", tuf / "download"
     meta.mkdir(parents=True, exist_ok=True)
     download.mkdir(parents=True, exist_ok=True)
     trusted = meta / "root.json"
     root = trusted.read_bytes() if trusted.exists() else identity.tuf_root.encode()
     return Updater(str(meta), META_URL, str(download), TARGETS_URL,
-                   fetcher=MqttFetcher(channel), bootstrap=root)
+                   fetcher=MqttFetcher(channel, chunk_size=config.fetch_chunk_bytes),
+                   bootstrap=root)
 
 
 class _Reporter:

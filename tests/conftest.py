@@ -208,10 +208,12 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start CLI subprocesses (sim, agent), killed at teardown."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def run(*args: str, log_name: str = "proc") -> subprocess.Popen[bytes]:
+    def run(*args: str, log_name: str = "proc", env: dict[str, str] | None = None
+            ) -> subprocess.Popen[bytes]:
         log_path = tmp_path / f"{log_name}{len(procs)}.log"
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(cli(*args), stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cli(*args), stdout=log, stderr=subprocess.STDOUT,
+                                    env=None if env is None else os.environ | env)
         proc.log_path = log_path  # type: ignore[attr-defined]
         procs.append(proc)
         return proc

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -101,8 +102,9 @@ class Installer:
         self._thread.join(timeout=30)
 
     def want(self, desired: DesiredState) -> None:
-        """A verified desired state (from the MQTT thread): install it unless it is done."""
-        if desired.generation <= self.install.generation and self.install.state in TERMINAL:
+        """A verified desired state (from the MQTT thread): install it unless it is done
+        or in progress (an install being resumed has that generation already)."""
+        if desired.generation <= self.install.generation:
             return
         self._wanted = desired
         self._wake.set()
@@ -221,6 +223,7 @@ class Installer:
             raise InstallFailed("staged_corrupt", f"the staged copy of {install.target} "
                                 "is missing or damaged")
         self._swap(staged)
+        crash_point("swapped")
         try:
             self._serving.activate(staged)
         except Exception as exc:  # noqa: BLE001 - any runtime failure to load
@@ -293,6 +296,15 @@ class Installer:
     def _save(self, install: Install) -> None:
         self.install = install
         write_atomic(self.dir / "install.json", json.dumps(asdict(install)).encode())
+        crash_point(install.state.value)
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash-safety tests: ``EDGEFLEET_AGENT_CRASH_AT=<name>``
+    kills the agent with SIGKILL when it gets here (a state just saved, or ``swapped``)."""
+    if os.environ.get("EDGEFLEET_AGENT_CRASH_AT") == name:
+        log.warning("crash point %s: killing myself", name)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_smoke_test(call: Callable[..., Any], fmt: str, test: dict[str, Any],

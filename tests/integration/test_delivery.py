@@ -13,8 +13,8 @@ from tests.conftest import cli, free_port, wait_for
 from tests.models import llama_cpp, tiny_gguf, tiny_onnx
 
 
-def enrolled_agent(controller, spawn, tmp_path: Path, name: str = "box-1"):
-    """Enrol and start an agent; returns (device id, local API URL, process)."""
+def enroll(controller, tmp_path: Path, name: str) -> tuple[Path, Path, str]:
+    """Enrol an agent (probation 0.5 s); returns its config, state dir and local API URL."""
     port = free_port()
     config, state = tmp_path / f"{name}.toml", tmp_path / name
     done = subprocess.run(
@@ -23,11 +23,22 @@ def enrolled_agent(controller, spawn, tmp_path: Path, name: str = "box-1"):
             "--name", name, "--inference-listen", f"127.0.0.1:{port}"),
         capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    agent = spawn("agent", "run", "--config", str(config), log_name=name)
+    config.write_text(config.read_text().replace("[labels]", "probation_s = 0.5\n\n[labels]"))
+    return config, state, f"http://127.0.0.1:{port}"
+
+
+def online(controller, name: str) -> str:
     device = wait_for(lambda: next((d for d in controller.devices() if d["name"] == name
                                     and d["status"] == "online" and d["capabilities"]), None),
                       60, f"{name} online")
-    return device["id"], f"http://127.0.0.1:{port}", agent
+    return str(device["id"])
+
+
+def enrolled_agent(controller, spawn, tmp_path: Path, name: str = "box-1"):
+    """Enrol and start an agent; returns (device id, local API URL, process)."""
+    config, _state, local = enroll(controller, tmp_path, name)
+    agent = spawn("agent", "run", "--config", str(config), log_name=name)
+    return online(controller, name), local, agent
 
 
 def push(controller, tmp_path: Path, name: str, version: str, data: bytes, filename: str):
