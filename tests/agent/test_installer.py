@@ -1,0 +1,133 @@
+"""The install machine's table, and the installer against real TUF metadata (local fetcher)."""
+
+import json
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from tuf.ngclient import Updater
+
+from agent.update.installer import Install, Installer
+from agent.update.machine import RESUME, TERMINAL, Event, IllegalTransition, State, next_state
+from controller.registry.blobs import BlobStore
+from controller.registry.trust import TrustRepository
+from shared.messages import DesiredState
+from tests.conftest import wait_for
+from tests.controller.registry.test_trust import META, TARGETS, LocalFetcher, publish
+
+HAPPY = [(State.DOWNLOADING, Event.DOWNLOADED, State.VERIFYING),
+         (State.VERIFYING, Event.VERIFIED, State.STAGING),
+         (State.STAGING, Event.STAGED, State.ACTIVATING),
+         (State.ACTIVATING, Event.ACTIVATED, State.SMOKE_TEST),
+         (State.SMOKE_TEST, Event.PASSED, State.PROBATION),
+         (State.PROBATION, Event.PASSED, State.COMMITTED),
+         (State.SMOKE_TEST, Event.FAILED, State.ROLLED_BACK),
+         (State.PROBATION, Event.FAILED, State.ROLLED_BACK),
+         (State.DOWNLOADING, Event.FAILED, State.FAILED),
+         (State.ACTIVATING, Event.FAILED, State.FAILED)]
+
+
+@pytest.mark.parametrize(("state", "event", "after"), HAPPY)
+def test_the_transition_table(state, event, after) -> None:
+    assert next_state(state, event) == after
+
+
+@pytest.mark.parametrize("state", list(State))
+def test_start_begins_a_download_from_any_state_and_terminal_states_take_nothing_else(
+        state) -> None:
+    assert next_state(state, Event.START) == State.DOWNLOADING
+    if state in TERMINAL:
+        for event in set(Event) - {Event.START}:
+            with pytest.raises(IllegalTransition):
+                next_state(state, event)
+
+
+def test_every_state_an_agent_can_die_in_has_a_resume_point_before_it() -> None:
+    assert set(RESUME) == set(State) - TERMINAL
+    order = list(State)
+    assert all(order.index(RESUME[s]) <= order.index(s) for s in RESUME)
+
+
+class FakeServing:
+    def __init__(self) -> None:
+        self.active: list[Path | None] = []
+
+    def activate(self, model_dir: Path | None) -> None:
+        self.active.append(model_dir)
+
+    def smoke_test(self, model_dir: Path) -> str | None:
+        return None
+
+    def probation(self, seconds: float, stop: threading.Event) -> str | None:
+        return None
+
+
+class FakeReporter:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.done: list[Install] = []
+
+    def event(self, kind: str, generation: int, detail: str) -> None:
+        self.events.append(kind)
+
+    def reported(self, install: Install) -> None:
+        self.done.append(install)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> tuple[TrustRepository, BlobStore]:
+    repo, blobs = TrustRepository(tmp_path / "tuf"), BlobStore(tmp_path / "blobs")
+    repo.initialize(now=datetime.now(UTC))
+    publish(repo, blobs, {"models/m/1.0.0/source.onnx": b"x" * 1000})
+    return repo, blobs
+
+
+def installer(tmp_path: Path, repo, serving, reporter, free: int) -> Installer:
+    trust, blobs = repo
+    state = tmp_path / "agent"
+    (state / "tuf" / "metadata").mkdir(parents=True)
+    (state / "tuf" / "download").mkdir()
+
+    def updater() -> Updater:
+        return Updater(str(state / "tuf" / "metadata"), META, str(state / "tuf" / "download"),
+                       TARGETS, fetcher=LocalFetcher(trust, blobs),
+                       bootstrap=trust.trusted_root())
+
+    return Installer(state, updater=updater, reporter=reporter, serving=serving,
+                     probation_s=0, disk_free=lambda _path: free)
+
+
+def desired(generation: int) -> DesiredState:
+    return DesiredState(device_id="d", generation=generation, model="m", version="1.0.0",
+                        variant="source", target="models/m/1.0.0/source.onnx",
+                        issued_at=datetime.now(UTC))
+
+
+def test_a_full_disk_fails_the_install_before_downloading_and_keeps_the_model(
+        tmp_path, repo) -> None:
+    serving, reporter = FakeServing(), FakeReporter()
+    inst = installer(tmp_path, repo, serving, reporter, free=1500)  # needs 2 x 1000
+    inst.start()
+    inst.want(desired(1))
+    (done,) = wait_for(lambda: reporter.done, 30, "the install to end")
+    inst.stop()
+    assert (done.state, done.reason.split(":")[0]) == (State.FAILED, "insufficient_disk")
+    assert serving.active == [None]  # only the start-up activation: nothing new was loaded
+    assert not list((tmp_path / "agent" / "models").iterdir())
+    assert json.loads((tmp_path / "agent" / "install.json").read_text())["state"] == "failed"
+
+
+def test_an_install_with_room_commits_and_a_replayed_generation_is_ignored(
+        tmp_path, repo) -> None:
+    serving, reporter = FakeServing(), FakeReporter()
+    inst = installer(tmp_path, repo, serving, reporter, free=10_000)
+    inst.start()
+    inst.want(desired(1))
+    wait_for(lambda: reporter.done, 30, "the install to end")
+    inst.want(desired(1))  # the retained copy again
+    inst.stop()
+    assert [d.state for d in reporter.done] == [State.COMMITTED]
+    assert reporter.events == ["downloading", "verifying", "staging", "activating",
+                               "smoke_test", "probation", "committed"]
+    assert inst.active_dir() == serving.active[-1]
