@@ -7,12 +7,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from tuf.ngclient import Updater
-
 from agent import probe
 from agent.config import AgentConfig, Identity
-from agent.fetcher import META_URL, TARGETS_URL, FetchChannel, MqttFetcher
-from agent.mqtt import device_client, parse_broker
+from agent.link import DeviceLink
 from agent.serving import LocalApi, Serving
 from agent.session import DeviceSession, Publisher
 from agent.update.installer import Install, Installer
@@ -38,13 +35,13 @@ def run(config_path: Path) -> None:
         clock=_now,
     )
     stop = threading.Event()
-    client = device_client(session)
-    channel = FetchChannel(lambda payload: session.send_fetch(client, payload))
-    installer = Installer(config.state_dir, updater=lambda: _updater(config, identity, channel),
+    link = DeviceLink(identity, config.state_dir, session, chunk_size=config.fetch_chunk_bytes)
+    client = link.client
+    installer = Installer(config.state_dir, updater=link.updater,
                           reporter=_Reporter(session, client), serving=serving,
                           probation_s=config.probation_s)
     session.generation = installer.install.generation
-    session.on_desired, session.on_data = installer.want, channel.deliver
+    session.on_desired = installer.want
     host, _, port = config.inference_listen.rpartition(":")
     api = LocalApi(serving, host or "127.0.0.1", int(port))
 
@@ -55,9 +52,7 @@ def run(config_path: Path) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
-    broker_host, broker_port, _ = parse_broker(identity.mqtt_url)
-    client.connect_async(broker_host, broker_port, keepalive=identity.keepalive_s)
-    client.loop_start()
+    link.connect()
     installer.start()  # loads the active model first
     api.start()
     log.info("agent %s starting; broker %s; local API on %s", identity.device_id,
@@ -72,21 +67,7 @@ def run(config_path: Path) -> None:
         serving.activate(None)
         if client.is_connected():
             session.going_offline(client)
-        client.disconnect()
-        client.loop_stop()
-
-
-def _updater(config: AgentConfig, identity: Identity, channel: FetchChannel) -> Updater:
-    """A fresh TUF Updater (one per install) that fetches over MQTT."""
-    tuf = config.state_dir / "tuf"
-    meta, download = tuf / "metadata", tuf / "download"
-    meta.mkdir(parents=True, exist_ok=True)
-    download.mkdir(parents=True, exist_ok=True)
-    trusted = meta / "root.json"
-    root = trusted.read_bytes() if trusted.exists() else identity.tuf_root.encode()
-    return Updater(str(meta), META_URL, str(download), TARGETS_URL,
-                   fetcher=MqttFetcher(channel, chunk_size=config.fetch_chunk_bytes),
-                   bootstrap=root)
+        link.close()
 
 
 class _Reporter:

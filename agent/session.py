@@ -64,6 +64,7 @@ class DeviceSession:
         #: set by the daemon: a verified desired state, and a fetch response (``data``)
         self.on_desired: Callable[[DesiredState], None] | None = None
         self.on_data: Callable[[bytes], None] | None = None
+        self.on_blob: Callable[[str, bytes], None] | None = None  # a shared blob chunk
 
     def will(self) -> Outgoing:
         """The last will: retained ``offline`` presence."""
@@ -93,18 +94,26 @@ class DeviceSession:
         self._send(pub, Kind.HEALTH, encode(self._health(self._seq, self._clock())), qos=0)
 
     def on_message(self, topic: str, payload: bytes) -> None:
-        """Handle a controller message; a bad one is logged and dropped."""
+        """Route a controller message; a bad one is logged and dropped."""
+        blob = self.topics.blob_digest(topic)
+        if blob is not None:
+            if self.on_blob is not None:
+                self.on_blob(blob, payload)
+            return
         try:
             where = self.topics.parse(topic)
-            if where.device_id != self.device_id:
-                return
-            if where.kind == Kind.DATA and self.on_data is not None:
-                self.on_data(payload)
-                return
-            if where.kind != Kind.DESIRED:
-                return
-            if not payload:
-                return
+        except ProtocolError as exc:
+            log.warning("dropped a message on %r: %s", topic, exc)
+            return
+        if where.device_id != self.device_id:
+            return
+        if where.kind == Kind.DATA and self.on_data is not None:
+            self.on_data(payload)
+        elif where.kind == Kind.DESIRED and payload:
+            self._on_desired(topic, payload)
+
+    def _on_desired(self, topic: str, payload: bytes) -> None:
+        try:
             desired = open_desired(self._verifier, payload, device_id=self.device_id,
                                    last_generation=self.generation)
         except StaleGeneration as exc:

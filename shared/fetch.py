@@ -6,6 +6,13 @@ then the chunk's bytes. Paths are what ``tuf.ngclient`` asks for under its two b
 URLs: ``meta/<N.root.json|N.targets.json|N.snapshot.json|timestamp.json>`` and
 ``targets/<dirs>/<sha256>.<name>`` (consistent snapshots: a blob is named by its hash).
 
+Many devices, one blob: a request for a target chunk may be ``shared``; the controller
+then publishes the chunk once on the blob's own topic (``Topics.blob``), which every
+device fetching that blob subscribes to, and skips a chunk it published moments ago.
+Devices keep chunks that arrive ahead of where they are and ask only for what they
+still miss, so the controller's published bytes grow with the blob, not with devices
+times the blob.
+
 Every request has a size cap (``MAX_CHUNK``); a download is a sequence of requests by
 offset, so a transfer cut by a disconnect resumes where it stopped. Nothing here
 verifies content: the Updater does, with the hashes in signed metadata.
@@ -31,6 +38,9 @@ class FetchRequest(Message):
     path: Path
     offset: Count = 0
     length: Annotated[int, Field(ge=1, le=MAX_CHUNK)] = DEFAULT_CHUNK
+    #: for a target: answer on the blob's broadcast topic (which the requester has
+    #: subscribed to), where every device fetching the same blob receives it too
+    shared: bool = False
 
 
 class FetchResponse(Message):

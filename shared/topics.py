@@ -15,6 +15,7 @@ from shared.errors import TopicError
 
 DEFAULT_ROOT = "ef/v1"
 _DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ROOT_LEVEL = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -66,6 +67,18 @@ class Topics:
         """The topic of one kind for one device."""
         return f"{self.root}/dev/{validate_device_id(device_id)}/{kind.value}"
 
+    def blob(self, sha256: str) -> str:
+        """Where the chunks of a signed blob are broadcast to every device fetching it."""
+        if not _SHA256.match(sha256):
+            raise TopicError(f"invalid blob digest {sha256!r}")
+        return f"{self.root}/blob/{sha256}"
+
+    def blob_digest(self, topic: str) -> str | None:
+        """The digest of a blob topic, or None if ``topic`` is not one."""
+        prefix = f"{self.root}/blob/"
+        rest = topic[len(prefix):] if topic.startswith(prefix) else ""
+        return rest if _SHA256.match(rest) else None
+
     def all_devices(self, kind: Kind) -> str:
         """A subscription filter matching ``kind`` for every device."""
         return f"{self.root}/dev/+/{kind.value}"
@@ -104,9 +117,12 @@ class Topics:
         return self._own(device_id, topic, DEVICE_PUBLISHES)
 
     def device_may_subscribe(self, device_id: str, topic_filter: str) -> bool:
-        """Whether a device may subscribe to ``topic_filter``: only its own, no wildcards."""
+        """Whether a device may subscribe to ``topic_filter``: only its own topics and
+        single blob topics (signed blobs, readable fleet-wide), no wildcards."""
         if "+" in topic_filter or "#" in topic_filter:
             return False
+        if self.blob_digest(topic_filter) is not None:
+            return True
         return self._own(device_id, topic_filter, DEVICE_SUBSCRIBES)
 
     def _own(self, device_id: str, topic: str, kinds: frozenset[Kind]) -> bool:

@@ -100,6 +100,14 @@ def test_device_policy_confines_a_device_to_its_own_topics() -> None:
     assert TOPICS.device_may_subscribe("a", "ef/v1/dev/a/desired")
     assert not TOPICS.device_may_subscribe("a", "ef/v1/dev/+/desired")
     assert not TOPICS.device_may_subscribe("a", "ef/v1/#")
+    # fetch answers are per device; signed blobs are broadcast, one topic per blob
+    assert TOPICS.device_may_publish("a", "ef/v1/dev/a/fetch")
+    assert TOPICS.device_may_subscribe("a", "ef/v1/dev/a/data")
+    assert not TOPICS.device_may_subscribe("a", "ef/v1/dev/b/data")
+    assert TOPICS.device_may_subscribe("a", TOPICS.blob("ab" * 32))
+    assert not TOPICS.device_may_subscribe("a", "ef/v1/blob/+")
+    assert not TOPICS.device_may_subscribe("a", "ef/v1/blob/not-a-digest")
+    assert not TOPICS.device_may_publish("a", TOPICS.blob("ab" * 32))
 
 
 def _desired(generation: int, device_id: str = "dev-1") -> DesiredState:

@@ -1,0 +1,51 @@
+"""One device's MQTT link with what delivery needs: its session, a fetch channel over
+that connection, and TUF updaters that fetch through it.
+
+The daemon runs one; tests and ``bench/distribute.py`` run many in one process.
+"""
+
+from pathlib import Path
+
+from tuf.ngclient import Updater
+
+from agent.config import Identity
+from agent.fetcher import META_URL, TARGETS_URL, FetchChannel, MqttFetcher
+from agent.mqtt import device_client, parse_broker
+from agent.session import DeviceSession
+from shared.fetch import DEFAULT_CHUNK
+
+
+class DeviceLink:
+    def __init__(self, identity: Identity, state_dir: Path, session: DeviceSession, *,
+                 chunk_size: int = DEFAULT_CHUNK, bind_address: str = "") -> None:
+        self.identity, self.state_dir, self.session = identity, state_dir, session
+        self.chunk_size = chunk_size
+        self.client = device_client(session, bind_address=bind_address)
+        topics, client = session.topics, self.client
+        self.channel = FetchChannel(
+            lambda payload: session.send_fetch(client, payload),
+            subscribe=lambda sha: client.subscribe(topics.blob(sha), qos=1),
+            unsubscribe=lambda sha: client.unsubscribe(topics.blob(sha)))
+        session.on_data = self.channel.deliver
+        session.on_blob = self.channel.deliver_shared
+
+    def connect(self) -> None:
+        host, port, _ = parse_broker(self.identity.mqtt_url)
+        self.client.connect_async(host, port, keepalive=self.identity.keepalive_s)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def updater(self) -> Updater:
+        """A fresh TUF Updater (one per install) that fetches over this link."""
+        tuf = self.state_dir / "tuf"
+        meta, download = tuf / "metadata", tuf / "download"
+        meta.mkdir(parents=True, exist_ok=True)
+        download.mkdir(parents=True, exist_ok=True)
+        trusted = meta / "root.json"
+        root = trusted.read_bytes() if trusted.exists() else self.identity.tuf_root.encode()
+        return Updater(str(meta), META_URL, str(download), TARGETS_URL,
+                       fetcher=MqttFetcher(self.channel, chunk_size=self.chunk_size),
+                       bootstrap=root)

@@ -1,0 +1,74 @@
+"""Many devices fetching one blob at once: the controller publishes it about once."""
+
+import hashlib
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from agent.config import Identity
+from agent.link import DeviceLink
+from agent.session import DeviceSession
+from controller.api.app import create_app
+from controller.runtime import Runtime
+from shared.messages import Capabilities, Health
+from tests.conftest import Backend, wait_for
+from tests.models import tiny_onnx
+
+DEVICES = 8
+
+
+def device(identity: Identity, state_dir: Path) -> DeviceLink:
+    now = datetime.now(UTC)
+    session = DeviceSession(
+        identity, labels={}, clock=lambda: datetime.now(UTC),
+        capabilities=lambda: Capabilities(arch="x86_64", cpu_count=2, ram_bytes=8 << 30,
+                                          disk_free_bytes=64 << 30),
+        health=lambda seq, at: Health(seq=seq, sent_at=at or now, cpu_percent=1.0,
+                                      mem_used_bytes=1, mem_total_bytes=2, disk_free_bytes=3))
+    return DeviceLink(identity, state_dir, session, chunk_size=64 * 1024)
+
+
+def test_devices_fetching_the_same_blob_share_one_broadcast(backend: Backend,
+                                                             tmp_path: Path) -> None:
+    settings = backend.settings(tmp_path / "data", max_upload_bytes=64 << 20)
+    with TestClient(create_app(settings, runtime=Runtime(settings))) as c:
+        c.headers["Authorization"] = "Bearer " + (settings.data_dir / "admin-token").read_text()
+        model = tiny_onnx(hidden=2048, inputs=256)  # 2 MiB
+        up = c.post("/api/v1/uploads", params={"filename": "m.onnx"}, content=model).json()
+        c.post("/api/v1/models/big/versions/1.0.0", json={"upload": up["sha256"]})
+        version = wait_for(lambda: (v := c.get("/api/v1/models/big/versions/1.0.0").json())
+                           ["status"] == "ready" and v, 120, "the version built")
+        target = version["variants"][0]["target"]
+        token = c.post("/api/v1/enroll-tokens", json={"uses": DEVICES}).json()["token"]
+        links = []
+        for i in range(DEVICES):
+            enrolled = c.post("/api/v1/enroll", json={"token": token, "name": f"d{i}"}).json()
+            links.append(device(Identity.from_enrolment(enrolled), tmp_path / f"d{i}"))
+        for link in links:
+            link.connect()
+        wait_for(lambda: all(link.client.is_connected() for link in links), 30, "connected")
+        fetch = c.app.state.runtime.fetch
+        before = fetch.published_bytes
+        got: dict[int, str] = {}
+        start = threading.Barrier(DEVICES)
+
+        def download(i: int) -> None:
+            updater = links[i].updater()
+            updater.refresh()
+            info = updater.get_targetinfo(target)
+            start.wait()
+            path = Path(updater.download_target(info))
+            got[i] = hashlib.sha256(path.read_bytes()).hexdigest()
+
+        threads = [threading.Thread(target=download, args=(i,)) for i in range(DEVICES)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for link in links:
+            link.close()
+        published = fetch.published_bytes - before
+    assert got == dict.fromkeys(range(DEVICES), up["sha256"])  # every copy verified by TUF
+    assert published < 3 * len(model), (published, len(model))  # not DEVICES x the blob
