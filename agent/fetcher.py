@@ -1,10 +1,13 @@
 """TUF downloads over MQTT: a ``tuf.ngclient`` fetcher that asks the controller per chunk.
 
-``FetchChannel`` sends one ``FetchRequest`` on the device's ``fetch`` topic and waits
-for the matching response on its ``data`` topic (fed by ``deliver`` from the MQTT
-callback). ``MqttFetcher`` turns a URL into requests by offset, so a download cut by a
-disconnect carries on from the last chunk it got; each request is retried with backoff
-and given up after ``attempts``. The Updater verifies everything it gets.
+``FetchChannel`` carries requests on the device's ``fetch`` topic and answers from its
+``data`` topic and, for shared blobs, the blob's broadcast topic (fed by ``deliver`` and
+``deliver_shared`` from the MQTT callback). ``MqttFetcher`` fetches metadata one chunk
+at a time and blobs with a window of chunks in flight (a stop-and-wait transfer is
+bound by round trips, and a broker without TCP_NODELAY adds ~40 ms to each). Chunks are
+asked for by offset, so a download cut by a disconnect carries on from the last chunk
+it got; a chunk is asked again with backoff and given up after ``attempts``. The
+Updater verifies everything it gets.
 """
 
 import logging
@@ -29,12 +32,15 @@ class FetchTimeout(exceptions.DownloadError):
     """The controller did not answer a chunk request in time, after every retry."""
 
 
-class FetchChannel:
-    """One request at a time to the controller; ``publish(payload)`` sends a request.
+Answer = tuple[FetchResponse, bytes]
 
-    For shared blob downloads, ``watch(sha)`` subscribes to the blob's broadcast topic
-    (``subscribe(sha)``) and keeps every chunk that arrives there, in order or ahead,
-    up to ``max_ahead`` bytes; ``unwatch`` stops.
+
+class FetchChannel:
+    """Requests to the controller and their answers; ``publish(payload)`` sends one.
+
+    ``request`` is one request and its answer (metadata). A blob download ``watch``es
+    the blob: answers for it are kept by offset, whether they come to this device or,
+    when ``subscribe`` is given, on the blob's broadcast topic, up to ``max_ahead`` bytes.
     """
 
     def __init__(self, publish: Callable[[bytes], object], *,
@@ -45,64 +51,18 @@ class FetchChannel:
         self._subscribe, self._unsubscribe = subscribe, unsubscribe
         self._cond = threading.Condition()
         self._waiting: str | None = None
-        self._answer: tuple[FetchResponse, bytes] | None = None
+        self._answer: Answer | None = None
         self._watched: str | None = None
-        self._chunks: dict[int, tuple[int, bytes]] = {}  # offset -> (total, data)
+        self._watch_id = ""
+        self._chunks: dict[int, Answer] = {}
         self._max_ahead = max_ahead
 
     @property
     def shares(self) -> bool:
         return self._subscribe is not None
 
-    def watch(self, sha: str) -> None:
-        with self._cond:
-            self._watched, self._chunks = sha, {}
-        if self._subscribe is not None:
-            self._subscribe(sha)
-
-    def unwatch(self, sha: str) -> None:
-        with self._cond:
-            self._watched, self._chunks = None, {}
-        if self._unsubscribe is not None:
-            self._unsubscribe(sha)
-
-    def shared_chunk(self, path: str, offset: int, length: int, timeout: float
-                     ) -> tuple[FetchResponse, bytes] | tuple[int, bytes] | None:
-        """The chunk at ``offset`` of the watched blob: already here, or asked for (it
-        comes on the blob topic, or an error comes to this device). None on timeout."""
-        with self._cond:
-            if offset in self._chunks:
-                return self._chunks.pop(offset)
-        request_id = secrets.token_hex(8)
-        with self._cond:
-            self._waiting, self._answer = request_id, None
-        self._publish(encode_request(FetchRequest(id=request_id, path=path, offset=offset,
-                                                  length=length, shared=True)))
-        with self._cond:
-            self._cond.wait_for(lambda: offset in self._chunks or self._answer is not None,
-                                timeout)
-            answer, self._waiting, self._answer = self._answer, None, None
-            if offset in self._chunks:
-                return self._chunks.pop(offset)
-        return answer
-
-    def deliver_shared(self, sha: str, payload: bytes) -> None:
-        """From the MQTT callback: a chunk broadcast on a blob topic."""
-        try:
-            response, data = decode_response(payload)
-        except ProtocolError as exc:
-            log.warning("dropped a malformed blob chunk: %s", exc)
-            return
-        with self._cond:
-            held = sum(len(d) for _, d in self._chunks.values())
-            if sha != self._watched or response.status != "ok" or held > self._max_ahead:
-                return
-            self._chunks[response.offset] = (response.total, data)
-            self._cond.notify_all()
-
-    def request(self, path: str, offset: int, length: int, timeout: float
-                ) -> tuple[FetchResponse, bytes] | None:
-        """The response to one request, or None if none came within ``timeout``."""
+    def request(self, path: str, offset: int, length: int, timeout: float) -> Answer | None:
+        """The answer to one request, or None if none came within ``timeout``."""
         request_id = secrets.token_hex(8)
         with self._cond:
             self._waiting, self._answer = request_id, None
@@ -113,90 +73,156 @@ class FetchChannel:
             answer, self._waiting, self._answer = self._answer, None, None
         return answer
 
+    def watch(self, sha: str) -> None:
+        with self._cond:
+            self._watched, self._watch_id, self._chunks = sha, secrets.token_hex(8), {}
+        if self._subscribe is not None:
+            self._subscribe(sha)
+
+    def unwatch(self, sha: str) -> None:
+        with self._cond:
+            self._watched, self._chunks = None, {}
+        if self._unsubscribe is not None:
+            self._unsubscribe(sha)
+
+    def ask(self, path: str, offset: int, length: int, count: int = 1, *,
+            retry: bool = False) -> None:
+        """Ask for ``count`` chunks of the watched blob from ``offset``; ``take`` gets them."""
+        self._publish(encode_request(FetchRequest(id=self._watch_id, path=path, offset=offset,
+                                                  length=length, count=count,
+                                                  shared=self.shares, retry=retry)))
+
+    def take(self, offset: int, timeout: float) -> Answer | None:
+        """The answer for ``offset`` of the watched blob, or None within ``timeout``."""
+        with self._cond:
+            self._cond.wait_for(lambda: offset in self._chunks, timeout)
+            return self._chunks.pop(offset, None)
+
     def deliver(self, payload: bytes) -> None:
-        """From the MQTT callback: hand a response to the waiting request (others: drop)."""
-        try:
-            response, data = decode_response(payload)
-        except ProtocolError as exc:
-            log.warning("dropped a malformed fetch response: %s", exc)
+        """From the MQTT callback: an answer on this device's ``data`` topic."""
+        answer = _decode(payload)
+        if answer is None:
             return
         with self._cond:
-            if response.id == self._waiting:
-                self._answer = (response, data)
+            if answer[0].id == self._waiting:
+                self._answer = answer
+            elif answer[0].id == self._watch_id and self._watched is not None:
+                self._keep(answer)
+            self._cond.notify_all()
+
+    def deliver_shared(self, sha: str, payload: bytes) -> None:
+        """From the MQTT callback: a chunk broadcast on a blob topic."""
+        answer = _decode(payload)
+        if answer is None or answer[0].status != "ok":
+            return
+        with self._cond:
+            if sha == self._watched:
+                self._keep(answer)
                 self._cond.notify_all()
+
+    def _keep(self, answer: Answer) -> None:
+        if sum(len(data) for _, data in self._chunks.values()) <= self._max_ahead:
+            self._chunks[answer[0].offset] = answer
+
+
+def _decode(payload: bytes) -> Answer | None:
+    try:
+        return decode_response(payload)
+    except ProtocolError as exc:
+        log.warning("dropped a malformed fetch answer: %s", exc)
+        return None
 
 
 class MqttFetcher(FetcherInterface):
     """Fetches ``mqtt:meta/...`` and ``mqtt:targets/...`` URLs chunk by chunk."""
 
     def __init__(self, channel: FetchChannel, *, chunk_size: int = DEFAULT_CHUNK,
-                 timeout: float = 10.0, shared_timeout: float = 3.0, attempts: int = 6,
-                 backoff: float = 0.5,
-                 on_progress: Callable[[str, int, int], None] | None = None) -> None:
+                 window: int = 64, timeout: float = 10.0, blob_timeout: float = 3.0,
+                 attempts: int = 6, backoff: float = 0.5, stall_s: float = 120.0) -> None:
         self._channel = channel
-        self._shared_timeout = shared_timeout
-        self._chunk, self._timeout, self._attempts, self._backoff = (chunk_size, timeout,
-                                                                     attempts, backoff)
-        self._on_progress = on_progress
+        self._chunk, self._window = chunk_size, window
+        self._timeout, self._blob_timeout = timeout, blob_timeout
+        self._attempts, self._backoff, self._stall_s = attempts, backoff, stall_s
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith("mqtt:"):
             raise exceptions.DownloadError(f"not an MQTT URL: {url}")
         path = url.removeprefix("mqtt:")
-        sha = _blob_digest(path) if self._channel.shares else None
+        sha = _blob_digest(path)
         if sha is None:
-            yield from self._chunks(path, self._chunk_at)
+            yield from self._one_by_one(path)
             return
         self._channel.watch(sha)
         try:
-            yield from self._chunks(path, self._shared_chunk_at)
+            yield from self._windowed(path)
         finally:
             self._channel.unwatch(sha)
 
-    def _chunks(self, path: str, get: Callable[[str, int], tuple[FetchResponse, bytes]]
-                ) -> Iterator[bytes]:
+    def _one_by_one(self, path: str) -> Iterator[bytes]:
         offset, total = 0, None
         while total is None or offset < total:
-            response, data = get(path, offset)
-            if response.status == "not_found":
-                raise exceptions.DownloadHTTPError(response.error or f"{path} not found", 404)
-            if response.status != "ok" or response.offset != offset:
-                raise exceptions.DownloadError(f"fetching {path} at {offset}: {response.error}")
-            total = response.total
-            if not data and offset < total:
-                raise exceptions.DownloadError(f"empty chunk of {path} at {offset} of {total}")
+            answer = None
+            for attempt in range(self._attempts):
+                answer = self._channel.request(path, offset, self._chunk, self._timeout)
+                if answer is not None:
+                    break
+                self._pause(path, offset, attempt)
+            if answer is None:
+                raise FetchTimeout(f"the controller did not answer for {path} at offset "
+                                   f"{offset} after {self._attempts} attempts")
+            total, data = _check(path, offset, answer)
             offset += len(data)
-            if self._on_progress is not None:
-                self._on_progress(path, offset, total)
             yield data
 
-    def _chunk_at(self, path: str, offset: int) -> tuple[FetchResponse, bytes]:
-        return self._retrying(path, offset, lambda: self._channel.request(
-            path, offset, self._chunk, self._timeout))
+    def _windowed(self, path: str) -> Iterator[bytes]:
+        """Keep up to ``window`` chunks asked for ahead, in runs of half a window. After a
+        miss, ask again for a few chunks, to this device alone; give up only when nothing
+        has arrived for ``stall_s``."""
+        offset, total, asked_to, misses = 0, None, 0, 0
+        run = max(1, self._window // 2)
+        progress_at = time.monotonic()
+        while total is None or offset < total:
+            want = 4 if misses else run
+            if total is None:
+                if asked_to == 0:
+                    self._channel.ask(path, 0, self._chunk, retry=misses > 0)
+                    asked_to = self._chunk
+            elif asked_to - offset <= run * self._chunk and asked_to < total:
+                count = min(want, -(-(total - asked_to) // self._chunk))
+                self._channel.ask(path, asked_to, self._chunk, count, retry=misses > 0)
+                asked_to += count * self._chunk
+            answer = self._channel.take(offset, self._blob_timeout)
+            if answer is None:
+                if time.monotonic() - progress_at > self._stall_s:
+                    raise FetchTimeout(f"nothing arrived for {path} at offset {offset} for "
+                                       f"{self._stall_s:.0f} s")
+                self._pause(path, offset, min(misses, 4))
+                misses += 1
+                asked_to = offset  # ask again for everything from here
+                continue
+            misses, progress_at = 0, time.monotonic()
+            total, data = _check(path, offset, answer)
+            offset += len(data)
+            asked_to = max(asked_to, offset)
+            yield data
 
-    def _shared_chunk_at(self, path: str, offset: int) -> tuple[FetchResponse, bytes]:
-        def once() -> tuple[FetchResponse, bytes] | None:
-            got = self._channel.shared_chunk(path, offset, self._chunk, self._shared_timeout)
-            if got is None or isinstance(got[0], FetchResponse):
-                return got
-            total, data = got
-            return FetchResponse(id="shared", status="ok", offset=offset, total=total), data
-        return self._retrying(path, offset, once)
+    def _pause(self, path: str, offset: int, attempt: int) -> None:
+        delay = min(self._backoff * 2 ** attempt, 10.0)
+        log.info("no answer for %s at %d (attempt %d of %d); asking again in %.1fs", path,
+                 offset, attempt + 1, self._attempts, delay)
+        time.sleep(delay)  # backoff between retries, not synchronisation
 
-    def _retrying(self, path: str, offset: int,
-                  once: Callable[[], tuple[FetchResponse, bytes] | None]
-                  ) -> tuple[FetchResponse, bytes]:
-        delay = self._backoff
-        for attempt in range(1, self._attempts + 1):
-            answer = once()
-            if answer is not None:
-                return answer
-            log.info("no answer for %s at %d (attempt %d of %d); retrying in %.1fs", path,
-                     offset, attempt, self._attempts, delay)
-            time.sleep(delay)  # backoff between retries, not synchronisation
-            delay = min(delay * 2, 10.0)
-        raise FetchTimeout(f"the controller did not answer for {path} at offset {offset} "
-                           f"after {self._attempts} attempts")
+
+def _check(path: str, offset: int, answer: Answer) -> tuple[int, bytes]:
+    """The total size and the chunk of a good answer; raise what the Updater expects."""
+    response, data = answer
+    if response.status == "not_found":
+        raise exceptions.DownloadHTTPError(response.error or f"{path} not found", 404)
+    if response.status != "ok" or response.offset != offset:
+        raise exceptions.DownloadError(f"fetching {path} at {offset}: {response.error}")
+    if not data and offset < response.total:
+        raise exceptions.DownloadError(f"empty chunk of {path} at {offset} of {response.total}")
+    return response.total, data
 
 
 def _blob_digest(path: str) -> str | None:

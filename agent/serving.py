@@ -136,6 +136,7 @@ class LocalApi:
 class _Handler(BaseHTTPRequestHandler):
     serving: Serving
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as two writes
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug(format, *args)

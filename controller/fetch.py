@@ -29,55 +29,68 @@ class FetchServer:
 
     def __init__(self, trust: TrustRepository, blobs: BlobStore, topics: Topics,
                  publish: Callable[[str, bytes], None], *, workers: int = 4,
-                 shared_window: float = 2.0, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._trust, self._blobs, self._topics, self._publish = trust, blobs, topics, publish
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
         self._signed: tuple[int, frozenset[str]] = (-1, frozenset())
-        self._window, self._clock = shared_window, clock
-        self._recent: dict[tuple[str, int, int], float] = {}  # shared chunk -> published at
+        self._clock = clock
+        self._published: dict[tuple[str, int, int], float] = {}  # shared chunk -> when
+        self._watching: dict[tuple[str, str], float] = {}  # (device, download id) -> since
         self._lock = threading.Lock()
         self.published_bytes = 0  # what this controller sent (the fan-out benchmark's figure)
 
     def submit(self, device_id: str, payload: bytes) -> None:
         """From the MQTT network thread: answer later, on a pool thread."""
-        self._pool.submit(self._serve, device_id, payload)
+        self._pool.submit(self._serve, device_id, payload, self._clock())
 
     def stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _serve(self, device_id: str, payload: bytes) -> None:
+    def _serve(self, device_id: str, payload: bytes, received_at: float) -> None:
         try:
             request = decode_request(payload)
         except ProtocolError as exc:
             log.warning("dropped a fetch request from %s: %s", device_id, exc)
             return
-        topic = self._topics.device(device_id, Kind.DATA)
-        sha = _digest(request.path) if request.shared else None
-        if sha is not None:
-            if not self._first_in_window((sha, request.offset, request.length)):
-                return  # published moments ago to everyone on the blob topic
-            topic = self._topics.blob(sha)
-        try:
-            response, data = self.answer(request)
-        except Exception:
-            log.exception("answering %s's fetch of %s failed", device_id, request.path)
-            return
-        if sha is not None and response.status != "ok":
-            topic = self._topics.device(device_id, Kind.DATA)  # errors are the requester's
-        with self._lock:
-            self.published_bytes += len(data)
-        self._publish(topic, encode_response(response, data))
+        own = self._topics.device(device_id, Kind.DATA)
+        sha = _digest(request.path)
+        runs = request.count if sha is not None else 1
+        # A device subscribes to the blob topic before its first request for the blob, so
+        # from then on it gets every chunk published there; a retry is re-sent to it alone.
+        shared = sha if request.shared and not request.retry else None
+        since = self._since((device_id, request.id), received_at) if shared else 0.0
+        for n in range(runs):
+            chunk = request.model_copy(update={"offset": request.offset + n * request.length})
+            if shared and not self._claim((shared, chunk.offset, chunk.length), since):
+                continue  # published to the blob topic since this device has been watching
+            try:
+                response, data = self.answer(chunk)
+            except Exception:
+                log.exception("answering %s's fetch of %s failed", device_id, request.path)
+                return
+            topic = self._topics.blob(shared) if shared and response.status == "ok" else own
+            with self._lock:
+                self.published_bytes += len(data)
+            self._publish(topic, encode_response(response, data))
+            if response.status != "ok" or chunk.offset + len(data) >= response.total:
+                return
 
-    def _first_in_window(self, key: tuple[str, int, int]) -> bool:
+    def _since(self, key: tuple[str, str], received_at: float) -> float:
+        with self._lock:
+            if len(self._watching) > 100_000:  # forget downloads idle for ten minutes
+                self._watching = {k: t for k, t in self._watching.items()
+                                  if received_at - t < 600}
+            return self._watching.setdefault(key, received_at)
+
+    def _claim(self, chunk: tuple[str, int, int], since: float) -> bool:
+        """True if ``chunk`` must be published (not published since ``since``)."""
         now = self._clock()
         with self._lock:
-            if now - self._recent.get(key, -1e18) < self._window:
+            if self._published.get(chunk, -1.0) >= since:
                 return False
-            self._recent[key] = now
-            if len(self._recent) > 100_000:
-                self._recent = {k: t for k, t in self._recent.items()
-                                if now - t < self._window}
+            self._published[chunk] = now
+            if len(self._published) > 1_000_000:
+                self._published = {k: t for k, t in self._published.items() if now - t < 600}
             return True
 
     def answer(self, request: FetchRequest) -> tuple[FetchResponse, bytes]:
@@ -109,11 +122,11 @@ class FetchServer:
         return FetchResponse(id=request.id, status="not_found", error=why)
 
     def _signed_hashes(self) -> frozenset[str]:
-        """Hashes of the signed targets, re-read when a new targets version is out."""
-        version = self._trust.load("timestamp").signed.snapshot_meta.version
-        if version != self._signed[0]:
+        """Hashes of the signed targets, re-read when targets.json changes (by mtime)."""
+        stamp = (self._trust.metadata_dir / "targets.json").stat().st_mtime_ns
+        if stamp != self._signed[0]:
             hashes = frozenset(t.hashes["sha256"] for t in self._trust.targets().values())
-            self._signed = (version, hashes)
+            self._signed = (stamp, hashes)
         return self._signed[1]
 
 

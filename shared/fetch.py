@@ -8,7 +8,8 @@ URLs: ``meta/<N.root.json|N.targets.json|N.snapshot.json|timestamp.json>`` and
 
 Many devices, one blob: a request for a target chunk may be ``shared``; the controller
 then publishes the chunk once on the blob's own topic (``Topics.blob``), which every
-device fetching that blob subscribes to, and skips a chunk it published moments ago.
+device fetching that blob subscribes to, and skips a chunk it has published since the
+requester started watching that topic (a retry is answered to the requester alone).
 Devices keep chunks that arrive ahead of where they are and ask only for what they
 still miss, so the controller's published bytes grow with the blob, not with devices
 times the blob.
@@ -28,6 +29,7 @@ from shared.messages import Count, Message, Name, decode
 DEFAULT_CHUNK = 256 * 1024
 MAX_CHUNK = 1024 * 1024
 MAX_REQUEST = 1024
+MAX_RUN = 64
 _MAX_HEADER = 1024
 
 Path = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^(meta|targets)/[^\x00]+$")]
@@ -38,9 +40,14 @@ class FetchRequest(Message):
     path: Path
     offset: Count = 0
     length: Annotated[int, Field(ge=1, le=MAX_CHUNK)] = DEFAULT_CHUNK
+    #: consecutive chunks of ``length`` wanted from ``offset`` (targets only): one request
+    #: keeps a run of chunks streaming instead of paying a round trip per chunk
+    count: Annotated[int, Field(ge=1, le=MAX_RUN)] = 1
     #: for a target: answer on the blob's broadcast topic (which the requester has
     #: subscribed to), where every device fetching the same blob receives it too
     shared: bool = False
+    #: asked again after a miss: answer this device alone, whatever was broadcast
+    retry: bool = False
 
 
 class FetchResponse(Message):

@@ -1,0 +1,273 @@
+"""Model distribution and local inference, each beside its bare baseline, in one run.
+
+(a) one device downloading a model over MQTT (TUF metadata, chunked fetch, hash check)
+    vs a bare paho publisher/subscriber moving the same bytes in the same chunks through
+    the same broker; (b) N devices fetching the same model at once: time until all have a
+    verified copy, and the controller's published bytes / (devices x model size);
+(c) the agent's local inference API (HTTP -> model worker process) vs a bare
+    onnxruntime ``InferenceSession.run`` on the same model and input, p50.
+
+    python bench/distribute.py [--mqtt mqtt://127.0.0.1:1883] [--size-mib 50]
+        [--fleet 200 --fleet-size-mib 20] [--trials 3]
+
+Prints a table and writes bench/results/distribute.json.
+"""
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MIB = 1 << 20
+
+
+def start_controller(tmp: Path, mqtt: str) -> Any:
+    from fastapi.testclient import TestClient
+
+    from controller.api.app import create_app
+    from controller.runtime import Runtime
+    from controller.settings import MqttUrl, Settings
+
+    settings = Settings(data_dir=tmp / "controller", mqtt_url=MqttUrl.parse(mqtt),
+                        topic_root=f"bench{secrets.token_hex(3)}/v1")
+    client = TestClient(create_app(settings, runtime=Runtime(settings)))
+    client.__enter__()
+    client.headers["Authorization"] = "Bearer " + (settings.data_dir / "admin-token").read_text()
+    return client
+
+
+def publish_blob(rt: Any, size: int) -> tuple[str, str]:
+    """A random blob as a signed target (the registry's validation is not measured here)."""
+    from tuf.api.metadata import TargetFile
+
+    blob = rt.blobs.put_bytes(os.urandom(size))
+    path = f"bench/{blob.sha256[:8]}.bin"
+    target = TargetFile(blob.size, {"sha256": blob.sha256}, path,
+                        unrecognized_fields={"custom": {"format": "bin"}})
+    rt.trust.set_targets({**rt.trust.targets(), path: target}, now=datetime.now(UTC))
+    return path, blob.sha256
+
+
+def devices(client: Any, tmp: Path, n: int, chunk: int) -> list[Any]:
+    from agent.config import Identity
+    from agent.link import DeviceLink
+    from agent.session import DeviceSession
+    from shared.messages import Capabilities, Health
+
+    token = client.post("/api/v1/enroll-tokens", json={"uses": n}).json()["token"]
+    links = []
+    for i in range(n):
+        identity = Identity.from_enrolment(
+            client.post("/api/v1/enroll", json={"token": token, "name": f"b{i}"}).json())
+        session = DeviceSession(
+            identity, labels={}, clock=lambda: datetime.now(UTC),
+            capabilities=lambda: Capabilities(arch="x86_64", cpu_count=2, ram_bytes=8 << 30,
+                                              disk_free_bytes=64 << 30),
+            health=lambda seq, at: Health(seq=seq, sent_at=at, cpu_percent=0.0,
+                                          mem_used_bytes=0, mem_total_bytes=1,
+                                          disk_free_bytes=1))
+        links.append(DeviceLink(identity, tmp / f"dev{i}", session, chunk_size=chunk))
+    for link in links:
+        link.connect()
+    deadline = time.monotonic() + 60
+    while not all(link.client.is_connected() for link in links):
+        if time.monotonic() > deadline:
+            raise SystemExit("devices did not connect within 60 s")
+        time.sleep(0.05)
+    return links
+
+
+def fetch(link: Any, target: str, sha: str) -> None:
+    updater = link.updater()
+    updater.refresh()
+    path = Path(updater.download_target(updater.get_targetinfo(target)))
+    if hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+        raise SystemExit("a download did not verify")
+    path.unlink()
+
+
+# -- (a) one device vs bare paho ----------------------------------------------------------
+
+def bare_paho(mqtt: str, size: int, chunk: int) -> float:
+    """Seconds for a bare paho publisher to move ``size`` bytes in ``chunk``s (QoS 1) to a
+    bare subscriber through the broker."""
+    import paho.mqtt.client as mqtt_client
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, _, port = mqtt.removeprefix("mqtt://").rpartition(":")
+    topic = f"bench/bare/{secrets.token_hex(4)}"
+    got, done = [0], threading.Event()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        got[0] += len(msg.payload)
+        if got[0] >= size:
+            done.set()
+
+    sub = mqtt_client.Client(CallbackAPIVersion.VERSION2)
+    sub.on_message = on_message
+    sub.connect(host, int(port))
+    sub.subscribe(topic, qos=1)
+    sub.loop_start()
+    pub = mqtt_client.Client(CallbackAPIVersion.VERSION2)
+    pub.max_inflight_messages_set(20)
+    pub.connect(host, int(port))
+    pub.loop_start()
+    time.sleep(0.5)  # let the subscription settle before timing (not synchronisation)
+    data = os.urandom(chunk)
+    started = time.perf_counter()
+    for _ in range(0, size, chunk):
+        pub.publish(topic, data, qos=1)
+    if not done.wait(300):
+        raise SystemExit("bare paho transfer did not finish")
+    took = time.perf_counter() - started
+    for c in (pub, sub):
+        c.disconnect()
+        c.loop_stop()
+    return took
+
+
+def single(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    rt = client.app.state.runtime
+    size, chunk = args.size_mib * MIB, args.chunk_kib * 1024
+    target, sha = publish_blob(rt, size)
+    (link,) = devices(client, tmp / "single", 1, chunk)
+    ours, bare = [], []
+    for _ in range(args.trials):
+        started = time.perf_counter()
+        fetch(link, target, sha)
+        ours.append(size / MIB / (time.perf_counter() - started))
+        bare.append(size / MIB / bare_paho(args.mqtt, size, chunk))
+    link.close()
+    ours_m, bare_m = statistics.median(ours), statistics.median(bare)
+    return {"size_mib": args.size_mib, "chunk_kib": args.chunk_kib,
+            "agent_mib_s": round(ours_m, 1), "bare_paho_mib_s": round(bare_m, 1),
+            "ratio": round(ours_m / bare_m, 3), "trials": {"agent": ours, "bare": bare}}
+
+
+# -- (b) a fleet fetching one model ---------------------------------------------------------
+
+def fleet(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    rt = client.app.state.runtime
+    size = args.fleet_size_mib * MIB
+    target, sha = publish_blob(rt, size)
+    links = devices(client, tmp / "fleet", args.fleet, args.chunk_kib * 1024)
+    before = rt.fetch.published_bytes
+    errors: list[BaseException] = []
+
+    def run(link: Any) -> None:
+        try:
+            fetch(link, target, sha)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(link,)) for link in links]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    took = time.perf_counter() - started
+    for link in links:
+        link.close()
+    if errors:
+        raise SystemExit(f"{len(errors)} devices failed: {errors[0]!r}")
+    published = rt.fetch.published_bytes - before
+    return {"devices": args.fleet, "size_mib": args.fleet_size_mib,
+            "seconds_until_all_verified": round(took, 1),
+            "published_mib": round(published / MIB, 1),
+            "published_over_devices_x_size": round(published / (args.fleet * size), 4)}
+
+
+# -- (c) local inference vs bare onnxruntime -----------------------------------------------
+
+def inference(tmp: Path, n: int) -> dict[str, Any]:
+    import numpy as np
+    import onnxruntime as ort
+
+    from agent.serving import LocalApi, Serving
+    from tests.models import tiny_onnx
+
+    model_dir = tmp / "model"
+    model_dir.mkdir()
+    (model_dir / "model.onnx").write_bytes(tiny_onnx())
+    (model_dir / "meta.json").write_text(json.dumps({
+        "model": "mlp", "version": "1.0.0", "variant": "source", "format": "onnx",
+        "quantization": "fp32"}))
+    x = np.random.default_rng(0).standard_normal((1, 128)).astype(np.float32)
+    session = ort.InferenceSession(str(model_dir / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    serving = Serving()
+    serving.activate(model_dir)
+    api = LocalApi(serving, "127.0.0.1", 0)
+    api.start()
+    conn = http.client.HTTPConnection("127.0.0.1", api.port)
+    body = json.dumps({"inputs": {"x": x.tolist()}})
+    bare, ours = [], []
+    for _ in range(n):  # interleaved, so both see the same machine state
+        started = time.perf_counter()
+        session.run(["y"], {"x": x})
+        bare.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        conn.request("POST", "/v1/models/mlp/infer", body,
+                     {"Content-Type": "application/json"})
+        conn.getresponse().read()
+        ours.append((time.perf_counter() - started) * 1000)
+    api.stop()
+    serving.activate(None)
+    p50_ours, p50_bare = statistics.median(ours), statistics.median(bare)
+    return {"requests": n, "agent_p50_ms": round(p50_ours, 3), "bare_ort_p50_ms":
+            round(p50_bare, 3), "overhead_p50_ms": round(p50_ours - p50_bare, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mqtt", default="mqtt://127.0.0.1:1883")
+    parser.add_argument("--size-mib", type=int, default=50)
+    parser.add_argument("--chunk-kib", type=int, default=256)
+    parser.add_argument("--fleet", type=int, default=200)
+    parser.add_argument("--fleet-size-mib", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--only", choices=["single", "fleet", "inference"])
+    args = parser.parse_args()
+    results: dict[str, Any] = {"at": datetime.now(UTC).isoformat(), "mqtt": args.mqtt}
+    with tempfile.TemporaryDirectory(prefix="ef-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        if args.only in (None, "inference"):
+            results["inference"] = inference(tmp, args.requests)
+        if args.only in (None, "single", "fleet"):
+            client = start_controller(tmp, args.mqtt)
+            try:
+                if args.only in (None, "single"):
+                    results["single"] = single(client, tmp, args)
+                if args.only in (None, "fleet"):
+                    results["fleet"] = fleet(client, tmp, args)
+            finally:
+                client.__exit__(None, None, None)
+    for part, figures in results.items():
+        if isinstance(figures, dict):
+            print(f"\n{part}")
+            for key, value in figures.items():
+                if key != "trials":
+                    print(f"  {key:32} {value}")
+    out = ROOT / "bench" / "results" / "distribute.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
