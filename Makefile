@@ -33,6 +33,7 @@ test: $(LLM_STAMP) lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/distribute.py
 
 clean:
 	rm -rf $(VENV) .edgefleet .pytest_cache .mypy_cache .ruff_cache

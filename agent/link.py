@@ -17,15 +17,24 @@ from shared.fetch import DEFAULT_CHUNK
 
 class DeviceLink:
     def __init__(self, identity: Identity, state_dir: Path, session: DeviceSession, *,
-                 chunk_size: int = DEFAULT_CHUNK, bind_address: str = "") -> None:
+                 chunk_size: int = DEFAULT_CHUNK, bind_address: str = "",
+                 **fetcher_options: float) -> None:
         self.identity, self.state_dir, self.session = identity, state_dir, session
         self.chunk_size = chunk_size
+        self.fetcher_options = fetcher_options  # MqttFetcher's window, timeouts
         self.client = device_client(session, bind_address=bind_address)
         topics, client = session.topics, self.client
-        self.channel = FetchChannel(
-            lambda payload: session.send_fetch(client, payload),
-            subscribe=lambda sha: client.subscribe(topics.blob(sha), qos=1),
-            unsubscribe=lambda sha: client.unsubscribe(topics.blob(sha)))
+
+        def subscribe(sha: str) -> None:
+            session.blob_topics.add(topics.blob(sha))
+            client.subscribe(topics.blob(sha), qos=1)
+
+        def unsubscribe(sha: str) -> None:
+            session.blob_topics.discard(topics.blob(sha))
+            client.unsubscribe(topics.blob(sha))
+
+        self.channel = FetchChannel(lambda payload: session.send_fetch(client, payload),
+                                    subscribe=subscribe, unsubscribe=unsubscribe)
         session.on_data = self.channel.deliver
         session.on_blob = self.channel.deliver_shared
 
@@ -47,5 +56,6 @@ class DeviceLink:
         trusted = meta / "root.json"
         root = trusted.read_bytes() if trusted.exists() else self.identity.tuf_root.encode()
         return Updater(str(meta), META_URL, str(download), TARGETS_URL,
-                       fetcher=MqttFetcher(self.channel, chunk_size=self.chunk_size),
+                       fetcher=MqttFetcher(self.channel, chunk_size=self.chunk_size,
+                                           **self.fetcher_options),  # type: ignore[arg-type]
                        bootstrap=root)

@@ -13,7 +13,7 @@ import multiprocessing as mp
 import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from shared import smoke
 
@@ -156,26 +156,35 @@ class ModelWorker:
         self._conn, self._process, self.description = parent, process, hello["ready"]
 
     def call(self, op: str, **args: Any) -> Any:
-        """Run ``op`` in the worker; BadRequest for bad input, RuntimeCrashed if it died."""
+        """Run ``op`` in the worker; BadRequest for bad input, RuntimeCrashed if it died
+        (reported once; the next call starts a new worker)."""
         with self._lock:
-            if self._conn is None or self._process is None or not self._process.is_alive():
+            if self._process is not None and not self._process.is_alive():
+                self._crashed()
+            if self._conn is None:
                 self._start()
             assert self._conn is not None  # noqa: S101 - set by _start
             try:
                 self._conn.send({"op": op, "args": args})
                 answer = self._conn.recv()
-            except (EOFError, OSError, BrokenPipeError):
-                self.crashes += 1
-                code = self._process.exitcode if self._process else None
-                self._conn = None
-                log.warning("the model runtime died (exit code %s); it restarts on the next "
-                            "request", code)
-                raise RuntimeCrashed(f"the model runtime died (exit code {code})") from None
+            except (EOFError, OSError):
+                self._crashed()
         if "bad_request" in answer:
             raise BadRequest(answer["bad_request"])
         if "error" in answer:
             raise RuntimeError(answer["error"])
         return answer["ok"]
+
+    def _crashed(self) -> NoReturn:
+        self.crashes += 1
+        process = self._process
+        if process is not None:
+            process.join(1)
+        code = process.exitcode if process is not None else None
+        self._conn = self._process = None
+        log.warning("the model runtime died (exit code %s); it restarts on the next request",
+                    code)
+        raise RuntimeCrashed(f"the model runtime died (exit code {code})")
 
     def stop(self) -> None:
         with self._lock:

@@ -65,6 +65,7 @@ class DeviceSession:
         self.on_desired: Callable[[DesiredState], None] | None = None
         self.on_data: Callable[[bytes], None] | None = None
         self.on_blob: Callable[[str, bytes], None] | None = None  # a shared blob chunk
+        self.blob_topics: set[str] = set()  # being downloaded: subscribed again on reconnect
 
     def will(self) -> Outgoing:
         """The last will: retained ``offline`` presence."""
@@ -73,7 +74,8 @@ class DeviceSession:
 
     def subscriptions(self) -> list[str]:
         kinds = [Kind.DESIRED] if self.on_data is None else [Kind.DESIRED, Kind.DATA]
-        return [self.topics.device(self.device_id, kind) for kind in kinds]
+        return [self.topics.device(self.device_id, kind) for kind in kinds] + sorted(
+            self.blob_topics)
 
     def on_connected(self, pub: Publisher) -> None:
         """Announce presence and capabilities after every (re)connect."""

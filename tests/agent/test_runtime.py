@@ -1,0 +1,58 @@
+"""The model worker: real onnxruntime in a child process; bad input and crashes."""
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from agent.runtime import BadRequest, ModelWorker, RuntimeCrashed
+from tests.models import tiny_onnx
+
+
+@pytest.fixture
+def worker(tmp_path: Path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(tiny_onnx())
+    w = ModelWorker(path, "onnx")
+    w.start()
+    yield w
+    w.stop()
+
+
+def test_outputs_match_onnxruntime_run_directly(worker, tmp_path) -> None:
+    x = np.random.default_rng(2).standard_normal((1, 128)).astype(np.float32)
+    out = worker.call("infer", inputs={"x": x.tolist()})
+    (want,) = ort.InferenceSession(str(tmp_path / "model.onnx")).run(["y"], {"x": x})
+    np.testing.assert_allclose(np.asarray(out["y"], dtype=np.float32), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ({"image": [[0.0] * 128]}, "the model takes ['x']"),
+    ({"x": [[0.0] * 3]}, "shape [1, 3] does not fit [1, 128]"),
+    ({"x": [["a"] * 128]}, "x: not float32 values"),
+])
+def test_bad_input_is_a_clear_bad_request(worker, inputs, message) -> None:
+    with pytest.raises(BadRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
+        worker.call("infer", inputs=inputs)
+
+
+def test_a_crashed_runtime_is_reported_and_the_next_request_gets_a_new_one(worker) -> None:
+    first = worker.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(RuntimeCrashed, match="the model runtime died"):
+        worker.call("infer", inputs={"x": [[0.0] * 128]})
+    assert worker.crashes == 1
+    out = worker.call("infer", inputs={"x": [[0.0] * 128]})
+    assert len(out["y"][0]) == 10
+    assert worker.pid not in (None, first)
+
+
+def test_a_file_that_is_not_a_model_fails_to_load_with_the_reason(tmp_path) -> None:
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(RuntimeCrashed, match="cannot load the model"):
+        ModelWorker(bad, "onnx").start()
