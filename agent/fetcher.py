@@ -55,6 +55,7 @@ class FetchChannel:
         self._watched: str | None = None
         self._watch_id = ""
         self._chunks: dict[int, Answer] = {}
+        self._position = 0  # the offset the download waits for next
         self._max_ahead = max_ahead
 
     @property
@@ -76,6 +77,7 @@ class FetchChannel:
     def watch(self, sha: str) -> None:
         with self._cond:
             self._watched, self._watch_id, self._chunks = sha, secrets.token_hex(8), {}
+            self._position = 0
         if self._subscribe is not None:
             self._subscribe(sha)
 
@@ -92,9 +94,15 @@ class FetchChannel:
                                                   length=length, count=count,
                                                   shared=self.shares, retry=retry)))
 
+    def held(self, offset: int) -> bool:
+        """Whether the chunk at ``offset`` of the watched blob is already here."""
+        with self._cond:
+            return offset in self._chunks
+
     def take(self, offset: int, timeout: float) -> Answer | None:
         """The answer for ``offset`` of the watched blob, or None within ``timeout``."""
         with self._cond:
+            self._position = offset
             self._cond.wait_for(lambda: offset in self._chunks, timeout)
             return self._chunks.pop(offset, None)
 
@@ -121,6 +129,9 @@ class FetchChannel:
                 self._cond.notify_all()
 
     def _keep(self, answer: Answer) -> None:
+        """Hold a chunk for the download, unless it is behind it (broadcast for others)."""
+        if answer[0].offset < self._position:
+            return
         if sum(len(data) for _, data in self._chunks.values()) <= self._max_ahead:
             self._chunks[answer[0].offset] = answer
 
@@ -188,9 +199,7 @@ class MqttFetcher(FetcherInterface):
                     self._channel.ask(path, 0, self._chunk, retry=misses > 0)
                     asked_to = self._chunk
             elif asked_to - offset <= run * self._chunk and asked_to < total:
-                count = min(want, -(-(total - asked_to) // self._chunk))
-                self._channel.ask(path, asked_to, self._chunk, count, retry=misses > 0)
-                asked_to += count * self._chunk
+                asked_to = self._ask_missing(path, asked_to, total, want, retry=misses > 0)
             answer = self._channel.take(offset, self._blob_timeout)
             if answer is None:
                 if time.monotonic() - progress_at > self._stall_s:
@@ -205,6 +214,21 @@ class MqttFetcher(FetcherInterface):
             offset += len(data)
             asked_to = max(asked_to, offset)
             yield data
+
+    def _ask_missing(self, path: str, start: int, total: int, most: int, *, retry: bool
+                     ) -> int:
+        """Ask for the first run of at most ``most`` chunks from ``start`` that are not
+        here yet (others' broadcasts fill the rest); return where asking got to."""
+        held = self._channel.held
+        while start < total and held(start):
+            start += self._chunk
+        count = 0
+        while count < most and start + count * self._chunk < total \
+                and not held(start + count * self._chunk):
+            count += 1
+        if count:
+            self._channel.ask(path, start, self._chunk, count, retry=retry)
+        return start + count * self._chunk
 
     def _pause(self, path: str, offset: int, attempt: int) -> None:
         delay = min(self._backoff * 2 ** attempt, 10.0)

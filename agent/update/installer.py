@@ -76,13 +76,15 @@ class Installer:
 
     def __init__(self, state_dir: Path, *, updater: Callable[[], Any], reporter: Reporter,
                  serving: Serving, probation_s: float = 5.0,
-                 disk_free: Callable[[Path], int] | None = None) -> None:
+                 disk_free: Callable[[Path], int] | None = None,
+                 ram_free: Callable[[], int] | None = None) -> None:
         self.dir = state_dir
         self.models = state_dir / "models"
         self.current = state_dir / "current"
         self._updater, self._reporter, self._serving = updater, reporter, serving
         self._probation_s = probation_s
         self._disk_free = disk_free or (lambda p: shutil.disk_usage(p).free)
+        self._ram_free = ram_free or _available_ram
         self._wanted: DesiredState | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -182,6 +184,11 @@ class Installer:
                                                        "custom": info.custom})
         self._save(install)
         staged = self.models / sha
+        ram = int(info.custom.get("ram_estimate_bytes") or 0)
+        if ram > (available := self._ram_free()):
+            raise InstallFailed("insufficient_memory", f"{install.target} needs about {ram} "
+                                f"bytes of RAM to load beside the running model; "
+                                f"{available} are available")
         if not (staged / "meta.json").exists():
             needed = 2 * info.length
             free = self._disk_free(self.dir)
@@ -324,6 +331,12 @@ def run_smoke_test(call: Callable[..., Any], fmt: str, test: dict[str, Any],
         if took_ms > budget:
             return f"input {n}: took {took_ms:.0f} ms, budget {budget:g} ms"
     return None
+
+
+def _available_ram() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _model_file(staged: Path) -> Path | None:

@@ -80,10 +80,15 @@ def repo(tmp_path: Path) -> tuple[TrustRepository, BlobStore]:
     repo, blobs = TrustRepository(tmp_path / "tuf"), BlobStore(tmp_path / "blobs")
     repo.initialize(now=datetime.now(UTC))
     publish(repo, blobs, {"models/m/1.0.0/source.onnx": b"x" * 1000})
+    targets = repo.targets()
+    targets["models/m/1.0.0/source.onnx"].unrecognized_fields["custom"] |= {
+        "ram_estimate_bytes": 5000}
+    repo.set_targets(targets, now=datetime.now(UTC))
     return repo, blobs
 
 
-def installer(tmp_path: Path, repo, serving, reporter, free: int) -> Installer:
+def installer(tmp_path: Path, repo, serving, reporter, free: int, ram: int = 1 << 30
+              ) -> Installer:
     trust, blobs = repo
     state = tmp_path / "agent"
     (state / "tuf" / "metadata").mkdir(parents=True)
@@ -95,7 +100,7 @@ def installer(tmp_path: Path, repo, serving, reporter, free: int) -> Installer:
                        bootstrap=trust.trusted_root())
 
     return Installer(state, updater=updater, reporter=reporter, serving=serving,
-                     probation_s=0, disk_free=lambda _path: free)
+                     probation_s=0, disk_free=lambda _path: free, ram_free=lambda: ram)
 
 
 def desired(generation: int) -> DesiredState:
@@ -131,3 +136,14 @@ def test_an_install_with_room_commits_and_a_replayed_generation_is_ignored(
     assert reporter.events == ["downloading", "verifying", "staging", "activating",
                                "smoke_test", "probation", "committed"]
     assert inst.active_dir() == serving.active[-1]
+
+
+def test_too_little_memory_fails_the_install_before_downloading(tmp_path, repo) -> None:
+    serving, reporter = FakeServing(), FakeReporter()
+    inst = installer(tmp_path, repo, serving, reporter, free=10_000, ram=4000)  # needs 5000
+    inst.start()
+    inst.want(desired(1))
+    (done,) = wait_for(lambda: reporter.done, 30, "the install to end")
+    inst.stop()
+    assert (done.state, done.reason.split(":")[0]) == (State.FAILED, "insufficient_memory")
+    assert serving.active == [None]
