@@ -56,6 +56,7 @@ class FetchChannel:
         self._watch_id = ""
         self._chunks: dict[int, Answer] = {}
         self._position = 0  # the offset the download waits for next
+        self.last_arrival = 0.0  # when a chunk of the watched blob last came in
         self._max_ahead = max_ahead
 
     @property
@@ -94,6 +95,11 @@ class FetchChannel:
                                                   length=length, count=count,
                                                   shared=self.shares, retry=retry)))
 
+    def furthest(self) -> int:
+        """The largest offset held (-1 if none)."""
+        with self._cond:
+            return max(self._chunks, default=-1)
+
     def held(self, offset: int) -> bool:
         """Whether the chunk at ``offset`` of the watched blob is already here."""
         with self._cond:
@@ -130,6 +136,7 @@ class FetchChannel:
 
     def _keep(self, answer: Answer) -> None:
         """Hold a chunk for the download, unless it is behind it (broadcast for others)."""
+        self.last_arrival = time.monotonic()
         if answer[0].offset < self._position:
             return
         if sum(len(data) for _, data in self._chunks.values()) <= self._max_ahead:
@@ -149,11 +156,13 @@ class MqttFetcher(FetcherInterface):
 
     def __init__(self, channel: FetchChannel, *, chunk_size: int = DEFAULT_CHUNK,
                  window: int = 64, timeout: float = 10.0, blob_timeout: float = 3.0,
-                 attempts: int = 6, backoff: float = 0.5, stall_s: float = 120.0) -> None:
+                 attempts: int = 6, backoff: float = 0.5, stall_s: float = 120.0,
+                 quiet: float = 0.5) -> None:
         self._channel = channel
         self._chunk, self._window = chunk_size, window
         self._timeout, self._blob_timeout = timeout, blob_timeout
         self._attempts, self._backoff, self._stall_s = attempts, backoff, stall_s
+        self._quiet = quiet
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith("mqtt:"):
@@ -186,21 +195,32 @@ class MqttFetcher(FetcherInterface):
             yield data
 
     def _windowed(self, path: str) -> Iterator[bytes]:
-        """Keep up to ``window`` chunks asked for ahead, in runs of half a window. After a
-        miss, ask again for a few chunks, to this device alone; give up only when nothing
-        has arrived for ``stall_s``."""
+        """Keep up to ``window`` chunks asked for ahead, in runs of half a window.
+
+        A device that joins while the blob is being broadcast for others keeps what flows
+        past and asks for what it missed only once the flow pauses, together with the
+        other late joiners, so one republication serves them all. After a miss it asks
+        again for a few chunks, to itself alone; it gives up only when nothing has
+        arrived for ``stall_s``."""
         offset, total, asked_to, misses = 0, None, 0, 0
         run = max(1, self._window // 2)
         progress_at = time.monotonic()
         while total is None or offset < total:
-            want = 4 if misses else run
+            waiting = False
             if total is None:
                 if asked_to == 0:
                     self._channel.ask(path, 0, self._chunk, retry=misses > 0)
                     asked_to = self._chunk
             elif asked_to - offset <= run * self._chunk and asked_to < total:
-                asked_to = self._ask_missing(path, asked_to, total, want, retry=misses > 0)
-            answer = self._channel.take(offset, self._blob_timeout)
+                waiting = self._others_flowing(asked_to + run * self._chunk)
+                if not waiting:
+                    asked_to = self._ask_missing(path, asked_to, total, 4 if misses else run,
+                                                 retry=misses > 0)
+            answer = self._channel.take(offset, self._quiet if waiting else self._blob_timeout)
+            flowing = time.monotonic() - self._channel.last_arrival < self._blob_timeout
+            if answer is None and (waiting or flowing) \
+                    and time.monotonic() - progress_at < self._stall_s:
+                continue  # others' broadcast, or ours reaching a slow device: no retry
             if answer is None:
                 if time.monotonic() - progress_at > self._stall_s:
                     raise FetchTimeout(f"nothing arrived for {path} at offset {offset} for "
@@ -214,6 +234,12 @@ class MqttFetcher(FetcherInterface):
             offset += len(data)
             asked_to = max(asked_to, offset)
             yield data
+
+    def _others_flowing(self, beyond: int) -> bool:
+        """Chunks beyond anything this device asked for arrived just now: someone else's
+        download is being broadcast."""
+        return (time.monotonic() - self._channel.last_arrival < self._quiet
+                and self._channel.furthest() >= beyond)
 
     def _ask_missing(self, path: str, start: int, total: int, most: int, *, retry: bool
                      ) -> int:

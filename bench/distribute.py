@@ -164,7 +164,7 @@ def fleet(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     size = args.fleet_size_mib * MIB
     target, sha = publish_blob(rt, size)
     links = devices(client, tmp / "fleet", args.fleet, args.chunk_kib * 1024)
-    before = rt.fetch.published_bytes
+    before, broadcast_before = rt.fetch.published_bytes, rt.fetch.broadcast_bytes
     errors: list[BaseException] = []
 
     def run(link: Any) -> None:
@@ -185,9 +185,11 @@ def fleet(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     if errors:
         raise SystemExit(f"{len(errors)} devices failed: {errors[0]!r}")
     published = rt.fetch.published_bytes - before
+    broadcast = rt.fetch.broadcast_bytes - broadcast_before
     return {"devices": args.fleet, "size_mib": args.fleet_size_mib,
             "seconds_until_all_verified": round(took, 1),
             "published_mib": round(published / MIB, 1),
+            "of_which_broadcast_mib": round(broadcast / MIB, 1),
             "published_over_devices_x_size": round(published / (args.fleet * size), 4)}
 
 

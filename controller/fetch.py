@@ -38,6 +38,7 @@ class FetchServer:
         self._watching: dict[tuple[str, str], float] = {}  # (device, download id) -> since
         self._lock = threading.Lock()
         self.published_bytes = 0  # what this controller sent (the fan-out benchmark's figure)
+        self.broadcast_bytes = 0  # of which on blob topics (the rest: to single devices)
 
     def submit(self, device_id: str, payload: bytes) -> None:
         """From the MQTT network thread: answer later, on a pool thread."""
@@ -71,6 +72,8 @@ class FetchServer:
             topic = self._topics.blob(shared) if shared and response.status == "ok" else own
             with self._lock:
                 self.published_bytes += len(data)
+                if topic != own:
+                    self.broadcast_bytes += len(data)
             self._publish(topic, encode_response(response, data))
             if response.status != "ok" or chunk.offset + len(data) >= response.total:
                 return
