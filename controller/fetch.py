@@ -10,7 +10,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from controller.registry.blobs import BlobStore
@@ -55,28 +55,25 @@ class FetchServer:
             return
         own = self._topics.device(device_id, Kind.DATA)
         sha = _digest(request.path)
-        runs = request.count if sha is not None else 1
         # A device subscribes to the blob topic before its first request for the blob, so
         # from then on it gets every chunk published there; a retry is re-sent to it alone.
         shared = sha if request.shared and not request.retry else None
         since = self._since((device_id, request.id), received_at) if shared else 0.0
-        for n in range(runs):
-            chunk = request.model_copy(update={"offset": request.offset + n * request.length})
-            if shared and not self._claim((shared, chunk.offset, chunk.length), since):
-                continue  # published to the blob topic since this device has been watching
-            try:
-                response, data = self.answer(chunk)
-            except Exception:
-                log.exception("answering %s's fetch of %s failed", device_id, request.path)
-                return
-            topic = self._topics.blob(shared) if shared and response.status == "ok" else own
-            with self._lock:
-                self.published_bytes += len(data)
-                if topic != own:
-                    self.broadcast_bytes += len(data)
-            self._publish(topic, encode_response(response, data))
-            if response.status != "ok" or chunk.offset + len(data) >= response.total:
-                return
+
+        def wanted(offset: int) -> bool:  # not published to the blob topic since then
+            return not shared or self._claim((shared, offset, request.length), since)
+
+        try:
+            for response, data in self.answers(request, wanted):
+                topic = self._topics.blob(shared) if shared and response.status == "ok" \
+                    else own
+                with self._lock:
+                    self.published_bytes += len(data)
+                    if topic != own:
+                        self.broadcast_bytes += len(data)
+                self._publish(topic, encode_response(response, data))
+        except Exception:
+            log.exception("answering %s's fetch of %s failed", device_id, request.path)
 
     def _since(self, key: tuple[str, str], received_at: float) -> float:
         with self._lock:
@@ -96,29 +93,44 @@ class FetchServer:
                 self._published = {k: t for k, t in self._published.items() if now - t < 600}
             return True
 
-    def answer(self, request: FetchRequest) -> tuple[FetchResponse, bytes]:
-        """The response to ``request`` and its chunk."""
+    def answers(self, request: FetchRequest, wanted: Callable[[int], bool] = lambda _: True
+                ) -> Iterator[tuple[FetchResponse, bytes]]:
+        """The responses to ``request`` with their chunks: one for metadata, up to
+        ``count`` for a target (those at offsets ``wanted`` accepts; the file opened once)."""
         kind, _, name = request.path.partition("/")
         if kind == "meta":
             whole = self._trust.read(name)
             if whole is None:
-                return self._missing(request, f"no metadata {name}"), b""
-            total = len(whole)
-            data = whole[request.offset:request.offset + request.length]
-        else:
-            sha = _digest(request.path)
-            blob = self._blobs.get(sha) if sha and sha in self._signed_hashes() else None
-            if blob is None:
-                return self._missing(request, f"no signed target {name}"), b""
-            total = blob.size
-            with blob.path.open("rb") as f:
-                f.seek(request.offset)
-                data = f.read(request.length)
-        if request.offset > total:
-            return FetchResponse(id=request.id, status="bad_request", total=total,
-                                 error=f"offset {request.offset} is past the end ({total})"), b""
-        return FetchResponse(id=request.id, status="ok", offset=request.offset,
-                             total=total), data
+                yield self._missing(request, f"no metadata {name}"), b""
+            elif request.offset > len(whole):
+                yield self._past_end(request, len(whole)), b""
+            else:
+                yield FetchResponse(id=request.id, status="ok", offset=request.offset,
+                                    total=len(whole)), \
+                    whole[request.offset:request.offset + request.length]
+            return
+        sha = _digest(request.path)
+        blob = self._blobs.get(sha) if sha and sha in self._signed_hashes() else None
+        if blob is None:
+            yield self._missing(request, f"no signed target {name}"), b""
+            return
+        if request.offset > blob.size:
+            yield self._past_end(request, blob.size), b""
+            return
+        with blob.path.open("rb") as f:
+            for n in range(request.count):
+                offset = request.offset + n * request.length
+                if n and offset >= blob.size:
+                    return
+                if wanted(offset):
+                    f.seek(offset)
+                    yield FetchResponse(id=request.id, status="ok", offset=offset,
+                                        total=blob.size), f.read(request.length)
+
+    @staticmethod
+    def _past_end(request: FetchRequest, total: int) -> FetchResponse:
+        return FetchResponse(id=request.id, status="bad_request", total=total,
+                             error=f"offset {request.offset} is past the end ({total})")
 
     @staticmethod
     def _missing(request: FetchRequest, why: str) -> FetchResponse:
