@@ -89,13 +89,20 @@ class Serving:
 
     def probation(self, seconds: float, stop: threading.Event) -> str | None:
         """Watch the live model for ``seconds``: a crash or an error rate over a half fails."""
-        start_count, start_errors = self.count, self.errors
-        crashes = self.worker.crashes if self.worker else 0
+        start = self.mark()
         stop.wait(seconds)
-        worker = self.worker
-        if worker is not None and worker.crashes > crashes:
+        return self.verdict(start)
+
+    def mark(self) -> tuple[int, int, int]:
+        """Counters to judge a period by (requests, errors, runtime crashes)."""
+        return self.count, self.errors, self.worker.crashes if self.worker else 0
+
+    def verdict(self, start: tuple[int, int, int]) -> str | None:
+        """Why the period since ``start`` was bad, or None."""
+        calls, errors, crashes = (now - then for now, then in zip(self.mark(), start,
+                                                                  strict=True))
+        if crashes > 0:
             return "the runtime crashed during probation"
-        calls, errors = self.count - start_count, self.errors - start_errors
         if calls and errors / calls > 0.5:
             return f"{errors} of {calls} requests failed during probation"
         return None

@@ -56,3 +56,35 @@ def test_a_file_that_is_not_a_model_fails_to_load_with_the_reason(tmp_path) -> N
     bad.write_bytes(b"not a model")
     with pytest.raises(RuntimeCrashed, match="cannot load the model"):
         ModelWorker(bad, "onnx").start()
+
+
+def test_probation_fails_when_the_runtime_crashes_or_most_requests_fail(tmp_path) -> None:
+    import json
+    import threading
+
+    from agent.serving import Serving
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "model.onnx").write_bytes(tiny_onnx())
+    (model_dir / "meta.json").write_text(json.dumps({
+        "model": "mlp", "version": "1.0.0", "variant": "source", "format": "onnx"}))
+    serving, stop = Serving(), threading.Event()
+    serving.activate(model_dir)
+    try:
+        assert serving.probation(0.0, stop) is None  # nothing went wrong
+        start = serving.mark()
+        os.kill(serving.worker.pid, signal.SIGKILL)  # type: ignore[union-attr, arg-type]
+        with pytest.raises(RuntimeCrashed):
+            serving.call("infer", inputs={"x": [[0.0] * 128]})
+        assert serving.verdict(start) == "the runtime crashed during probation"
+        assert serving.health()["error_count"] == 1
+        start = serving.mark()
+        serving.call("infer", inputs={"x": [[0.0] * 128]})  # a new worker answers
+        assert serving.verdict(start) is None
+        for _ in range(2):
+            with pytest.raises(RuntimeError):
+                serving.call("no_such_op")  # the runtime fails the request
+        assert serving.verdict(start) == "2 of 3 requests failed during probation"
+    finally:
+        serving.activate(None)
