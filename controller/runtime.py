@@ -4,6 +4,7 @@ Start order: data dir, database (migrated), keys, embedded broker (if no --mqtt)
 job runner, ingestor, MQTT bridge, scheduler. Stop runs the other way round.
 """
 
+import gc
 import logging
 import os
 import secrets
@@ -123,6 +124,7 @@ class Runtime:
         self.scheduler.add_job(self.collect_blobs, "interval", hours=1, id="blob-gc",
                                coalesce=True, max_instances=1)
         self.scheduler.start()
+        gc.freeze()  # start-up objects need no more collecting; keeps the receive path lean
 
     def _inbound(self, device_id: str, kind: str, payload: bytes, received_at: float) -> None:
         """From the MQTT network thread: fetches to the fetch server, the rest to ingest."""
