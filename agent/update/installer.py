@@ -152,15 +152,23 @@ class Installer:
                          install.generation)
                 if install.state in (State.SMOKE_TEST, State.PROBATION):
                     install = self._rollback(install, "superseded")
+                self._reporter.event("superseded", install.generation, install.target or "")
                 return
+            failure = None
             try:
                 install = steps[install.state](install)
             except InstallFailed as exc:
+                failure = exc
+            except Exception as exc:  # a bug or an I/O error must not stop the installer
+                log.exception("install step %s failed", install.state.value)
+                failure = InstallFailed("internal_error", f"{type(exc).__name__}: {exc}")
+            if failure is not None:
+                reason = f"{failure.reason}: {failure}"
                 if install.state in (State.SMOKE_TEST, State.PROBATION):
-                    install = self._rollback(install, f"{exc.reason}: {exc}")
+                    install = self._rollback(install, reason)
                 else:
                     install = replace(install, state=next_state(install.state, Event.FAILED),
-                                      reason=f"{exc.reason}: {exc}")
+                                      reason=reason)
                     self._discard_partial(install)
             self._save(install)
         self._finish(install)

@@ -147,3 +147,22 @@ def test_too_little_memory_fails_the_install_before_downloading(tmp_path, repo) 
     inst.stop()
     assert (done.state, done.reason.split(":")[0]) == (State.FAILED, "insufficient_memory")
     assert serving.active == [None]
+
+
+def test_an_unexpected_error_in_a_step_rolls_back_and_the_installer_keeps_working(
+        tmp_path, repo) -> None:
+    class Broken(FakeServing):
+        def smoke_test(self, model_dir: Path) -> str | None:
+            raise RuntimeError("a bug")
+
+    serving, reporter = Broken(), FakeReporter()
+    inst = installer(tmp_path, repo, serving, reporter, free=10_000)
+    inst.start()
+    inst.want(desired(1))
+    wait_for(lambda: reporter.done, 30, "the first install to end")
+    inst.want(desired(2))  # the installer thread survived
+    wait_for(lambda: len(reporter.done) == 2, 30, "the second install to end")
+    inst.stop()
+    assert [(d.state, d.reason) for d in reporter.done] == [
+        (State.ROLLED_BACK, "internal_error: RuntimeError: a bug")] * 2
+    assert serving.active[-1] is None  # back on "no model", as before the installs
