@@ -157,7 +157,7 @@ class MqttFetcher(FetcherInterface):
     def __init__(self, channel: FetchChannel, *, chunk_size: int = DEFAULT_CHUNK,
                  window: int = 64, timeout: float = 10.0, blob_timeout: float = 3.0,
                  attempts: int = 6, backoff: float = 0.5, stall_s: float = 120.0,
-                 quiet: float = 0.5) -> None:
+                 quiet: float = 1.0) -> None:
         self._channel = channel
         self._chunk, self._window = chunk_size, window
         self._timeout, self._blob_timeout = timeout, blob_timeout
