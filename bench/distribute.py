@@ -142,10 +142,12 @@ def bare_paho(mqtt: str, size: int, chunk: int) -> float:
 def single(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     rt = client.app.state.runtime
     size, chunk = args.size_mib * MIB, args.chunk_kib * 1024
-    target, sha = publish_blob(rt, size)
     (link,) = devices(client, tmp / "single", 1, chunk)
     ours, bare = [], []
     for _ in range(args.trials):
+        # a fresh blob per trial: a blob broadcast seconds ago is sent again only after
+        # a short hold that gathers other late joiners (controller/fetch.py)
+        target, sha = publish_blob(rt, size)
         started = time.perf_counter()
         fetch(link, target, sha)
         ours.append(size / MIB / (time.perf_counter() - started))

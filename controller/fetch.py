@@ -7,6 +7,7 @@ Answers go to the requesting device's own ``data`` topic, which only it may read
 """
 
 import logging
+import queue
 import re
 import threading
 import time
@@ -22,6 +23,7 @@ from shared.topics import Kind, Topics
 log = logging.getLogger(__name__)
 
 _TARGET_NAME = re.compile(r"^([0-9a-f]{64})\.[^/]+$")
+Chunk = tuple[str, int, int]  # blob sha256, offset, length
 
 
 class FetchServer:
@@ -29,12 +31,19 @@ class FetchServer:
 
     def __init__(self, trust: TrustRepository, blobs: BlobStore, topics: Topics,
                  publish: Callable[[str, bytes], None], *, workers: int = 4,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 coalesce: float = 0.25, clock: Callable[[], float] = time.monotonic) -> None:
         self._trust, self._blobs, self._topics, self._publish = trust, blobs, topics, publish
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
         self._signed: tuple[int, frozenset[str]] = (-1, frozenset())
         self._clock = clock
-        self._published: dict[tuple[str, int, int], float] = {}  # shared chunk -> when
+        self._published: dict[Chunk, float] = {}  # shared chunk -> when broadcast
+        self._pending: dict[Chunk, float] = {}  # shared chunk -> when it will be again
+        self._coalesce, self._recent = coalesce, 5.0
+        self._later: queue.Queue[tuple[float, list[tuple[str, bytes, Chunk]]] | None] = \
+            queue.Queue()
+        self._republisher = threading.Thread(target=self._republish, name="fetch-republish",
+                                             daemon=True)
+        self._republisher.start()
         self._watching: dict[tuple[str, str], float] = {}  # (device, download id) -> since
         self._lock = threading.Lock()
         self.published_bytes = 0  # what this controller sent (the fan-out benchmark's figure)
@@ -46,6 +55,8 @@ class FetchServer:
 
     def stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._later.put(None)
+        self._republisher.join(5)
 
     def _serve(self, device_id: str, payload: bytes, received_at: float) -> None:
         try:
@@ -60,20 +71,49 @@ class FetchServer:
         shared = sha if request.shared and not request.retry else None
         since = self._since((device_id, request.id), received_at) if shared else 0.0
 
-        def wanted(offset: int) -> bool:  # not published to the blob topic since then
-            return not shared or self._claim((shared, offset, request.length), since)
+        later: set[int] = set()
 
+        def wanted(offset: int) -> bool:  # not published to the blob topic since then
+            if not shared:
+                return True
+            verdict = self._claim((shared, offset, request.length), since)
+            if verdict == "later":
+                later.add(offset)
+            return verdict != "skip"
+
+        deferred: list[tuple[str, bytes, Chunk]] = []
         try:
             for response, data in self.answers(request, wanted):
-                topic = self._topics.blob(shared) if shared and response.status == "ok" \
-                    else own
-                with self._lock:
-                    self.published_bytes += len(data)
-                    if topic != own:
-                        self.broadcast_bytes += len(data)
-                self._publish(topic, encode_response(response, data))
+                ok = shared is not None and response.status == "ok"
+                topic = self._topics.blob(shared) if ok and shared else own
+                if ok and shared and response.offset in later:
+                    deferred.append((topic, encode_response(response, data),
+                                     (shared, response.offset, request.length)))
+                else:
+                    self._send(topic, encode_response(response, data), broadcast=topic != own)
         except Exception:
             log.exception("answering %s's fetch of %s failed", device_id, request.path)
+        if deferred:
+            self._later.put((self._clock() + self._coalesce, deferred))
+
+    def _send(self, topic: str, payload: bytes, *, broadcast: bool) -> None:
+        size = payload.find(b"\n")
+        with self._lock:
+            self.published_bytes += len(payload) - size - 1
+            if broadcast:
+                self.broadcast_bytes += len(payload) - size - 1
+        self._publish(topic, payload)
+
+    def _republish(self) -> None:
+        """The coalescing thread: send held republications when they are due."""
+        while (item := self._later.get()) is not None:
+            due, batch = item
+            time.sleep(max(0.0, due - self._clock()))  # holding them is the point
+            for topic, payload, chunk in batch:
+                self._send(topic, payload, broadcast=True)
+                with self._lock:
+                    self._published[chunk] = self._clock()
+                    self._pending.pop(chunk, None)
 
     def _since(self, key: tuple[str, str], received_at: float) -> float:
         with self._lock:
@@ -82,16 +122,23 @@ class FetchServer:
                                   if received_at - t < 600}
             return self._watching.setdefault(key, received_at)
 
-    def _claim(self, chunk: tuple[str, int, int], since: float) -> bool:
-        """True if ``chunk`` must be published (not published since ``since``)."""
+    def _claim(self, chunk: Chunk, since: float) -> str:
+        """``skip`` if ``chunk`` was (or will be) broadcast since ``since``; ``later`` if it
+        was broadcast just before (others who joined late will ask too: one republication
+        after ``coalesce`` seconds serves them all); else ``now``."""
         now = self._clock()
         with self._lock:
-            if self._published.get(chunk, -1.0) >= since:
-                return False
-            self._published[chunk] = now
+            last, pending = self._published.get(chunk), self._pending.get(chunk)
+            if (last is not None and last >= since) or (pending is not None
+                                                         and pending >= since):
+                return "skip"
             if len(self._published) > 1_000_000:
                 self._published = {k: t for k, t in self._published.items() if now - t < 600}
-            return True
+            if last is not None and now - last < self._recent:
+                self._pending[chunk] = now + self._coalesce
+                return "later"
+            self._published[chunk] = now
+            return "now"
 
     def answers(self, request: FetchRequest, wanted: Callable[[int], bool] = lambda _: True
                 ) -> Iterator[tuple[FetchResponse, bytes]]:
