@@ -20,7 +20,14 @@ from tuf.api import exceptions
 from tuf.ngclient.fetcher import FetcherInterface
 
 from shared.errors import ProtocolError
-from shared.fetch import DEFAULT_CHUNK, FetchRequest, FetchResponse, decode_response, encode_request
+from shared.fetch import (
+    DEFAULT_CHUNK,
+    FetchRequest,
+    FetchResponse,
+    decode_response,
+    encode_request,
+    target_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +175,7 @@ class MqttFetcher(FetcherInterface):
         if not url.startswith("mqtt:"):
             raise exceptions.DownloadError(f"not an MQTT URL: {url}")
         path = url.removeprefix("mqtt:")
-        sha = _blob_digest(path)
+        sha = target_digest(path)
         if sha is None:
             yield from self._one_by_one(path)
             return
@@ -274,10 +281,3 @@ def _check(path: str, offset: int, answer: Answer) -> tuple[int, bytes]:
         raise exceptions.DownloadError(f"empty chunk of {path} at {offset} of {response.total}")
     return response.total, data
 
-
-def _blob_digest(path: str) -> str | None:
-    """The sha256 of a ``targets/.../<sha256>.<name>`` path (consistent snapshots)."""
-    if not path.startswith("targets/"):
-        return None
-    digest = path.rpartition("/")[2].partition(".")[0]
-    return digest if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) else None

@@ -8,7 +8,6 @@ Answers go to the requesting device's own ``data`` topic, which only it may read
 
 import logging
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,12 +16,17 @@ from concurrent.futures import ThreadPoolExecutor
 from controller.registry.blobs import BlobStore
 from controller.registry.trust import TrustRepository
 from shared.errors import ProtocolError
-from shared.fetch import FetchRequest, FetchResponse, decode_request, encode_response
+from shared.fetch import (
+    FetchRequest,
+    FetchResponse,
+    decode_request,
+    encode_response,
+    target_digest,
+)
 from shared.topics import Kind, Topics
 
 log = logging.getLogger(__name__)
 
-_TARGET_NAME = re.compile(r"^([0-9a-f]{64})\.[^/]+$")
 Chunk = tuple[str, int, int]  # blob sha256, offset, length
 
 
@@ -65,7 +69,7 @@ class FetchServer:
             log.warning("dropped a fetch request from %s: %s", device_id, exc)
             return
         own = self._topics.device(device_id, Kind.DATA)
-        sha = _digest(request.path)
+        sha = target_digest(request.path)
         # A device subscribes to the blob topic before its first request for the blob, so
         # from then on it gets every chunk published there; a retry is re-sent to it alone.
         shared = sha if request.shared and not request.retry else None
@@ -156,7 +160,7 @@ class FetchServer:
                                     total=len(whole)), \
                     whole[request.offset:request.offset + request.length]
             return
-        sha = _digest(request.path)
+        sha = target_digest(request.path)
         blob = self._blobs.get(sha) if sha and sha in self._signed_hashes() else None
         if blob is None:
             yield self._missing(request, f"no signed target {name}"), b""
@@ -191,10 +195,3 @@ class FetchServer:
             self._signed = (stamp, hashes)
         return self._signed[1]
 
-
-def _digest(path: str) -> str | None:
-    """The sha256 a ``targets/.../<sha256>.<name>`` path names, else None."""
-    if not path.startswith("targets/"):
-        return None
-    match = _TARGET_NAME.match(path.rpartition("/")[2])
-    return match.group(1) if match else None

@@ -19,6 +19,7 @@ offset, so a transfer cut by a disconnect resumes where it stopped. Nothing here
 verifies content: the Updater does, with the hashes in signed metadata.
 """
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field
@@ -33,6 +34,17 @@ MAX_RUN = 64
 _MAX_HEADER = 1024
 
 Path = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^(meta|targets)/[^\x00]+$")]
+
+
+_TARGET_NAME = re.compile(r"^([0-9a-f]{64})\.[^/]+$")
+
+
+def target_digest(path: str) -> str | None:
+    """The sha256 a ``targets/.../<sha256>.<name>`` path names, else None (metadata)."""
+    if not path.startswith("targets/"):
+        return None
+    match = _TARGET_NAME.match(path.rpartition("/")[2])
+    return match.group(1) if match else None
 
 
 class FetchRequest(Message):
