@@ -64,25 +64,10 @@ class _OnnxModel:
                 "providers": self.session.get_providers()}
 
     def infer(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-
-        if set(inputs) != set(self.inputs):
-            raise BadRequest(f"inputs are {sorted(inputs)}; the model takes {sorted(self.inputs)}")
-        feed = {}
-        for name, values in inputs.items():
-            arg = self.inputs[name]
-            dtype = smoke.ONNX_DTYPES.get(arg.type)
-            if dtype is None:
-                raise BadRequest(f"{name}: inputs of type {arg.type} are not supported")
-            try:
-                array = np.asarray(values, dtype=dtype)
-            except (TypeError, ValueError) as exc:
-                raise BadRequest(f"{name}: not {dtype} values: {exc}") from None
-            want = list(arg.shape)
-            if array.ndim != len(want) or any(isinstance(d, int) and d > 0 and d != got
-                                              for d, got in zip(want, array.shape, strict=True)):
-                raise BadRequest(f"{name}: shape {list(array.shape)} does not fit {want}")
-            feed[name] = array
+        try:
+            feed = smoke.onnx_feed(self.inputs.values(), inputs)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         values = self.session.run(self.outputs, feed)
         return {name: v.tolist() for name, v in zip(self.outputs, values, strict=True)}
 
@@ -98,13 +83,7 @@ class _LlamaModel:
 
     def generate(self, prompt: str, max_tokens: int) -> list[int]:
         """Greedy token ids (what smoke tests compare)."""
-        self.llm.reset()
-        ids: list[int] = []
-        for token in self.llm.generate(self.llm.tokenize(prompt.encode()), top_k=1, temp=0.0):
-            if token == self.llm.token_eos() or len(ids) >= max_tokens:
-                break
-            ids.append(int(token))
-        return ids
+        return smoke.greedy_tokens(self.llm, prompt, max_tokens)
 
     def complete(self, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
         out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature)

@@ -15,10 +15,11 @@ here, so "passes" means the same on either side.
 In a TUF target the completed test travels as a JSON *string* (``encode``/``decode``):
 TUF's canonical JSON, which is what gets signed, has no floating-point numbers.
 
-This module does not run models; ``controller.registry.derive`` and the agent do.
+This module does not load models; ``controller.registry.derive`` and the agent do.
 """
 
 import json
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -71,6 +72,45 @@ def deviation(actual: dict[str, Any], expected: dict[str, Any]) -> float:
         if e.size:
             worst = max(worst, float(np.max(np.abs(a - e) / (1.0 + np.abs(e)))))
     return worst
+
+
+def onnx_feed(model_inputs: Iterable[Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` ({input name: nested list}) as arrays for onnxruntime, checked against the
+    model's inputs (``session.get_inputs()``: names, types, fixed dimensions). Raises
+    ValueError saying what does not fit."""
+    import numpy as np
+
+    wanted = {arg.name: arg for arg in model_inputs}
+    if set(given) != set(wanted):
+        raise ValueError(f"inputs are {sorted(given)}; the model takes {sorted(wanted)}")
+    feed = {}
+    for name, values in given.items():
+        arg = wanted[name]
+        dtype = ONNX_DTYPES.get(arg.type)
+        if dtype is None:
+            raise ValueError(f"{name}: inputs of type {arg.type} are not supported")
+        try:
+            array = np.asarray(values, dtype=dtype)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: not {dtype} values: {exc}") from None
+        want = list(arg.shape)
+        if array.ndim != len(want) or any(isinstance(d, int) and d > 0 and d != got
+                                          for d, got in zip(want, array.shape, strict=True)):
+            raise ValueError(f"{name}: shape {list(array.shape)} does not fit {want}")
+        feed[name] = array
+    return feed
+
+
+def greedy_tokens(llm: Any, prompt: str, max_tokens: int) -> list[int]:
+    """The token ids a ``llama_cpp.Llama`` generates greedily from ``prompt``: what a GGUF
+    smoke test expects, computed the same way on the controller and on the device."""
+    llm.reset()
+    ids: list[int] = []
+    for token in llm.generate(llm.tokenize(prompt.encode()), top_k=1, temp=0.0):
+        if token == llm.token_eos() or len(ids) >= max_tokens:
+            break
+        ids.append(int(token))
+    return ids
 
 
 def distance(fmt: str, actual: Any, expected: Any) -> float:

@@ -112,26 +112,10 @@ def _generated_feeds(session: Any) -> list[dict[str, Any]]:
 
 
 def _feed(session: Any, given: dict[str, Any], n: int) -> dict[str, Any]:
-    import numpy as np
-
-    wanted = {arg.name: arg for arg in session.get_inputs()}
-    if set(given) != set(wanted):
-        raise DeriveError(f"smoke-test input {n} names {sorted(given)}, the model takes "
-                          f"{sorted(wanted)}")
-    feed = {}
-    for name, values in given.items():
-        arg = wanted[name]
-        try:
-            array = np.asarray(values, dtype=smoke.ONNX_DTYPES.get(arg.type, "float32"))
-        except (TypeError, ValueError) as exc:
-            raise DeriveError(f"smoke-test input {n}, {name}: {exc}") from None
-        fixed = list(arg.shape)
-        if len(fixed) != array.ndim or any(isinstance(d, int) and d > 0 and d != s
-                                           for d, s in zip(fixed, array.shape, strict=True)):
-            raise DeriveError(f"smoke-test input {n}, {name}: shape {list(array.shape)} does "
-                              f"not fit the model's {fixed}")
-        feed[name] = array
-    return feed
+    try:
+        return smoke.onnx_feed(session.get_inputs(), given)
+    except ValueError as exc:
+        raise DeriveError(f"smoke-test input {n}: {exc}") from None
 
 
 def _run_all(session: Any, feeds: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
@@ -216,15 +200,9 @@ def _generate(model: Path, prompts: list[str], max_tokens: int) -> tuple[list[li
     llm = Llama(model_path=str(model), n_ctx=512, n_threads=2, seed=0, verbose=False)
     out, times = [], []
     for prompt in prompts:
-        llm.reset()
         started = time.perf_counter()
-        ids: list[int] = []
-        for token in llm.generate(llm.tokenize(prompt.encode()), top_k=1, temp=0.0):
-            if token == llm.token_eos() or len(ids) >= max_tokens:
-                break
-            ids.append(int(token))
+        out.append(smoke.greedy_tokens(llm, prompt, max_tokens))
         times.append((time.perf_counter() - started) * 1000)
-        out.append(ids)
     llm.close()
     return out, round(statistics.median(times), 3)
 
