@@ -64,10 +64,10 @@ def published(session: Session) -> list[Device]:
 
 def _pick(session: Session, device: Device, version: ModelVersion) -> dict[str, Any]:
     ref = f"{version.model_name}@{version.version}"
-    view = service.describe(session, version, signed=())
-    if view.status != "ready":
+    status, job = service.version_status(session, version)
+    if status != "ready":
         raise DeliveryError(409, "version_not_ready",
-                            f"{ref} is {view.status}: {(view.job or {}).get('message', '')}")
+                            f"{ref} is {status}: {job.message if job else ''}")
     if device.capabilities is None:
         raise DeliveryError(409, "capabilities_unknown",
                             f"{device.id} has not reported its capabilities yet (it has never "

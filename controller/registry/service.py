@@ -106,9 +106,7 @@ class VersionView:
 def describe(session: Session, version: ModelVersion, signed: Collection[str]) -> VersionView:
     """A version with its variants; ``signed`` is the set of signed target paths
     (``trust.targets()``, read once by the caller however many versions it shows)."""
-    job = latest_job(session, version.id)
-    status = "ready" if job is None or job.state == "succeeded" else \
-        "failed" if job.state == "failed" else "processing"
+    status, job = version_status(session, version)
     test = version.smoke_test
     return VersionView(
         name=version.model_name, version=version.version, created_at=version.created_at,
@@ -124,6 +122,14 @@ def describe(session: Session, version: ModelVersion, signed: Collection[str]) -
                    "ram_estimate_bytes": v.ram_estimate_bytes, "target": v.target_path,
                    "derived_from": v.derived_from, "comparison": v.comparison,
                    "signed": v.target_path in signed} for v in variants_of(session, version)])
+
+
+def version_status(session: Session, version: ModelVersion) -> tuple[str, Job | None]:
+    """``processing``, ``ready`` or ``failed``, from the version's latest job (and that job)."""
+    job = latest_job(session, version.id)
+    status = "ready" if job is None or job.state == "succeeded" else \
+        "failed" if job.state == "failed" else "processing"
+    return status, job
 
 
 def latest_job(session: Session, version_id: str) -> Job | None:
