@@ -74,6 +74,13 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def sim_session(identity: Identity, profile: Profile, rng: random.Random) -> DeviceSession:
+    """The real device session of ``identity``, with ``profile``'s hardware."""
+    return DeviceSession(identity, capabilities=partial(sim_capabilities, profile),
+                         health=sim_health(profile, rng), labels={"profile": profile.name},
+                         clock=_now)
+
+
 def enroll_fleet(controller: str, token: str, count: int, *, state_dir: Path | None,
                  labels: dict[str, str], workers: int = 8) -> list[Identity]:
     """Enrol ``count`` devices (reusing identities saved in ``state_dir``)."""
@@ -119,9 +126,7 @@ class Simulator:
         self._lock = threading.Lock()
         for index, ident in enumerate(identities):
             prof = PROFILES[profile][index % len(PROFILES[profile])]
-            session = DeviceSession(ident, capabilities=partial(sim_capabilities, prof),
-                                    health=sim_health(prof, random.Random(rng.random())),  # noqa: S311
-                                    labels={"profile": prof.name}, clock=_now)
+            session = sim_session(ident, prof, random.Random(rng.random()))  # noqa: S311
             self.sessions.append(session)
             self.loop.add(device_client(session, on_up=self._up, on_down=self._down,
                                         bind_address=_source_address(index, host)))

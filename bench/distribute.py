@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import secrets
 import statistics
 import sys
@@ -64,21 +65,14 @@ def publish_blob(rt: Any, size: int) -> tuple[str, str]:
 def devices(client: Any, tmp: Path, n: int, chunk: int) -> list[Any]:
     from agent.config import Identity
     from agent.link import DeviceLink
-    from agent.session import DeviceSession
-    from shared.messages import Capabilities, Health
+    from agent.sim import PROFILES, sim_session
 
     token = client.post("/api/v1/enroll-tokens", json={"uses": n}).json()["token"]
     links = []
     for i in range(n):
         identity = Identity.from_enrolment(
             client.post("/api/v1/enroll", json={"token": token, "name": f"b{i}"}).json())
-        session = DeviceSession(
-            identity, labels={}, clock=lambda: datetime.now(UTC),
-            capabilities=lambda: Capabilities(arch="x86_64", cpu_count=2, ram_bytes=8 << 30,
-                                              disk_free_bytes=64 << 30),
-            health=lambda seq, at: Health(seq=seq, sent_at=at, cpu_percent=0.0,
-                                          mem_used_bytes=0, mem_total_bytes=1,
-                                          disk_free_bytes=1))
+        session = sim_session(identity, PROFILES["mixed"][2], random.Random(i))
         links.append(DeviceLink(identity, tmp / f"dev{i}", session, chunk_size=chunk))
     for link in links:
         link.connect()

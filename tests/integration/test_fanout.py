@@ -1,18 +1,17 @@
 """Many devices fetching one blob at once: the controller publishes it about once."""
 
 import hashlib
+import random
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 
 from agent.config import Identity
 from agent.link import DeviceLink
-from agent.session import DeviceSession
+from agent.sim import PROFILES, sim_session
 from controller.api.app import create_app
 from controller.runtime import Runtime
-from shared.messages import Capabilities, Health
 from tests.conftest import Backend, wait_for
 from tests.models import tiny_onnx
 
@@ -20,13 +19,7 @@ DEVICES = 8
 
 
 def device(identity: Identity, state_dir: Path) -> DeviceLink:
-    now = datetime.now(UTC)
-    session = DeviceSession(
-        identity, labels={}, clock=lambda: datetime.now(UTC),
-        capabilities=lambda: Capabilities(arch="x86_64", cpu_count=2, ram_bytes=8 << 30,
-                                          disk_free_bytes=64 << 30),
-        health=lambda seq, at: Health(seq=seq, sent_at=at or now, cpu_percent=1.0,
-                                      mem_used_bytes=1, mem_total_bytes=2, disk_free_bytes=3))
+    session = sim_session(identity, PROFILES["mixed"][2], random.Random(0))
     return DeviceLink(identity, state_dir, session, chunk_size=64 * 1024)
 
 

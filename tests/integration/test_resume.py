@@ -5,16 +5,15 @@ Embedded broker: the controller that hosts it is restarted. Mosquitto: a private
 """
 
 import hashlib
+import random
 import shutil
 import subprocess
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 
 from agent.config import Identity
 from agent.link import DeviceLink
-from agent.session import DeviceSession
-from shared.messages import Capabilities, Health
+from agent.sim import PROFILES, sim_session
 from tests.conftest import Backend, free_port, unavailable, wait_for
 from tests.integration.test_delivery import push
 from tests.models import tiny_onnx
@@ -53,12 +52,7 @@ def test_a_download_cut_by_a_broker_restart_resumes_where_it_stopped(
     source = version["variants"][0]
     enrolled = controller.admin.call("POST", "/enroll", {"token": controller.enroll_token()})
     identity = Identity.from_enrolment(enrolled)
-    session = DeviceSession(
-        identity, labels={}, clock=lambda: datetime.now(UTC),
-        capabilities=lambda: Capabilities(arch="x86_64", cpu_count=2, ram_bytes=8 << 30,
-                                          disk_free_bytes=64 << 30),
-        health=lambda seq, at: Health(seq=seq, sent_at=at, cpu_percent=0.0, mem_used_bytes=0,
-                                      mem_total_bytes=1, disk_free_bytes=1))
+    session = sim_session(identity, PROFILES["mixed"][2], random.Random(0))
     link = DeviceLink(identity, tmp_path / "device", session, chunk_size=CHUNK, window=4,
                       blob_timeout=1.0)
     link.connect()
