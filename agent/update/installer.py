@@ -169,7 +169,7 @@ class Installer:
                 else:
                     install = replace(install, state=next_state(install.state, Event.FAILED),
                                       reason=reason)
-                    self._discard_partial(install)
+                    self._discard_partial()
             self._save(install)
         self._finish(install)
 
@@ -296,7 +296,7 @@ class Installer:
         active = self.active_dir()
         return active.name if active is not None else None
 
-    def _discard_partial(self, install: Install) -> None:
+    def _discard_partial(self) -> None:
         shutil.rmtree(self.dir / "tuf" / "download", ignore_errors=True)
         for work in self.models.glob("*.tmp"):
             shutil.rmtree(work, ignore_errors=True)
@@ -352,8 +352,5 @@ def _model_file(staged: Path) -> Path | None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
