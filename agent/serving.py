@@ -2,7 +2,8 @@
 
 ``Serving`` owns the ``ModelWorker`` of the model ``current`` points at and swaps it
 when the installer activates another. Every inference (API or smoke test) is counted;
-the health report carries the count, errors and latency p50/p95 of a rolling window.
+the health report carries the count, errors and latency p50/p95 (of a rolling window)
+of the active model since it was activated, so a rollout compares models, not uptimes.
 ``LocalApi`` is a small HTTP server bound to 127.0.0.1 (stdlib: the agent stays light):
 
     GET  /v1/models                         what is loaded
@@ -52,8 +53,10 @@ class Serving:
             meta = json.loads((model_dir / "meta.json").read_text())
             new = ModelWorker(next(model_dir.glob("model.*")), meta.get("format", "onnx"))
             new.start()
-        with self._lock:
+        with self._lock:  # the figures in health reports are the active model's own
             old, self.worker, self.meta = self.worker, new, meta or {}
+            self.count = self.errors = 0
+            self._latencies.clear()
         if old is not None:
             old.stop()
 

@@ -7,6 +7,8 @@ several 127.x.y.z source addresses when the broker is local, so large fleets do 
 exhaust one address's ephemeral ports.
 """
 
+import heapq
+import itertools
 import json
 import logging
 import random
@@ -23,6 +25,7 @@ from agent.config import ConfigError, Identity, write_private
 from agent.enroll import request_enrolment
 from agent.mqtt import MultiLoop, device_client, parse_broker
 from agent.session import DeviceSession
+from agent.simdevice import Faults, SimDevice
 from shared.messages import Capabilities, Health, Runtime
 
 log = logging.getLogger(__name__)
@@ -74,11 +77,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def sim_session(identity: Identity, profile: Profile, rng: random.Random) -> DeviceSession:
+def sim_session(identity: Identity, profile: Profile, rng: random.Random, *,
+                health: Callable[[int, datetime], Health] | None = None) -> DeviceSession:
     """The real device session of ``identity``, with ``profile``'s hardware."""
     return DeviceSession(identity, capabilities=partial(sim_capabilities, profile),
-                         health=sim_health(profile, rng), labels={"profile": profile.name},
-                         clock=_now)
+                         health=health or sim_health(profile, rng),
+                         labels={"profile": profile.name}, clock=_now)
 
 
 def enroll_fleet(controller: str, token: str, count: int, *, state_dir: Path | None,
@@ -112,7 +116,7 @@ class Simulator:
     """Runs the sessions of many simulated devices on one MultiLoop."""
 
     def __init__(self, identities: list[Identity], *, profile: str = "mixed",
-                 seed: int = 0) -> None:
+                 seed: int = 0, faults: Faults | None = None, step_s: float = 0.2) -> None:
         if not identities:
             raise ConfigError("no devices to simulate")
         if profile not in PROFILES:
@@ -122,15 +126,32 @@ class Simulator:
         host = parse_broker(first.mqtt_url)[0]
         self.loop = MultiLoop(first.mqtt_url, first.keepalive_s)
         self.sessions: list[DeviceSession] = []
+        self.devices: list[SimDevice] = []
         self.online = 0
         self._lock = threading.Lock()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
         for index, ident in enumerate(identities):
             prof = PROFILES[profile][index % len(PROFILES[profile])]
-            session = sim_session(ident, prof, random.Random(rng.random()))  # noqa: S311
+            device_rng = random.Random(rng.random())  # noqa: S311
+            device = SimDevice(prof.name, device_rng, faults=faults or {},
+                               schedule=self._schedule, ram_bytes=prof.ram_bytes, step_s=step_s)
+            session = sim_session(ident, prof, device_rng, health=device.health)
+            client = device_client(session, on_up=self._up, on_down=self._down,
+                                   bind_address=_source_address(index, host))
+            device.bind(session, client)
             self.sessions.append(session)
-            self.loop.add(device_client(session, on_up=self._up, on_down=self._down,
-                                        bind_address=_source_address(index, host)))
+            self.devices.append(device)
+            self.loop.add(client)
         self.health_interval = first.health_interval_s
+
+    def _schedule(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` from the loop after ``delay`` seconds (loop thread only)."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), callback))
+
+    def _run_timers(self, now: float) -> None:
+        while self._timers and self._timers[0][0] <= now:
+            heapq.heappop(self._timers)[2]()
 
     def _up(self) -> None:
         with self._lock:
@@ -150,6 +171,7 @@ class Simulator:
         while not stop.is_set():
             self.loop.step(timeout=min(0.05, spacing))
             now = time.monotonic()
+            self._run_timers(now)
             while next_at <= now:
                 session, client = self.sessions[cursor], clients[cursor]
                 if client.is_connected():

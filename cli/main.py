@@ -15,6 +15,7 @@ from rich.live import Live
 
 from cli.api import api_options, make_api
 from cli.keys import keys
+from cli.rollout import rollout
 from cli.views import devices_table, summary_table, versions_table
 
 console = Console()
@@ -59,6 +60,7 @@ def main(log_level: str) -> None:
 # -- controller ---------------------------------------------------------------------------
 
 main.add_command(keys)
+main.add_command(rollout)
 
 
 @main.group()
@@ -172,18 +174,27 @@ def agent_run(config_path: Path) -> None:
               help="Keep identities here to reuse them on the next run.")
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--seed", type=int, default=0)
+@click.option("--fault", "faults", multiple=True,
+              metavar="MODEL@VERSION[/PROFILE]:KEY=VALUE,...",
+              help="Make a version misbehave on simulated devices (smoke=1, install=1, "
+              "error_rate=0.3, latency=3, memory=1.5); repeatable.")
 def sim(count: int, controller: str, token: str, profile: str, state_dir: Path | None,
-        labels: tuple[str, ...], seed: int) -> None:
+        labels: tuple[str, ...], seed: int, faults: tuple[str, ...]) -> None:
     """Run N simulated devices with the real agent protocol code."""
     import signal
 
     from agent.config import ConfigError
     from agent.sim import Simulator, enroll_fleet
+    from agent.simdevice import parse_faults
 
+    try:
+        fault_map = parse_faults(list(faults))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fault") from None
     try:
         identities = enroll_fleet(controller, token, count, state_dir=state_dir,
                                   labels=parse_labels(labels))
-        simulator = Simulator(identities, profile=profile, seed=seed)
+        simulator = Simulator(identities, profile=profile, seed=seed, faults=fault_map)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     stop = threading.Event()

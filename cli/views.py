@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rich import box
+from rich.console import Group
 from rich.table import Table
 
 _STATUS_STYLE = {"online": "green", "offline": "red", "enrolled": "yellow"}
@@ -91,3 +92,51 @@ def comparison_text(c: dict[str, Any] | None) -> str:
     if "token_agreement" in c:
         parts.append(f"tokens {c['token_agreement']:.0%}")
     return ", ".join(parts)
+
+
+_STATE_STYLE = {"completed": "green", "rolled_back": "yellow", "aborted": "red",
+                "rolling_back": "yellow", "paused": "magenta"}
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    filled = round(width * done / total) if total else 0
+    return f"[green]{'█' * filled}[/][dim]{'░' * (width - filled)}[/] {done}/{total}"
+
+
+def rollout_view(r: dict[str, Any]) -> Group:
+    """A rollout: header, stages with progress bars, per-class figures, timeline."""
+    style = _STATE_STYLE.get(r["state"], "cyan")
+    head = (f"[bold]rollout {r['id']}[/]  {r['model']}@{r['version']}  "
+            f"[{style}]{r['state']}[/]  stage {r['stage'] + 1}/{len(r['stages'])}\n{r['reason']}")
+    stages = Table(box=box.SIMPLE_HEAD, title="stages", title_justify="left")
+    for col in ("", "stage", "bake", "committed", "failed"):
+        stages.add_column(col, no_wrap=True)
+    for i, s in enumerate(r["stages"]):
+        mark = "▶" if i == r["stage"] and r["state"] not in ("completed", "rolled_back",
+                                                              "aborted") else ""
+        stages.add_row(mark, s["label"], f"{s['bake_s']:g}s", _bar(s["committed"], s["devices"]),
+                       f"[red]{s['failed']}[/]" if s["failed"] else "0")
+    classes = Table(box=box.SIMPLE_HEAD, title="by device class", title_justify="left")
+    for col in ("class", "devices", "assigned", "committed", "failed", "error rate",
+                "p95 ms", "baseline p95", "verdict"):
+        classes.add_column(col, no_wrap=True)
+    for cls, c in (r.get("by_class") or {}).items():
+        f = c.get("figures") or {}
+        canary, base = f.get("canary") or {}, f.get("baseline") or {}
+        verdict = f.get("verdict", "-")
+        classes.add_row(_short_class(cls), str(c["devices"]), str(c["assigned"]),
+                        str(c["committed"]), str(c["failed"]),
+                        f"{canary['error_rate']:.1%}" if canary.get("devices") else "-",
+                        _ms(canary.get("latency_p95_ms")), _ms(base.get("latency_p95_ms")),
+                        {"failed": "[red]failed[/]", "successful": "[green]ok[/]"}.get(
+                            verdict, verdict))
+    timeline = Table(box=box.SIMPLE_HEAD, title="timeline", title_justify="left")
+    for col in ("at", "by", "state", "what"):
+        timeline.add_column(col, overflow="fold")
+    for e in (r.get("timeline") or [])[-15:]:
+        timeline.add_row(e["at"][11:19], e["actor"], e["state"], e["reason"])
+    return Group(head, stages, classes, timeline)
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.1f}" if value else "-"

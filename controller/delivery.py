@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.db.models import Device, ModelVersion
+from controller.db.models import Device, ModelVersion, Variant
 from controller.registry import service
 from controller.registry.choice import VariantSpec, choose_variant
 from shared.envelope import Signer, seal_desired
@@ -37,11 +37,20 @@ class Assignment:
 
 
 def assign(session: Session, device: Device, version: ModelVersion | None, *, now: datetime,
-           signer: Signer) -> Assignment:
-    """Make ``version`` (None: no model) the device's desired state, as a new generation."""
+           signer: Signer, rollback: bool = False,
+           variants: list[Variant] | None = None) -> Assignment:
+    """Make ``version`` (None: no model) the device's desired state, as a new generation.
+
+    ``variants`` are the version's (``ready_variants``), to save looking them up again
+    when assigning one version to many devices; ``rollback`` marks a return to what the
+    device ran before (it skips probation).
+    """
     desired: dict[str, Any] = {"issued_at": now.isoformat()}
+    if rollback:
+        desired["rollback"] = True
     if version is not None:
-        desired |= _pick(session, device, version)
+        desired |= pick(device, version,
+                        variants if variants is not None else ready_variants(session, version))
     device.desired_generation += 1
     device.desired = desired
     session.flush()
@@ -62,25 +71,39 @@ def published(session: Session) -> list[Device]:
     return list(session.scalars(select(Device).where(Device.desired_generation > 0)))
 
 
-def _pick(session: Session, device: Device, version: ModelVersion) -> dict[str, Any]:
-    ref = f"{version.model_name}@{version.version}"
+def ready_variants(session: Session, version: ModelVersion) -> list[Variant]:
+    """The version's variants; raise ``DeliveryError`` unless the version is ready."""
     status, job = service.version_status(session, version)
     if status != "ready":
-        raise DeliveryError(409, "version_not_ready",
-                            f"{ref} is {status}: {job.message if job else ''}")
+        raise DeliveryError(409, "version_not_ready", f"{version.model_name}@{version.version} "
+                            f"is {status}: {job.message if job else ''}")
+    return service.variants_of(session, version)
+
+
+def choose(device: Device, variants: list[Variant]) -> Variant | str:
+    """The variant that fits ``device`` best, or why none does."""
     if device.capabilities is None:
-        raise DeliveryError(409, "capabilities_unknown",
-                            f"{device.id} has not reported its capabilities yet (it has never "
-                            "connected); pin it once it is online")
-    variants = service.variants_of(session, version)
+        return "it has not reported its capabilities yet (it has never connected)"
     choice = choose_variant(
         [VariantSpec(v.name, v.format, v.quantization, v.size, v.ram_estimate_bytes,
                      v.requirements) for v in variants],
         Capabilities.model_validate(device.capabilities))
     if choice.variant is None:
-        why = "; ".join(f"{name}: {reason}" for name, reason in choice.reasons.items())
-        raise DeliveryError(409, "no_fitting_variant", f"no variant of {ref} fits {device.id}: "
-                            f"{why}")
-    chosen = next(v for v in variants if v.name == choice.variant.name)
+        return "; ".join(f"{name}: {reason}" for name, reason in choice.reasons.items())
+    name = choice.variant.name
+    return next(v for v in variants if v.name == name)
+
+
+def pick(device: Device, version: ModelVersion, variants: list[Variant]) -> dict[str, Any]:
+    """The desired-state fields for ``version`` on ``device``."""
+    ref = f"{version.model_name}@{version.version}"
+    chosen = choose(device, variants)
+    if isinstance(chosen, str):
+        if device.capabilities is None:
+            raise DeliveryError(409, "capabilities_unknown",
+                                f"{device.id} has not reported its capabilities yet (it has "
+                                "never connected); pin it once it is online")
+        raise DeliveryError(409, "no_fitting_variant",
+                            f"no variant of {ref} fits {device.id}: {chosen}")
     return {"model": version.model_name, "version": version.version, "variant": chosen.name,
             "target": chosen.target_path, "sha256": chosen.sha256, "size": chosen.size}

@@ -25,10 +25,12 @@ from controller.db.models import Device, utcnow
 from controller.fetch import FetchServer
 from controller.ingest import mark_stale_offline
 from controller.ingest_process import IngestProcess
+from controller.leader import Leadership
 from controller.registry.blobs import BlobStore
 from controller.registry.jobs import JobRunner
 from controller.registry.service import publish_targets, referenced_blobs
 from controller.registry.trust import TrustRepository
+from controller.rollouts import service as rollouts
 from controller.security import ensure_admin_token, write_secret_file
 from controller.settings import MqttUrl, Settings
 from shared.envelope import Signer, public_key_to_text
@@ -75,6 +77,7 @@ class Runtime:
         self.fetch: FetchServer | None = None
         self.ingestor = IngestProcess(settings.db_url, linger=settings.ingest_linger_s)
         self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.leadership = Leadership(self.engine)
         self.jobs = JobRunner(session_factory=self.session_factory, blobs=self.blobs,
                               trust=self.trust, clock=clock,
                               workdir=settings.data_dir / "work")
@@ -123,6 +126,9 @@ class Runtime:
                                coalesce=True, max_instances=1)
         self.scheduler.add_job(self.collect_blobs, "interval", hours=1, id="blob-gc",
                                coalesce=True, max_instances=1)
+        if s.rollout_tick_s > 0:
+            self.scheduler.add_job(self.tick_rollouts, "interval", seconds=s.rollout_tick_s,
+                                   id="rollouts", coalesce=True, max_instances=1)
         self.scheduler.start()
         gc.freeze()  # start-up objects need no more collecting; keeps the receive path lean
 
@@ -142,6 +148,7 @@ class Runtime:
         if self.fetch is not None:
             self.fetch.stop()
         self.jobs.stop()
+        self.leadership.release()
         self.ingestor.stop()
         if self.broker is not None:
             self.broker.stop()
@@ -152,6 +159,17 @@ class Runtime:
         with transaction(self.session_factory) as session:
             if n := mark_stale_offline(session, now=self.clock(), silent_for=silent_for):
                 log.info("marked %d silent devices offline", n)
+
+    def tick_rollouts(self, now: datetime | None = None) -> int:
+        """Scheduler job (on the leading replica): advance rollouts; publish what they
+        assign after the commit. Returns how many desired states were published."""
+        if not self.leadership.held():
+            return 0
+        with transaction(self.session_factory) as session:
+            assignments = rollouts.tick(session, now=now or self.clock(), signer=self.signer)
+        for assignment in assignments:
+            self.publish_desired(assignment)
+        return len(assignments)
 
     def refresh_trust(self) -> None:
         """Scheduler job: re-sign the TUF timestamp/snapshot before they expire."""

@@ -73,6 +73,7 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     max_upload_bytes: int = 4 << 30  # largest model file accepted by a push
     ingest_linger_s: float = 0.05  # how often received messages go to the ingest worker
+    rollout_tick_s: float = 2.0  # how often rollouts advance (0: only when called)
 
     @property
     def db_url(self) -> str:

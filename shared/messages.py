@@ -105,6 +105,9 @@ class DesiredState(Message):
     variant: Name | None = None
     target: Annotated[str, Field(max_length=512)] | None = None  # the TUF target to fetch
     issued_at: datetime
+    #: a rollout giving back what the device ran before: a copy the device kept and had
+    #: already proven, so it skips probation after the smoke test
+    rollback: bool = False
 
 
 class ReportedState(Message):

@@ -48,6 +48,7 @@ class Install:
     target: str | None = None
     sha256: str | None = None
     previous: str | None = None  # the sha256 that was active before this install
+    rollback: bool = False  # a rollout giving back a proven model: no probation
     reason: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -131,7 +132,7 @@ class Installer:
     def _begin(self, d: DesiredState) -> Install:
         return Install(generation=d.generation, state=next_state(State.IDLE, Event.START),
                        model=d.model, version=d.version, variant=d.variant, target=d.target,
-                       previous=self._active_sha())
+                       previous=self._active_sha(), rollback=d.rollback)
 
     def _run(self, install: Install) -> None:
         steps: dict[State, Callable[[Install], Install]] = {
@@ -255,6 +256,8 @@ class Installer:
         return self._step(install, Event.PASSED)
 
     def _probation(self, install: Install) -> Install:
+        if install.rollback:  # the model it had before; probation proved it then
+            return self._step(install, Event.PASSED)
         why = self._serving.probation(self._probation_s, self._stop)
         if why is not None:
             raise InstallFailed("regression", why)

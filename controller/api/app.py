@@ -5,7 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from controller.api import delivery, errors, models
+from controller.api import delivery, errors, models, rollouts
 from controller.api.routes import api, probes
 from controller.runtime import Runtime
 from controller.settings import Settings
@@ -29,5 +29,6 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.include_router(api)
     app.include_router(models.router)
     app.include_router(delivery.router)
+    app.include_router(rollouts.router)
     app.include_router(probes)
     return app

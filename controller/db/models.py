@@ -218,3 +218,70 @@ class AuditEntry(Base):
     target: Mapped[str] = mapped_column(String(256))
     remote: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]]
+
+
+class Rollout(Base):
+    """A staged rollout plan and where it stands (``controller.rollouts``)."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id",
+                                                       ondelete="RESTRICT"))
+    selector: Mapped[dict[str, Any]]
+    classes: Mapped[list[str]] = mapped_column(JsonType)
+    stages: Mapped[list[dict[str, Any]]] = mapped_column(JsonType)
+    gates: Mapped[dict[str, Any]]
+    on_failure: Mapped[str] = mapped_column(String(16))
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[int] = mapped_column(Integer)
+    entered_at: Mapped[datetime]  # when ``state`` began
+    paused_from: Mapped[str | None] = mapped_column(String(16))
+    inconclusive_since: Mapped[datetime | None]
+    baseline: Mapped[dict[str, Any]]  # per class, measured at creation (controller.rollouts.gates)
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text, default="")  # why it is where it is
+
+
+class RolloutMember(Base):
+    """A device of a rollout's target set: its class, and what the rollout did to it."""
+
+    __tablename__ = "rollout_members"
+    __table_args__ = (Index("ix_rollout_members_device", "device_id"),)
+
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"),
+                                            primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cls: Mapped[str] = mapped_column(String(160))
+    variant: Mapped[str] = mapped_column(String(64))
+    joined_at: Mapped[datetime]
+    left_at: Mapped[datetime | None]  # no longer in the target set: not counted
+    assigned_stage: Mapped[int | None] = mapped_column(Integer)
+    assigned_at: Mapped[datetime | None]
+    generation: Mapped[int | None] = mapped_column(BigInteger)  # of the target's desired state
+    previous: Mapped[dict[str, Any] | None]  # {"model", "version"} it had before, if any
+    outcome: Mapped[str] = mapped_column(String(16), default="pending")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    revert_generation: Mapped[int | None] = mapped_column(BigInteger)
+    reverted_at: Mapped[datetime | None]  # when it reported running the previous model
+
+
+class RolloutEvent(Base):
+    """The timeline: every transition, gate evaluation and operator action."""
+
+    __tablename__ = "rollout_events"
+    __table_args__ = (Index("ix_rollout_events_rollout", "rollout_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(16))  # transition | gate | action | note
+    state: Mapped[str] = mapped_column(String(16))  # the state after it
+    stage: Mapped[int] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(128))  # "scheduler" or the token's name
+    reason: Mapped[str] = mapped_column(Text)
+    figures: Mapped[dict[str, Any] | None]

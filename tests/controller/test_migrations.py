@@ -6,7 +6,7 @@ from controller.db.engine import downgrade, make_engine, upgrade
 
 TABLES = {"api_tokens", "enroll_tokens", "devices", "health_batches", "audit_log",
           "models", "model_versions", "variants", "jobs",
-          "device_events"}
+          "device_events", "rollouts", "rollout_members", "rollout_events"}
 
 
 def _tables(engine: sa.Engine) -> set[str]:
@@ -24,7 +24,7 @@ def test_upgrade_and_downgrade_round_trip(db_url: str) -> None:
         assert _tables(engine) == TABLES
         with engine.connect() as conn:
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-        assert version == "0004"
+        assert version == "0005"
     finally:
         engine.dispose()
 

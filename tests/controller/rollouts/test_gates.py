@@ -1,0 +1,93 @@
+"""Gate evaluation: each gate fails on its own, per class as well as overall."""
+
+from datetime import UTC, datetime, timedelta
+
+from controller.rollouts.gates import (
+    ALL,
+    FAILED,
+    INCONCLUSIVE,
+    SUCCESSFUL,
+    Figures,
+    Member,
+    baseline,
+    evaluate,
+)
+from controller.rollouts.plan import Gates
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+GATES = Gates(min_requests=20)
+HEALTHY = Figures(requests=100, errors=0, latency_p95_ms=10.0, mem_used_bytes=1 << 30)
+
+
+def member(i: int, cls: str = "a", *, outcome: str = "committed", reason: str = "",
+           health: Figures | None = HEALTHY, ago: float = 60) -> Member:
+    return Member(f"d{i}", cls, NOW - timedelta(seconds=ago), outcome, reason,
+                  health if outcome == "committed" else None)
+
+
+BASE = baseline([("a", HEALTHY), ("b", HEALTHY)] * 3, GATES)
+
+
+def test_healthy_canaries_pass() -> None:
+    ev = evaluate([member(i) for i in range(5)], BASE, GATES, now=NOW, health=True)
+    assert ev.verdict == SUCCESSFUL, ev.reasons
+    assert ev.figures[ALL]["committed"] == 5
+
+
+def test_install_failures_over_the_rate_fail() -> None:
+    ms = [member(0, outcome="failed", reason="download_refused: x")] + [member(i)
+                                                                         for i in range(1, 5)]
+    ev = evaluate(ms, BASE, GATES, now=NOW, health=False)
+    assert ev.verdict == FAILED
+    assert "install failures in the fleet: 1 of 5 (20% > 10%)" in ev.reasons
+
+
+def test_one_smoke_test_failure_fails() -> None:
+    ms = [member(0, outcome="rolled_back", reason="smoke_test_failed: output 3 differs")] + [
+        member(i) for i in range(1, 20)]
+    ev = evaluate(ms, BASE, GATES, now=NOW, health=False)
+    assert ev.verdict == FAILED
+    assert any("smoke test failed on 1 of 20" in r and "output 3 differs" in r
+               for r in ev.reasons)
+
+
+def test_devices_that_never_report_fail_after_the_timeout() -> None:
+    ms = [member(0, outcome="pending", ago=GATES.report_timeout_s + 1)] + [
+        member(i) for i in range(1, 5)]
+    ev = evaluate(ms, BASE, GATES, now=NOW, health=False)
+    assert ev.verdict == FAILED
+    assert any("no report from 1 of 5" in r for r in ev.reasons)
+    waiting = [member(0, outcome="pending", ago=10)] + [member(i) for i in range(1, 5)]
+    assert evaluate(waiting, BASE, GATES, now=NOW, health=False).verdict == SUCCESSFUL
+
+
+def test_error_rate_latency_and_memory_regressions_fail() -> None:
+    for bad, says in [(Figures(100, 20, 10.0, 1 << 30), "error rate"),
+                      (Figures(100, 0, 30.0, 1 << 30), "latency p95"),
+                      (Figures(100, 0, 10.0, 2 << 30), "memory")]:
+        ev = evaluate([member(i, health=bad) for i in range(3)], BASE, GATES, now=NOW,
+                      health=True)
+        assert ev.verdict == FAILED, says
+        assert any(r.startswith(says) for r in ev.reasons), ev.reasons
+
+
+def test_a_regression_confined_to_one_class_fails_while_the_average_passes() -> None:
+    slow = Figures(100, 0, 40.0, 1 << 30)  # 4x slower, on class b only
+    ms = [member(i, "a") for i in range(9)] + [member(9, "b", health=slow)]
+    ev = evaluate(ms, BASE, GATES, now=NOW, health=True)
+    assert ev.figures[ALL]["verdict"] == SUCCESSFUL  # the median hides it
+    assert ev.figures["b"]["verdict"] == FAILED
+    assert ev.verdict == FAILED
+    assert any("class b" in r and "latency p95" in r for r in ev.reasons)
+
+
+def test_too_few_requests_is_inconclusive() -> None:
+    quiet = Figures(5, 0, 10.0, 1 << 30)
+    ev = evaluate([member(i, health=quiet) for i in range(3)], BASE, GATES, now=NOW, health=True)
+    assert ev.verdict == INCONCLUSIVE
+    assert ev.reasons == ["too few reports to judge all", "too few reports to judge a"]
+
+
+def test_no_baseline_to_compare_with_does_not_block() -> None:
+    ev = evaluate([member(i) for i in range(3)], {}, GATES, now=NOW, health=True)
+    assert ev.verdict == SUCCESSFUL
