@@ -22,7 +22,7 @@ Schedule = Callable[[float, Callable[[], None]], None]  # run a callback after a
 
 BASE_LATENCY_MS = {"pi4-2g": 40.0, "jetson-8g": 12.0, "nuc-16g": 5.0, "gateway-1g": 60.0}
 BASE_ERROR_RATE = 0.002
-REQUESTS_PER_S = 4.0
+REQUESTS_PER_S = 20.0
 
 
 @dataclass(frozen=True)

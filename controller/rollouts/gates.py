@@ -96,14 +96,15 @@ def evaluate(members: Sequence[Member], base: Mapping[str, Aggregate], gates: Ga
              *, now: datetime, health: bool) -> Evaluation:
     """Judge the assigned members, overall and per class; ``health`` adds the comparison."""
     assigned = [m for m in members if m.assigned_at is not None]
-    scopes = {ALL: assigned}
+    scopes: dict[str, list[Member]] = {}
     for m in assigned:
         scopes.setdefault(m.cls, []).append(m)
+    scopes[ALL] = assigned  # last: the fleet's comparison is made of the classes'
     result = Evaluation(SUCCESSFUL)
     inconclusive = False
     for scope, group in scopes.items():
         figures, failures, unsure = _judge(scope, group, base.get(scope), gates, now=now,
-                                           health=health)
+                                           health=health, classes=result.figures)
         result.figures[scope] = figures
         result.reasons += failures
         inconclusive |= unsure
@@ -111,13 +112,14 @@ def evaluate(members: Sequence[Member], base: Mapping[str, Aggregate], gates: Ga
         result.verdict = FAILED
     elif inconclusive:
         result.verdict = INCONCLUSIVE
-        result.reasons = [f"too few reports to judge {s}" for s, f in result.figures.items()
-                          if f.get("verdict") == INCONCLUSIVE]
+        result.reasons = [f"too few reports to judge {'the fleet' if s == ALL else 'class ' + s}"
+                          for s, f in result.figures.items() if f.get("verdict") == INCONCLUSIVE]
     return result
 
 
 def _judge(scope: str, group: list[Member], base: Aggregate | None, gates: Gates, *,
-           now: datetime, health: bool) -> tuple[dict[str, Any], list[str], bool]:
+           now: datetime, health: bool,
+           classes: Mapping[str, dict[str, Any]]) -> tuple[dict[str, Any], list[str], bool]:
     where = "the fleet" if scope == ALL else f"class {scope}"
     n = len(group)
     failed = [m for m in group if m.outcome in ("failed", "rolled_back")]
@@ -148,29 +150,53 @@ def _judge(scope: str, group: list[Member], base: Aggregate | None, gates: Gates
         figures["baseline"] = asdict(base) if base else None
         if any(m.outcome == "committed" for m in group) and canary.devices < gates.min_devices:
             unsure = True
-        elif canary.devices and base is not None and base.devices:
-            failures += _compare(canary, base, gates, where)
+        elif canary.devices:
+            ratios = _fleet_ratios(canary, base, classes) if scope == ALL else \
+                _ratios(canary, base)
+            figures["comparison"] = ratios
+            failures += _check(ratios, gates, where)
     figures["verdict"] = FAILED if failures else INCONCLUSIVE if unsure else SUCCESSFUL
     return figures, failures, unsure
 
 
-def _compare(canary: Aggregate, base: Aggregate, gates: Gates, where: str) -> list[str]:
-    out = []
-    increase = canary.error_rate - base.error_rate
-    if increase > gates.max_error_rate_increase:
-        out.append(f"error rate in {where}: {canary.error_rate:.1%} on the target vs "
-                   f"{base.error_rate:.1%} on the baseline (+{increase:.1%} > "
-                   f"+{gates.max_error_rate_increase:.1%})")
+def _ratios(canary: Aggregate, base: Aggregate | None) -> dict[str, float]:
+    """Canary against baseline, within one class: what the gates compare."""
+    if base is None or not base.devices:
+        return {}
+    out = {"error_rate_increase": canary.error_rate - base.error_rate}
     if canary.latency_p95_ms and base.latency_p95_ms:
-        ratio = canary.latency_p95_ms / base.latency_p95_ms
-        if ratio > gates.max_latency_p95_ratio:
-            out.append(f"latency p95 in {where}: {canary.latency_p95_ms:.1f} ms vs "
-                       f"{base.latency_p95_ms:.1f} ms ({ratio:.2f}x > "
-                       f"{gates.max_latency_p95_ratio:g}x)")
+        out["latency_p95_ratio"] = canary.latency_p95_ms / base.latency_p95_ms
     if canary.mem_used_bytes and base.mem_used_bytes:
-        ratio = canary.mem_used_bytes / base.mem_used_bytes
-        if ratio > gates.max_memory_ratio:
-            out.append(f"memory in {where}: {canary.mem_used_bytes / 2**20:.0f} MiB vs "
-                       f"{base.mem_used_bytes / 2**20:.0f} MiB ({ratio:.2f}x > "
-                       f"{gates.max_memory_ratio:g}x)")
+        out["memory_ratio"] = canary.mem_used_bytes / base.mem_used_bytes
+    return out
+
+
+def _fleet_ratios(canary: Aggregate, base: Aggregate | None,
+                  classes: Mapping[str, dict[str, Any]]) -> dict[str, float]:
+    """The fleet's comparison: pooled error rates, and latency and memory ratios averaged
+    over classes by canary count (classes differ too much to pool absolute figures)."""
+    out = {}
+    if base is not None and base.devices:
+        out["error_rate_increase"] = canary.error_rate - base.error_rate
+    for key in ("latency_p95_ratio", "memory_ratio"):
+        weighted = [(f["comparison"][key], f["canary"]["devices"]) for f in classes.values()
+                    if key in f.get("comparison", {})]
+        if weighted:
+            out[key] = sum(r * n for r, n in weighted) / sum(n for _, n in weighted)
+    return out
+
+
+def _check(ratios: Mapping[str, float], gates: Gates, where: str) -> list[str]:
+    out = []
+    increase = ratios.get("error_rate_increase", 0.0)
+    if increase > gates.max_error_rate_increase:
+        out.append(f"error rate in {where}: +{increase:.1%} over the baseline "
+                   f"(> +{gates.max_error_rate_increase:.1%})")
+    ratio = ratios.get("latency_p95_ratio", 0.0)
+    if ratio > gates.max_latency_p95_ratio:
+        out.append(f"latency p95 in {where}: {ratio:.2f}x the baseline "
+                   f"(> {gates.max_latency_p95_ratio:g}x)")
+    ratio = ratios.get("memory_ratio", 0.0)
+    if ratio > gates.max_memory_ratio:
+        out.append(f"memory in {where}: {ratio:.2f}x the baseline (> {gates.max_memory_ratio:g}x)")
     return out
