@@ -205,14 +205,15 @@ def sim(count: int, controller: str, token: str, profile: str, state_dir: Path |
 
 
 @main.command()
-@click.option("--devices", "count", type=click.IntRange(1, 1000), default=12, show_default=True)
+@click.option("--devices", "count", type=click.IntRange(1, 1000), default=48, show_default=True)
 @click.option("--timeout", type=float, default=30.0, show_default=True,
               help="Seconds to wait for the fleet to come online.")
-def demo(count: int, timeout: float) -> None:
-    """Controller + simulated fleet on embedded defaults, end to end."""
+@click.option("--fleet-only", is_flag=True, help="Stop once the fleet is online (no rollouts).")
+def demo(count: int, timeout: float, fleet_only: bool) -> None:
+    """Controller, simulated fleet and three rollouts on embedded defaults, end to end."""
     from cli.demo import run_demo
 
-    sys.exit(run_demo(count, timeout=timeout, console=console))
+    sys.exit(run_demo(count, timeout=timeout, console=console, rollouts=not fleet_only))
 
 
 # -- operator commands --------------------------------------------------------------------

@@ -140,3 +140,22 @@ def rollout_view(r: dict[str, Any]) -> Group:
 
 def _ms(value: float | None) -> str:
     return f"{value:.1f}" if value else "-"
+
+
+def fleet_models_table(devices: list[dict[str, Any]]) -> Table:
+    """Devices per class and per model they report running: the fleet at a glance."""
+    cells: dict[str, dict[str, int]] = {}
+    for d in devices:
+        reported = d.get("reported") or {}
+        model = f"{reported['model']}@{reported['version']}" if reported.get("model") else "none"
+        row = cells.setdefault(_short_class(d["device_class"]), {})
+        row[model] = row.get(model, 0) + 1
+    models = sorted({m for row in cells.values() for m in row})
+    table = Table(title=f"edgefleet fleet: {len(devices)} devices by class and model",
+                  box=box.SIMPLE_HEAD)
+    table.add_column("class")
+    for m in models:
+        table.add_column(m, justify="right")
+    for cls, row in sorted(cells.items()):
+        table.add_row(cls, *(str(row.get(m, 0)) for m in models))
+    return table

@@ -5,8 +5,8 @@ from typing import Any
 
 import gguf
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
 
+from cli.samples import mlp_onnx
 from tests.conftest import unavailable
 
 
@@ -20,19 +20,8 @@ def llama_cpp() -> Any:
 
 
 def tiny_onnx(hidden: int = 256, inputs: int = 128, classes: int = 10) -> bytes:
-    """An fp32 MLP (x[1, inputs] -> relu -> y[1, classes]); big enough that weights,
-    not graph overhead, dominate its size, as in a real model."""
-    rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.standard_normal((inputs, hidden), dtype=np.float32), "W1")
-    w2 = numpy_helper.from_array(rng.standard_normal((hidden, classes), dtype=np.float32), "W2")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "W2"], ["y"])], "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inputs])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, classes])], [w1, w2])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    return model.SerializeToString()
+    """An fp32 MLP (x[1, inputs] -> relu -> y[1, classes]), as the demo pushes."""
+    return mlp_onnx(hidden, inputs, classes)
 
 
 def tiny_gguf(path: Path, *, width: int = 256, layers: int = 1) -> bytes:
