@@ -53,7 +53,7 @@ def setup_logging(level: str) -> None:
 def main(log_level: str) -> None:
     """edgefleet: ship ML models to fleets of edge devices, carefully."""
     setup_logging(log_level)
-    for noisy in ("amqtt", "transitions"):  # amqtt logs every state change at INFO
+    for noisy in ("amqtt", "transitions", "apscheduler"):  # they log every step at INFO
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
@@ -84,9 +84,11 @@ def controller() -> None:
               help="MQTT keepalive for devices, seconds.")
 @click.option("--health-interval", type=float, default=5.0, show_default=True,
               help="Seconds between device health reports.")
+@click.option("--rollout-tick", type=click.FloatRange(0.1), default=2.0, show_default=True,
+              help="Seconds between rollout ticks (gate evaluations and stage moves).")
 def controller_serve(data_dir: Path, database_url: str | None, mqtt_url: str | None, http: str,
                      broker_listen: str, advertise_mqtt: str | None, topic_root: str,
-                     keepalive: int, health_interval: float) -> None:
+                     keepalive: int, health_interval: float, rollout_tick: float) -> None:
     """Run the API, the MQTT bridge and the scheduler."""
     import uvicorn
 
@@ -99,7 +101,8 @@ def controller_serve(data_dir: Path, database_url: str | None, mqtt_url: str | N
             data_dir=data_dir, database_url=database_url,
             mqtt_url=MqttUrl.parse(mqtt_url) if mqtt_url else None, http=HostPort.parse(http),
             broker_listen=HostPort.parse(broker_listen), advertise_mqtt=advertise_mqtt,
-            topic_root=topic_root, keepalive_s=keepalive, health_interval_s=health_interval)
+            topic_root=topic_root, keepalive_s=keepalive, health_interval_s=health_interval,
+            rollout_tick_s=rollout_tick)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     app = create_app(settings)

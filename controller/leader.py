@@ -20,6 +20,7 @@ class Leadership:
         self._engine = engine
         self._conn: Connection | None = None
         self.leading = engine.dialect.name != "postgresql"
+        self.taken_over = False  # set when the lock was just taken; the caller clears it
 
     def held(self) -> bool:
         """True if this replica leads now (taking the lock if it is free)."""
@@ -35,6 +36,7 @@ class Leadership:
                 self.leading = bool(self._conn.execute(
                     text("SELECT pg_try_advisory_lock(:k)"), {"k": LOCK_KEY}).scalar())
                 if self.leading:
+                    self.taken_over = True
                     log.info("this controller now leads: it enacts rollout ticks")
         except DBAPIError:
             log.warning("lost the database connection that holds leadership; retrying")

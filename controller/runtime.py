@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import secrets
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -39,6 +40,7 @@ from shared.topics import Kind, Topics
 log = logging.getLogger(__name__)
 
 CONTROLLER_USER = "edgefleet-controller"
+UNKNOWN_RECHECK_S = 5.0
 
 
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:
@@ -72,6 +74,7 @@ class Runtime:
         self.trust = TrustRepository(settings.data_dir / "tuf")
         self.policy = BrokerPolicy(self.topics)
         self.known: set[str] = set()
+        self._unknown_checked: dict[str, float] = {}  # device id -> when the database said no
         self.broker: EmbeddedBroker | None = None
         self.bridge: Bridge | None = None
         self.fetch: FetchServer | None = None
@@ -109,15 +112,12 @@ class Runtime:
         self.jobs.start()
         self.ingestor.start()
         self.bridge = Bridge(mqtt_url, self.topics, sink=self._inbound,
-                             is_known=self.known.__contains__)
+                             is_known=self.is_enrolled)
         bridge = self.bridge
         self.fetch = FetchServer(self.trust, self.blobs, self.topics,
                                  lambda topic, payload: bridge.publish(topic, payload, qos=1))
         self.bridge.start()
-        with self.session_factory() as session:  # an embedded broker forgot them
-            for device in delivery.published(session):
-                self.publish_desired(delivery.Assignment(
-                    device.id, delivery.envelope(device, self.signer)))
+        self.republish_desired()  # an embedded broker forgot them
         silent_for = timedelta(seconds=max(3 * s.health_interval_s, 2 * s.keepalive_s))
         self.scheduler.add_job(self.sweep, "interval", seconds=max(1.0, s.keepalive_s / 4),
                                kwargs={"silent_for": silent_for}, id="sweep", coalesce=True,
@@ -165,6 +165,9 @@ class Runtime:
         assign after the commit. Returns how many desired states were published."""
         if not self.leadership.held():
             return 0
+        if self.leadership.taken_over:  # a leader killed between commit and publish
+            self.leadership.taken_over = False
+            self.republish_desired()
         with transaction(self.session_factory) as session:
             assignments = rollouts.tick(session, now=now or self.clock(), signer=self.signer)
         for assignment in assignments:
@@ -190,12 +193,38 @@ class Runtime:
         self.policy.add_device(device_id, secret_hash)
         self.known.add(device_id)
 
+    def is_enrolled(self, device_id: str) -> bool:
+        """From the MQTT thread: whether to accept a device's messages. A device another
+        replica enrolled is looked up in the database (at most every 5 s per unknown id)."""
+        if device_id in self.known:
+            return True
+        now = time.monotonic()
+        if now - self._unknown_checked.get(device_id, -UNKNOWN_RECHECK_S) < UNKNOWN_RECHECK_S:
+            return False
+        with self.session_factory() as session:
+            secret_hash = session.scalar(select(Device.mqtt_secret_hash)
+                                         .where(Device.id == device_id))
+        if secret_hash is None:
+            if len(self._unknown_checked) > 100_000:  # spam with random ids: start over
+                self._unknown_checked.clear()
+            self._unknown_checked[device_id] = now
+            return False
+        self.admit_device(device_id, secret_hash)
+        return True
+
     def forget_device(self, device_id: str) -> None:
         self.policy.devices.pop(device_id, None)
         self.known.discard(device_id)
         if self.bridge is not None:
             self.bridge.forget(device_id)
             self.bridge.publish(self.topics.device(device_id, Kind.DESIRED), b"", retain=True)
+
+    def republish_desired(self) -> None:
+        """Publish every device's desired state again, as stored (devices ignore repeats)."""
+        with self.session_factory() as session:
+            for device in delivery.published(session):
+                self.publish_desired(delivery.Assignment(
+                    device.id, delivery.envelope(device, self.signer)))
 
     def publish_desired(self, assignment: delivery.Assignment) -> None:
         """Publish a device's signed desired state, retained (after the commit)."""

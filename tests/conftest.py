@@ -153,10 +153,12 @@ def start_controller(tmp_path: Path,
 
     def start(*extra: str, keepalive: int = 4, health_interval: float = 1.0,
               data_dir: Path | None = None, env: dict[str, str] | None = None,
-              like: ControllerProcess | None = None) -> ControllerProcess:
-        """Start a controller; ``like`` reuses another's data dir, ports and broker."""
-        if like is not None:
-            data_dir = like.data_dir
+              like: ControllerProcess | None = None,
+              replica_of: ControllerProcess | None = None) -> ControllerProcess:
+        """Start a controller; ``like`` reuses another's data dir, ports and broker (a
+        restart); ``replica_of`` shares its data dir and database on a new HTTP port."""
+        if like is not None or replica_of is not None:
+            data_dir = (like or replica_of).data_dir  # type: ignore[union-attr]
         data_dir = data_dir or tmp_path / f"controller{len(procs)}"
         http = like.url.removeprefix("http://") if like else f"127.0.0.1:{free_port()}"
         args = ["controller", "serve", "--data-dir", str(data_dir), "--http", http,
