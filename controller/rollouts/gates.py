@@ -7,12 +7,14 @@ Failed or Inconclusive with the figures it used:
 - install failures: devices whose install failed or rolled back, over those assigned;
 - smoke tests: devices whose on-device smoke test failed;
 - missing: devices assigned longer than the report timeout with no outcome;
-- health (only once a stage has baked): canaries' error rate, latency p95 and memory
-  against the baseline of the same class (devices still on what they ran before).
+- health (only once a stage has baked): canaries' error rate (its 95% lower bound, so
+  a few unlucky requests are not a regression), latency p95 and memory against the
+  baseline of the same class (devices still on what they ran before).
   Canaries that served fewer than ``min_requests`` requests on the target do not
   count; a class with fewer than ``min_devices`` such canaries is Inconclusive.
 """
 
+import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,16 +54,28 @@ class Aggregate:
     error_rate: float
     latency_p95_ms: float | None
     mem_used_bytes: float
+    errors: int = 0
 
     @classmethod
     def of(cls, figures: Iterable[Figures]) -> "Aggregate":
         group = list(figures)
         requests = sum(f.requests for f in group)
+        errors = sum(f.errors for f in group)
         p95s = [f.latency_p95_ms for f in group if f.latency_p95_ms is not None]
-        return cls(len(group), requests,
-                   sum(f.errors for f in group) / requests if requests else 0.0,
+        return cls(len(group), requests, errors / requests if requests else 0.0,
                    statistics.median(p95s) if p95s else None,
-                   statistics.median(f.mem_used_bytes for f in group) if group else 0.0)
+                   statistics.median(f.mem_used_bytes for f in group) if group else 0.0, errors)
+
+    def error_rate_low(self, z: float = 1.645) -> float:
+        """The Wilson lower bound of the error rate (one-sided 95%): one unlucky error
+        in a handful of requests is not a regression; a real one survives the bound."""
+        n = self.requests
+        if not n:
+            return 0.0
+        p = self.errors / n
+        centre = p + z * z / (2 * n)
+        spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return max(0.0, (centre - spread) / (1 + z * z / n))
 
 
 @dataclass(frozen=True)
@@ -163,7 +177,7 @@ def _ratios(canary: Aggregate, base: Aggregate | None) -> dict[str, float]:
     """Canary against baseline, within one class: what the gates compare."""
     if base is None or not base.devices:
         return {}
-    out = {"error_rate_increase": canary.error_rate - base.error_rate}
+    out = {"error_rate_increase": canary.error_rate_low() - base.error_rate}
     if canary.latency_p95_ms and base.latency_p95_ms:
         out["latency_p95_ratio"] = canary.latency_p95_ms / base.latency_p95_ms
     if canary.mem_used_bytes and base.mem_used_bytes:
@@ -177,7 +191,7 @@ def _fleet_ratios(canary: Aggregate, base: Aggregate | None,
     over classes by canary count (classes differ too much to pool absolute figures)."""
     out = {}
     if base is not None and base.devices:
-        out["error_rate_increase"] = canary.error_rate - base.error_rate
+        out["error_rate_increase"] = canary.error_rate_low() - base.error_rate
     for key in ("latency_p95_ratio", "memory_ratio"):
         weighted = [(f["comparison"][key], f["canary"]["devices"]) for f in classes.values()
                     if key in f.get("comparison", {})]
@@ -190,8 +204,8 @@ def _check(ratios: Mapping[str, float], gates: Gates, where: str) -> list[str]:
     out = []
     increase = ratios.get("error_rate_increase", 0.0)
     if increase > gates.max_error_rate_increase:
-        out.append(f"error rate in {where}: +{increase:.1%} over the baseline "
-                   f"(> +{gates.max_error_rate_increase:.1%})")
+        out.append(f"error rate in {where}: at least +{increase:.1%} over the baseline "
+                   f"(> +{gates.max_error_rate_increase:.1%}, 95% confidence)")
     ratio = ratios.get("latency_p95_ratio", 0.0)
     if ratio > gates.max_latency_p95_ratio:
         out.append(f"latency p95 in {where}: {ratio:.2f}x the baseline "

@@ -117,9 +117,9 @@ def create(session: Session, spec: Spec, *, now: datetime, actor: str) -> Rollou
 
 def tick(session: Session, *, now: datetime, signer: Signer) -> list[delivery.Assignment]:
     """Advance every rollout that has something to do; the assignments to publish."""
-    unfinished = exists().where(RolloutMember.rollout_id == Rollout.id,
-                                RolloutMember.assigned_at.is_(None),
-                                RolloutMember.left_at.is_(None))
+    unfinished = exists().where(  # a completed rollout still has devices to bring along
+        RolloutMember.rollout_id == Rollout.id, RolloutMember.left_at.is_(None),
+        RolloutMember.assigned_at.is_(None) | (RolloutMember.outcome == "pending"))
     rows = list(session.scalars(select(Rollout).where(
         Rollout.state.in_([s.value for s in ACTIVE])
         | ((Rollout.state == State.COMPLETED.value) & unfinished))
