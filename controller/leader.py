@@ -2,7 +2,9 @@
 
 Every replica serves the API and ingests; only the leader runs rollout ticks. The lock is
 held by a dedicated connection, so it goes when the process or its connection dies and
-another replica takes it at its next attempt. SQLite means one controller: always leader.
+another replica takes it at its next attempt. The lock is per schema, so deployments that
+share a database in separate schemas do not block each other. SQLite means one
+controller: always leader.
 """
 
 import logging
@@ -12,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = 0x6566_726F_6C6C  # "efroll": one lock per database
+LOCK_CLASS = 0x6566_726F  # "efro"; the second key is the schema's hash: one lock per schema
 
 
 class Leadership:
@@ -33,8 +35,9 @@ class Leadership:
             if self.leading:
                 self._conn.execute(text("SELECT 1"))  # still connected, so still holding
             else:
-                self.leading = bool(self._conn.execute(
-                    text("SELECT pg_try_advisory_lock(:k)"), {"k": LOCK_KEY}).scalar())
+                self.leading = bool(self._conn.execute(text(
+                    "SELECT pg_try_advisory_lock(:k, hashtext(current_schema()))"),
+                    {"k": LOCK_CLASS}).scalar())
                 if self.leading:
                     self.taken_over = True
                     log.info("this controller now leads: it enacts rollout ticks")
@@ -48,7 +51,9 @@ class Leadership:
         if self._conn is not None:
             try:
                 if was:
-                    self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LOCK_KEY})
+                    self._conn.execute(text(
+                        "SELECT pg_advisory_unlock(:k, hashtext(current_schema()))"),
+                        {"k": LOCK_CLASS})
                 self._conn.close()
             except DBAPIError:
                 self._conn.invalidate()
