@@ -34,6 +34,7 @@ test: $(LLM_STAMP) lint
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/distribute.py
+	$(BIN)/python bench/rollout.py
 
 clean:
 	rm -rf $(VENV) .edgefleet .pytest_cache .mypy_cache .ruff_cache

@@ -30,7 +30,8 @@ def run(config_path: Path) -> None:
     session = DeviceSession(
         identity,
         capabilities=lambda: probe.capabilities(config.state_dir),
-        health=lambda seq, now: probe.health(seq, now, config.state_dir, serving.health()),
+        health=lambda seq, now: probe.health(seq, now, config.state_dir,
+                                             serving.health() | installer.health()),
         labels=config.labels,
         clock=_now,
     )

@@ -29,6 +29,8 @@ from shared.topics import Kind, Topics
 
 log = logging.getLogger(__name__)
 
+HELLO_EVERY = 30  # health reports
+
 
 class Publisher(Protocol):
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> object:
@@ -82,9 +84,7 @@ class DeviceSession:
         self.connected_at = self._clock()
         self._send(pub, Kind.PRESENCE, encode(Presence(state="online", since=self.connected_at)),
                    retain=True)
-        hello = Hello(agent_version=AGENT_VERSION, capabilities=self._capabilities(),
-                      labels=self._labels, sent_at=self.connected_at)
-        self._send(pub, Kind.HELLO, encode(hello))
+        self._send_hello(pub)
 
     def going_offline(self, pub: Publisher) -> None:
         """A clean shutdown: say so, since a clean disconnect sends no will."""
@@ -92,8 +92,17 @@ class DeviceSession:
                    retain=True)
 
     def send_health(self, pub: Publisher) -> None:
+        """A health report; every ``HELLO_EVERY``-th is followed by the hello again, so a
+        controller that lost it (a broker queue overflowing) learns the capabilities."""
         self._seq += 1
         self._send(pub, Kind.HEALTH, encode(self._health(self._seq, self._clock())), qos=0)
+        if self._seq % HELLO_EVERY == 0:
+            self._send_hello(pub)
+
+    def _send_hello(self, pub: Publisher) -> None:
+        self._send(pub, Kind.HELLO, encode(Hello(
+            agent_version=AGENT_VERSION, capabilities=self._capabilities(), labels=self._labels,
+            sent_at=self._clock())))
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """Route a controller message; a bad one is logged and dropped."""

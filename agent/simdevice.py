@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import datetime
+from typing import Any
 
 from agent.session import DeviceSession, Publisher
 from shared.messages import DesiredState, Health, ReportedState
@@ -70,6 +71,7 @@ class SimDevice:
         self.active: tuple[str, str, str | None] | None = None  # model, version, variant
         self.requests = self.errors = 0
         self._counted_at: datetime | None = None
+        self.outcome: tuple[int, str, str] | None = None  # generation, state, reason
 
     def bind(self, session: DeviceSession, client: Publisher) -> None:
         """Serve ``session``'s desired states, reporting over ``client``."""
@@ -125,6 +127,7 @@ class SimDevice:
             return
         if desired.model is None:
             self._activate(None)
+        self.outcome = (desired.generation, state, reason)
         self._event(state, desired.generation, reason)
         if self.session is not None and self.client is not None:
             self.session.send_reported(self.client, ReportedState(
@@ -161,4 +164,13 @@ class SimDevice:
                       disk_free_bytes=32 << 30, temperature_c=round(rng.uniform(35, 70), 1),
                       inference_count=self.requests, error_count=self.errors,
                       latency_p50_ms=p50, latency_p95_ms=p95,
-                      active_model=f"{self.active[0]}@{self.active[1]}" if self.active else None)
+                      active_model=f"{self.active[0]}@{self.active[1]}" if self.active else None,
+                      **_install(self.outcome))
+
+
+def _install(outcome: tuple[int, str, str] | None) -> dict[str, Any]:
+    if outcome is None:
+        return {}
+    generation, state, reason = outcome
+    return {"install_generation": generation, "install_state": state,
+            "install_reason": reason[:256] or None}

@@ -106,7 +106,9 @@ def run_rollout(api: Api, version: str, stages: str, timeout: float = 600) -> di
         out = api.call("GET", f"/rollouts/{rid}")
         return out["state"] in ("completed", "rolled_back", "aborted", "paused")
 
-    wait_until(ended, timeout, interval=0.25)
+    if not wait_until(ended, timeout, interval=0.25):
+        sys.exit(f"m@{version} did not end within {timeout:.0f} s: {out['state']}, "
+                 f"{out['counts']}")
     out["wall_s"] = time.monotonic() - started
     return out
 

@@ -93,6 +93,11 @@ class Health(Message):
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     active_model: Name | None = None  # "name@version" being served; the registry reads it
+    #: the device's install (``ReportedState``) repeated in every report, so an outcome
+    #: whose one reported-state message a broker dropped under load still arrives
+    install_generation: Count | None = None
+    install_state: Name | None = None
+    install_reason: Annotated[str, Field(max_length=256)] | None = None
 
 
 class DesiredState(Message):

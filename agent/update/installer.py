@@ -112,6 +112,14 @@ class Installer:
         self._wanted = desired
         self._wake.set()
 
+    def health(self) -> dict[str, Any]:
+        """The last install's outcome, for every health report."""
+        install = self.install
+        if install.generation == 0:
+            return {}
+        return {"install_generation": install.generation, "install_state": install.state.value,
+                "install_reason": install.reason[:256] or None}
+
     def active_dir(self) -> Path | None:
         return self.current.resolve() if self.current.is_symlink() else None
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
 from controller import delivery
@@ -116,13 +116,16 @@ def create(session: Session, spec: Spec, *, now: datetime, actor: str) -> Rollou
 
 
 def tick(session: Session, *, now: datetime, signer: Signer) -> list[delivery.Assignment]:
-    """Advance every rollout that has something to do; the assignments to publish."""
-    unfinished = exists().where(  # a completed rollout still has devices to bring along
-        RolloutMember.rollout_id == Rollout.id, RolloutMember.left_at.is_(None),
-        RolloutMember.assigned_at.is_(None) | (RolloutMember.outcome == "pending"))
+    """Advance every active rollout, and each model's latest rollout if it completed (it
+    keeps bringing devices that return or join to the target); the assignments to
+    publish."""
+    newest = select(Rollout.model_name, func.max(Rollout.created_at).label("at")) \
+        .group_by(Rollout.model_name).subquery()
+    current = exists().where(newest.c.model_name == Rollout.model_name,
+                             newest.c.at == Rollout.created_at)
     rows = list(session.scalars(select(Rollout).where(
         Rollout.state.in_([s.value for s in ACTIVE])
-        | ((Rollout.state == State.COMPLETED.value) & unfinished))
+        | ((Rollout.state == State.COMPLETED.value) & current))
         .order_by(Rollout.created_at).with_for_update()))
     out: list[delivery.Assignment] = []
     for rollout in rows:
@@ -204,7 +207,7 @@ def _tick_one(session: Session, rollout: Rollout, *, now: datetime,
 def _target(m: RolloutMember, device: Device | None, target_ref: str, *,
             now: datetime) -> Target:
     """The member as the tick sees it, after reading what its device reported."""
-    reported = (device.reported or {}) if device is not None else {}
+    reported = _reported(device)
     generation = int(reported.get("generation") or 0)
     if device is None and m.left_at is None:
         m.left_at, m.reason = now, "the device was deleted"
@@ -226,6 +229,20 @@ def _target(m: RolloutMember, device: Device | None, target_ref: str, *,
     return Target(member, online=device is not None and device.status == "online",
                   left=m.left_at is not None, revert_issued=m.revert_generation is not None,
                   reverted=m.reverted_at is not None)
+
+
+def _reported(device: Device | None) -> dict[str, Any]:
+    """The device's latest install outcome: its reported state, or the copy repeated in
+    its health reports when that is newer (the reported-state message may have been
+    dropped by a broker under load; health comes again every few seconds)."""
+    if device is None:
+        return {}
+    reported = device.reported or {}
+    health = device.last_health or {}
+    if int(health.get("install_generation") or 0) > int(reported.get("generation") or 0):
+        return {"generation": health["install_generation"], "state": health.get("install_state"),
+                "detail": health.get("install_reason") or ""}
+    return reported
 
 
 def _baseline(rollout: Rollout, targets: list[Target], devices: dict[str, Device],
