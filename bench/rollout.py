@@ -204,7 +204,8 @@ def main() -> None:
         "three_stages_create_to_completed_s": round(
             (at(tl, "finish") - at(tl, "created")).total_seconds(), 1),
         "stage_s": [round((b - a).total_seconds(), 1) for a, b in stages],
-        "good_state": good["state"], "bad_state": bad["state"],
+        "good_state": good["state"], "good_counts": good["counts"],
+        "bad_state": bad["state"],
         "bad_reason": next(e["reason"] for e in bad["timeline"]
                            if e["reason"].startswith("rollback")),
         "canaries_rolled_back": canaries,
