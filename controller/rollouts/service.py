@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import exists, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from controller import delivery
 from controller.db.models import Device, ModelVersion, Rollout, RolloutEvent, RolloutMember
@@ -116,16 +116,18 @@ def create(session: Session, spec: Spec, *, now: datetime, actor: str) -> Rollou
 
 
 def tick(session: Session, *, now: datetime, signer: Signer) -> list[delivery.Assignment]:
-    """Advance every active rollout, and each model's latest rollout if it completed (it
-    keeps bringing devices that return or join to the target); the assignments to
-    publish."""
+    """Advance every active rollout, and each model's latest completed rollout while no
+    other of that model is active (it keeps bringing devices that return or join to the
+    target); the assignments to publish."""
+    active = [s.value for s in ACTIVE]
     newest = select(Rollout.model_name, func.max(Rollout.created_at).label("at")) \
-        .group_by(Rollout.model_name).subquery()
+        .where(Rollout.state == State.COMPLETED.value).group_by(Rollout.model_name).subquery()
+    other = aliased(Rollout)
     current = exists().where(newest.c.model_name == Rollout.model_name,
-                             newest.c.at == Rollout.created_at)
+                             newest.c.at == Rollout.created_at) & ~exists().where(
+        other.model_name == Rollout.model_name, other.state.in_(active))
     rows = list(session.scalars(select(Rollout).where(
-        Rollout.state.in_([s.value for s in ACTIVE])
-        | ((Rollout.state == State.COMPLETED.value) & current))
+        Rollout.state.in_(active) | ((Rollout.state == State.COMPLETED.value) & current))
         .order_by(Rollout.created_at).with_for_update()))
     out: list[delivery.Assignment] = []
     for rollout in rows:

@@ -52,6 +52,7 @@ def test_every_state_an_agent_can_die_in_has_a_resume_point_before_it() -> None:
 class FakeServing:
     def __init__(self) -> None:
         self.active: list[Path | None] = []
+        self.probations = 0
 
     def activate(self, model_dir: Path | None) -> None:
         self.active.append(model_dir)
@@ -60,6 +61,7 @@ class FakeServing:
         return None
 
     def probation(self, seconds: float, stop: threading.Event) -> str | None:
+        self.probations += 1
         return None
 
 
@@ -136,6 +138,26 @@ def test_an_install_with_room_commits_and_a_replayed_generation_is_ignored(
     assert reporter.events == ["downloading", "verifying", "staging", "activating",
                                "smoke_test", "probation", "committed"]
     assert inst.active_dir() == serving.active[-1]
+
+
+def test_a_rollback_to_a_kept_model_needs_no_download_and_skips_probation(
+        tmp_path, repo) -> None:
+    serving, reporter = FakeServing(), FakeReporter()
+    inst = installer(tmp_path, repo, serving, reporter, free=10_000)
+    inst.start()
+    inst.want(desired(1))
+    wait_for(lambda: reporter.done, 30, "the first install")
+    for blob in (tmp_path / "blobs").rglob("*"):  # nothing left to download from
+        if blob.is_file():
+            blob.unlink()
+    inst.want(desired(2).model_copy(update={"rollback": True}))
+    wait_for(lambda: len(reporter.done) == 2, 30, "the rollback")
+    health = inst.health()
+    inst.stop()
+    assert [d.state for d in reporter.done] == [State.COMMITTED, State.COMMITTED]
+    assert serving.probations == 1  # the first install's only
+    assert health == {"install_generation": 2, "install_state": "committed",
+                      "install_reason": None}
 
 
 def test_too_little_memory_fails_the_install_before_downloading(tmp_path, repo) -> None:

@@ -1,7 +1,10 @@
 """Rollouts survive their controller: SIGKILL mid-rollout and restart, and two replicas on
 one PostgreSQL where only the lock holder enacts ticks. Real processes throughout."""
 
+import json
+import os
 import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,7 +12,7 @@ from typing import Any
 import pytest
 
 from cli.samples import mlp_onnx
-from tests.conftest import Backend, ControllerProcess, wait_for
+from tests.conftest import Backend, ControllerProcess, cli, wait_for
 
 DEVICES = 8
 FAST = {"min_requests": 10}
@@ -103,3 +106,32 @@ def test_two_replicas_only_the_lock_holder_ticks_and_the_other_takes_over(  # is
         "completed", "rolled_back", "paused") and s, 90, "the rollout to end")
     assert done["state"] == "completed", [e["reason"] for e in done["timeline"]]
     assert_each_stage_once(done["timeline"])
+
+
+def test_the_rollout_cli_creates_waits_and_says_what_went_wrong(
+        start_controller: Callable[..., ControllerProcess], spawn: Callable[..., Any],
+        tmp_path: Path) -> None:
+    c = start_controller("--rollout-tick", "0.5", health_interval=0.5)
+    setup_fleet(c, spawn, tmp_path)
+    env = os.environ | {"EDGEFLEET_CONTROLLER": c.url, "EDGEFLEET_TOKEN": c.admin.token or "",
+                        "COLUMNS": "200"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cli("rollout", *args), capture_output=True, text=True, env=env,
+                              timeout=120, check=False)
+
+    created = run("create", "--model", "m", "--version", "2.0.0", "--stages", "50%,100%",
+                  "--gate", "min_requests=10", "--json")
+    assert created.returncode == 0, created.stderr
+    rid = json.loads(created.stdout)["id"]
+    waited = run("status", rid, "--wait")
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert "completed" in waited.stdout
+    assert "finish: stage 2 of 2 (100%) passed its gates" in waited.stdout
+    assert rid in run("list").stdout
+    refused = run("rollback", rid)
+    assert refused.returncode == 1
+    assert "illegal_transition: cannot rollback a rollout that is completed" in refused.stderr
+    bad = run("create", "--model", "m", "--version", "9.9.9")
+    assert bad.returncode == 1
+    assert "invalid_plan: version: no version m@9.9.9" in bad.stderr

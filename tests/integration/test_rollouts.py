@@ -130,6 +130,12 @@ def test_a_canary_rollout_passes_its_stages_and_a_bad_class_is_rolled_back(
         assert "latency p95 in class x86_64/ram<2G/onnxruntime/" in failed["reason"]
         assert out["stage"] == 0  # caught in the canary stage
         wait_for(lambda: w.all_run("2.0.0"), 15, "every device back on m@2.0.0")
+        w.simulate(w.enroll(1))  # a new device gets what the last completed rollout shipped
+
+        def newcomer_on_v2() -> bool:
+            w.rt.tick_rollouts()
+            return len(w.reported()) == DEVICES + 1 and w.all_run("2.0.0")
+        wait_for(newcomer_on_v2, 60, "the new device on m@2.0.0")
 
 
 def test_a_smoke_test_failure_rolls_back_and_operator_commands_work(
@@ -152,6 +158,10 @@ def test_a_smoke_test_failure_rolls_back_and_operator_commands_work(
         out = w.call("POST", f"/rollouts/{rid}/abort")
         assert out["state"] == "aborted"
         assert w.client.post(f"/api/v1/rollouts/{rid}/rollback").status_code == 409
+        arm = w.call("POST", "/rollouts", {"model": "m", "version": "2.0.0",
+                                           "classes": ["arm64/*"]}, status=201)
+        assert arm["counts"]["members"] == DEVICES // 2  # two of the four profiles are arm64
+        w.call("POST", f"/rollouts/{arm['id']}/abort")
 
         bad = w.call("POST", "/rollouts", {"model": "m", "version": "3.0.0",
                                            "stages": "100%", "gates": FAST}, status=201)

@@ -4,11 +4,12 @@ import contextlib
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from controller.rollouts.gates import Figures, Member
+from controller.rollouts.gates import Aggregate, Figures, Member, baseline
 from controller.rollouts.machine import TERMINAL, Event, IllegalTransition, State
 from controller.rollouts.plan import Gates, parse_stages
 from controller.rollouts.tick import Decision, Plan, Target, act, decide
@@ -28,6 +29,7 @@ class Dev:
     reason: str = ""
     reverts: int = 0
     reverted: bool = False
+    health: Figures = HEALTHY
 
 
 class Fleet:
@@ -40,18 +42,19 @@ class Fleet:
         self.plan = Plan("r1", State.PENDING, 0, T0, tuple(parse_stages(stages)),
                          gates or Gates(min_requests=0), on_failure, max_concurrent)
         self.now = T0
+        self.base: dict[str, Aggregate] = {}
         self.assigned_twice: list[str] = []
         self.log: list[Decision] = []
 
     def targets(self) -> list[Target]:
         return [Target(Member(d.id, d.cls, d.assigned_at, d.outcome, d.reason,
-                              HEALTHY if d.outcome == "committed" else None),
+                              d.health if d.outcome == "committed" else None),
                        online=d.online, left=d.left, revert_issued=d.reverts > 0,
                        reverted=d.reverted) for d in self.devices.values()]
 
     def tick(self, seconds: float = 1.0) -> Decision:
         self.now += timedelta(seconds=seconds)
-        d = decide(self.plan, self.targets(), {}, now=self.now)
+        d = decide(self.plan, self.targets(), self.base, now=self.now)
         self.apply(d)
         return d
 
@@ -118,6 +121,30 @@ def test_a_failed_gate_rolls_back_every_touched_device() -> None:
     fleet.finish_installs()
     fleet.tick()
     assert fleet.plan.state == State.ROLLED_BACK
+
+
+@pytest.mark.parametrize(("outcome", "reason", "health", "late", "says"), [
+    ("failed", "download_refused: x", HEALTHY, 0, "install failures"),
+    ("rolled_back", "smoke_test_failed: y", HEALTHY, 0, "smoke test failed"),
+    ("pending", "", HEALTHY, 700, "no report from"),
+    ("committed", "", Figures(400, 200, 10.0, 1 << 30), 0, "error rate"),
+    ("committed", "", Figures(400, 0, 30.0, 1 << 30), 0, "latency p95"),
+    ("committed", "", Figures(400, 0, 10.0, 2 << 30), 0, "memory"),
+])
+def test_each_gate_rolls_back_a_failing_canary_stage(
+        outcome: str, reason: str, health: Figures, late: float, says: str) -> None:
+    fleet = Fleet(20, stages="10%:60s,100%", gates=Gates(min_requests=20))
+    fleet.base = baseline([(f"c{i % 2}", HEALTHY) for i in range(10)], fleet.plan.gates)
+    fleet.tick()
+    for d in fleet.devices.values():
+        if d.assigned_at:
+            d.outcome, d.reason, d.health = outcome, reason, health
+    fleet.tick()  # deployed: baking
+    fleet.tick(61 + late)  # past the bake time (and the report timeout for "missing")
+    assert fleet.plan.state in (State.ROLLING_BACK, State.ROLLED_BACK)
+    failed = next(s for d in fleet.log for s in d.steps if s.event == Event.ROLLBACK)
+    assert failed.evaluation is not None
+    assert says in failed.reason
 
 
 def test_pause_policy_pauses_instead() -> None:
