@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from controller.db.engine import transaction
 from controller.db.models import Device, DeviceEvent, HealthBatch, UTCDateTime
-from shared.messages import Event, Health, Hello, Message, Presence, ReportedState
+from shared.messages import Event, Hello, Message, Presence, ReportedState
 from shared.topics import Kind
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class Inbound(NamedTuple):
 
     device_id: str
     kind: Kind
-    message: Message
+    message: Message | None  # None for health reports: checked, and stored as received
     received_at: float  # time.time()
     raw: bytes = b""  # the validated payload, stored as received (health reports)
 
@@ -86,7 +86,7 @@ def merge(pending: dict[str, DeviceDelta], items: Sequence[Inbound]) -> None:
             delta = batch[item.device_id] = DeviceDelta()
         delta.last_seen_at = item.received_at
         msg = item.message
-        if isinstance(msg, Health):
+        if item.kind == Kind.HEALTH:
             delta.status, delta.status_at = "online", item.received_at
             delta.last_health = item.raw
             delta.health_count += 1

@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from shared.errors import ProtocolError
-from shared.messages import Message, decode_for, decode_health_many
+from shared.messages import Message, check_health_many, decode_for
 from shared.topics import Kind
 
 if TYPE_CHECKING:
@@ -110,15 +110,15 @@ def decode_chunk(chunk: list[Raw], counters: Counters) -> list["Inbound"]:
     """Decode a chunk of raw messages; count and log the malformed ones."""
     from controller.ingest import Inbound
 
-    health = iter(decode_health_many([raw[2] for raw in chunk if raw[1] == "health"]))
+    health = iter(check_health_many([raw[2] for raw in chunk if raw[1] == "health"]))
     items = []
     for device_id, kind_name, payload, at in chunk:
         kind = _KINDS.get(kind_name)
         if kind is None:
             continue
-        message: Message | ProtocolError
+        message: Message | ProtocolError | None
         if kind == Kind.HEALTH:
-            message = next(health)
+            message = next(health)  # None: valid; stored as received, no object needed
         else:
             try:
                 message = decode_for(kind, payload)

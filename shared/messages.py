@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import SchemaValidator, core_schema
 
 from shared.errors import MalformedMessage, MessageTooLarge, ProtocolError
 from shared.topics import Kind
@@ -176,26 +177,40 @@ def decode_for(kind: Kind, payload: bytes) -> Message:
     return decode(BY_KIND[kind], payload, limit=MAX_SIZE[kind])
 
 
-_HEALTH_LIST: TypeAdapter[list[Health]] = TypeAdapter(list[Health])
+def _fields_as_typed_dict(model: type[Message]) -> core_schema.CoreSchema:
+    """``model``'s own field schemas as a typed dict: the same checks, but validation
+    builds plain dicts instead of model objects (a third of the cost)."""
+    fields = model.__pydantic_core_schema__["schema"]["fields"]
+    return core_schema.typed_dict_schema(
+        {name: core_schema.typed_dict_field(f["schema"], required=f["schema"]["type"] != "default")
+         for name, f in fields.items()}, extra_behavior="ignore")
 
 
-def decode_health_many(payloads: Sequence[bytes]) -> list[Health | ProtocolError]:
-    """Decode many health payloads, each size-checked, validated in one call.
+_HEALTH_LIST = SchemaValidator(core_schema.list_schema(_fields_as_typed_dict(Health)))
+
+
+def check_health_many(payloads: Sequence[bytes]) -> list[ProtocolError | None]:
+    """Check many health payloads, each size-checked, validated in one call; None for
+    each good one, its error for each bad one. For ingestion, which stores the payloads
+    as received and needs no objects.
 
     Validating a JSON array costs about half as much per report as one call per
-    report. If any payload is bad, every payload is decoded on its own so that the
+    report. If any payload is bad, every payload is checked on its own so that the
     bad ones get their own errors and the good ones still pass.
     """
     limit = MAX_SIZE[Kind.HEALTH]
     if all(len(p) <= limit for p in payloads):
         try:
-            return list(_HEALTH_LIST.validate_json(b"[" + b",".join(payloads) + b"]"))
+            _HEALTH_LIST.validate_json(b"[" + b",".join(payloads) + b"]")
         except (ValidationError, ValueError):
             pass
-    out: list[Health | ProtocolError] = []
+        else:
+            return [None] * len(payloads)
+    out: list[ProtocolError | None] = []
     for payload in payloads:
         try:
-            out.append(decode(Health, payload, limit=limit))
+            decode(Health, payload, limit=limit)
+            out.append(None)
         except ProtocolError as exc:
             out.append(exc)
     return out

@@ -28,9 +28,9 @@ from shared.messages import (
     Hello,
     Presence,
     Runtime,
+    check_health_many,
     decode,
     decode_for,
-    decode_health_many,
     encode,
 )
 from shared.topics import Kind, Topics
@@ -198,7 +198,29 @@ def test_decoding_health_in_bulk_isolates_the_bad_reports() -> None:
     good = encode(Health(seq=1, sent_at=T0, cpu_percent=1, mem_used_bytes=1, mem_total_bytes=1,
                          disk_free_bytes=1))
     oversize = b"{" + b" " * MAX_SIZE[Kind.HEALTH] + b"}"
-    out = decode_health_many([good, b'{"seq": -1}', good, oversize, b"]"])
-    assert [type(x).__name__ for x in out] == ["Health", "MalformedMessage", "Health",
+    out = check_health_many([good, b'{"seq": -1}', good, oversize, b"]"])
+    assert [type(x).__name__ for x in out] == ["NoneType", "MalformedMessage", "NoneType",
                                               "MessageTooLarge", "MalformedMessage"]
-    assert decode_health_many([good, good]) == [decode_for(Kind.HEALTH, good)] * 2
+    assert check_health_many([good, good]) == [None, None]
+
+
+HEALTH_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 2**40), st.floats(-1, 1e6),
+                          st.sampled_from(["2026-11-29T12:00:00Z", "soon", "m@1.0.0", ""]))
+
+
+@given(st.dictionaries(st.sampled_from([*Health.model_fields, "extra"]),
+                       HEALTH_VALUES, max_size=16), st.integers(0, 2))
+def test_bulk_health_checks_agree_with_the_model(fields: dict[str, object], copies: int) -> None:
+    """The bulk check (a typed dict built from the model's own fields) accepts exactly
+    what decoding into ``Health`` accepts, alone or among good reports."""
+    good = encode(Health(seq=1, sent_at=T0, cpu_percent=1, mem_used_bytes=1,
+                         mem_total_bytes=1, disk_free_bytes=1))
+    payload = json.dumps(fields).encode()
+    try:
+        decode(Health, payload, limit=MAX_SIZE[Kind.HEALTH])
+        expected = True
+    except ProtocolError:
+        expected = False
+    out = check_health_many([good] * copies + [payload])
+    assert (out[-1] is None) == expected
+    assert out[:-1] == [None] * copies
