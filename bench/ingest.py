@@ -244,6 +244,9 @@ def measure(receiver: Any, *, broker_label: str, broker: str, topic_root: str, d
                 break
             result.sustained_rate = max(result.sustained_rate, step.rate)
             rate *= factor
+        else:
+            print(f"  {receiver.name} kept up with every step: not saturated, the ratio is "
+                  "a bound only (raise --max-steps)", flush=True)
         if pub.stdin is not None:
             pub.stdin.write("stop\n")
             pub.stdin.flush()
@@ -382,7 +385,8 @@ def main() -> None:
                    help="first offered rate through the embedded broker")
     p.add_argument("--factor", type=float, default=1.1, help="rate growth per step")
     p.add_argument("--step", type=float, default=3.0, help="seconds per rate step")
-    p.add_argument("--max-steps", type=int, default=20)
+    p.add_argument("--max-steps", type=int, default=40,
+                   help="a receiver that keeps up with every step was not saturated: raise it")
     # publisher role
     p.add_argument("--broker")
     p.add_argument("--topic-root")
