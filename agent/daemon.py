@@ -41,6 +41,7 @@ def run(config_path: Path) -> None:
     installer = Installer(config.state_dir, updater=link.updater,
                           reporter=_Reporter(session, client), serving=serving,
                           probation_s=config.probation_s)
+    link.progress = installer.progress  # download progress events
     session.generation = installer.install.generation
     session.on_desired = installer.want
     host, _, port = config.inference_listen.rpartition(":")

@@ -164,8 +164,10 @@ class MqttFetcher(FetcherInterface):
     def __init__(self, channel: FetchChannel, *, chunk_size: int = DEFAULT_CHUNK,
                  window: int = 64, timeout: float = 10.0, blob_timeout: float = 3.0,
                  attempts: int = 6, backoff: float = 0.5, stall_s: float = 120.0,
-                 quiet: float = 1.0) -> None:
+                 quiet: float = 1.0,
+                 progress: Callable[[str, int, int], None] | None = None) -> None:
         self._channel = channel
+        self._progress = progress  # (target path, bytes so far, total) after every chunk
         self._chunk, self._window = chunk_size, window
         self._timeout, self._blob_timeout = timeout, blob_timeout
         self._attempts, self._backoff, self._stall_s = attempts, backoff, stall_s
@@ -240,6 +242,8 @@ class MqttFetcher(FetcherInterface):
             total, data = _check(path, offset, answer)
             offset += len(data)
             asked_to = max(asked_to, offset)
+            if self._progress is not None:
+                self._progress(path, offset, total)
             yield data
 
     def _others_flowing(self, beyond: int) -> bool:

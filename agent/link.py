@@ -4,6 +4,7 @@ that connection, and TUF updaters that fetch through it.
 The daemon runs one; tests and ``bench/distribute.py`` run many in one process.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 from tuf.ngclient import Updater
@@ -18,9 +19,11 @@ from shared.fetch import DEFAULT_CHUNK
 class DeviceLink:
     def __init__(self, identity: Identity, state_dir: Path, session: DeviceSession, *,
                  chunk_size: int = DEFAULT_CHUNK, bind_address: str = "",
+                 progress: Callable[[str, int, int], None] | None = None,
                  **fetcher_options: float) -> None:
         self.identity, self.state_dir, self.session = identity, state_dir, session
         self.chunk_size = chunk_size
+        self.progress = progress  # (target, bytes so far, total) while a blob downloads
         self.fetcher_options = fetcher_options  # MqttFetcher's window, timeouts
         self.client = device_client(session, bind_address=bind_address)
         topics, client = session.topics, self.client
@@ -57,5 +60,6 @@ class DeviceLink:
         root = trusted.read_bytes() if trusted.exists() else self.identity.tuf_root.encode()
         return Updater(str(meta), META_URL, str(download), TARGETS_URL,
                        fetcher=MqttFetcher(self.channel, chunk_size=self.chunk_size,
+                                           progress=self.progress,
                                            **self.fetcher_options),  # type: ignore[arg-type]
                        bootstrap=root)

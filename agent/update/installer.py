@@ -87,6 +87,7 @@ class Installer:
         self._disk_free = disk_free or (lambda p: shutil.disk_usage(p).free)
         self._ram_free = ram_free or _available_ram
         self._wanted: DesiredState | None = None
+        self._progress_tenth = 0  # of the current download, reported as events
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="installer", daemon=True)
@@ -111,6 +112,16 @@ class Installer:
             return
         self._wanted = desired
         self._wake.set()
+
+    def progress(self, target: str, done: int, total: int) -> None:
+        """From the fetcher, after every chunk of a blob: an event at each tenth."""
+        install = self.install
+        tenth = 10 * done // total if total else 10
+        if install.state != State.DOWNLOADING or tenth <= self._progress_tenth:
+            return
+        self._progress_tenth = tenth
+        self._reporter.event("download_progress", install.generation,
+                             f"{done} of {total} bytes ({10 * tenth}%) of {target}")
 
     def health(self) -> dict[str, Any]:
         """The last install's outcome, for every health report."""
@@ -138,6 +149,7 @@ class Installer:
                 self._run(self._begin(desired))
 
     def _begin(self, d: DesiredState) -> Install:
+        self._progress_tenth = 0
         return Install(generation=d.generation, state=next_state(State.IDLE, Event.START),
                        model=d.model, version=d.version, variant=d.variant, target=d.target,
                        previous=self._active_sha(), rollback=d.rollback)

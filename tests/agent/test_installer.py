@@ -160,6 +160,18 @@ def test_a_rollback_to_a_kept_model_needs_no_download_and_skips_probation(
                       "install_reason": None}
 
 
+def test_download_progress_is_reported_at_each_tenth_while_downloading(tmp_path, repo) -> None:
+    serving, reporter = FakeServing(), FakeReporter()
+    inst = installer(tmp_path, repo, serving, reporter, free=10_000)
+    inst.install = Install(generation=3, state=State.DOWNLOADING)
+    for done in range(0, 1001, 25):
+        inst.progress("models/m.onnx", done, 1000)
+    assert reporter.events == ["download_progress"] * 10
+    inst.install = Install(generation=3, state=State.STAGING)
+    inst.progress("models/m.onnx", 1000, 1000)
+    assert len(reporter.events) == 10  # only while downloading
+
+
 def test_too_little_memory_fails_the_install_before_downloading(tmp_path, repo) -> None:
     serving, reporter = FakeServing(), FakeReporter()
     inst = installer(tmp_path, repo, serving, reporter, free=10_000, ram=4000)  # needs 5000

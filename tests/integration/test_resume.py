@@ -53,8 +53,10 @@ def test_a_download_cut_by_a_broker_restart_resumes_where_it_stopped(
     enrolled = controller.admin.call("POST", "/enroll", {"token": controller.enroll_token()})
     identity = Identity.from_enrolment(enrolled)
     session = sim_session(identity, PROFILES["mixed"][2], random.Random(0))
+    progress: list[tuple[int, int]] = []
     link = DeviceLink(identity, tmp_path / "device", session, chunk_size=CHUNK, window=4,
-                      blob_timeout=1.0)
+                      blob_timeout=1.0, progress=lambda _p, done, total: progress.append(
+                          (done, total)))
     link.connect()
     wait_for(link.client.is_connected, 30, "the device connected")
 
@@ -99,3 +101,6 @@ def test_a_download_cut_by_a_broker_restart_resumes_where_it_stopped(
     assert result == {"sha256": source["sha256"]}  # complete, and verified by TUF
     assert min(asked[cut_at:]) >= half - 4 * CHUNK  # carried on; never from the start
     assert asked.count(0) == 1
+    done = [d for d, _ in progress]
+    assert done == sorted(done)  # progress never went back across the restart
+    assert progress[-1] == (source["size"], source["size"])
