@@ -12,9 +12,13 @@ Updater verifies everything it gets.
 
 import logging
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
 
 from tuf.api import exceptions
 from tuf.ngclient.fetcher import FetcherInterface
@@ -165,13 +169,36 @@ class MqttFetcher(FetcherInterface):
                  window: int = 64, timeout: float = 10.0, blob_timeout: float = 3.0,
                  attempts: int = 6, backoff: float = 0.5, stall_s: float = 120.0,
                  quiet: float = 1.0,
-                 progress: Callable[[str, int, int], None] | None = None) -> None:
+                 progress: Callable[[str, int, int], None] | None = None,
+                 spool_dir: Path | None = None) -> None:
         self._channel = channel
         self._progress = progress  # (target path, bytes so far, total) after every chunk
+        self._spool_dir = spool_dir
         self._chunk, self._window = chunk_size, window
         self._timeout, self._blob_timeout = timeout, blob_timeout
         self._attempts, self._backoff, self._stall_s = attempts, backoff, stall_s
         self._quiet = quiet
+
+    @contextmanager
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
+        """As python-tuf's, but spooled in ``spool_dir`` (the agent's state directory)
+        rather than the system's temporary directory: on an edge box /tmp is often a
+        small RAM disk, and a full disk must show up where the free-space check looked."""
+        if self._spool_dir is None:
+            with super().download_file(url, max_length) as spooled:
+                yield spooled
+            return
+        received = 0
+        with tempfile.TemporaryFile(dir=self._spool_dir) as spool:
+            for chunk in self.fetch(url):
+                received += len(chunk)
+                if received > max_length:
+                    raise exceptions.DownloadLengthMismatchError(
+                        f"Downloaded {received} bytes exceeding the maximum allowed length "
+                        f"of {max_length}")
+                spool.write(chunk)
+            spool.seek(0)
+            yield spool
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith("mqtt:"):

@@ -60,6 +60,6 @@ class DeviceLink:
         root = trusted.read_bytes() if trusted.exists() else self.identity.tuf_root.encode()
         return Updater(str(meta), META_URL, str(download), TARGETS_URL,
                        fetcher=MqttFetcher(self.channel, chunk_size=self.chunk_size,
-                                           progress=self.progress,
+                                           progress=self.progress, spool_dir=download,
                                            **self.fetcher_options),  # type: ignore[arg-type]
                        bootstrap=root)
