@@ -7,7 +7,6 @@ the test fills the disk, then let go."""
 import random
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from shared.messages import DesiredState
 from tests.agent.test_installer import FakeReporter, FakeServing
 from tests.conftest import Backend, unavailable, wait_for
 from tests.integration.test_delivery import push
+from tests.integration.test_resume import hold_fetch_at
 from tests.models import tiny_onnx
 
 CHUNK = 32 * 1024
@@ -57,17 +57,7 @@ def test_a_disk_filling_up_mid_download_fails_the_install_cleanly(
         link = DeviceLink(identity, state, sim_session(identity, PROFILES["mixed"][2],
                                                        random.Random(0)),
                           chunk_size=CHUNK, window=4)
-        half = source["size"] // 2
-        paused, go_on = threading.Event(), threading.Event()
-        ask = link.channel.ask
-
-        def gated_ask(path: str, offset: int, length: int, count: int = 1, **kw: bool) -> None:
-            if offset >= half and not go_on.is_set():
-                paused.set()
-                go_on.wait(120)
-            ask(path, offset, length, count, **kw)
-
-        link.channel.ask = gated_ask  # type: ignore[method-assign]
+        paused, go_on = hold_fetch_at(link, source["size"] // 2)
         link.connect()
         wait_for(link.client.is_connected, 30, "the device connected")
         serving, reporter = FakeServing(), FakeReporter()

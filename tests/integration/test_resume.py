@@ -38,6 +38,25 @@ def _open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def hold_fetch_at(link: DeviceLink, offset: int, asked: list[int] | None = None
+                  ) -> tuple[threading.Event, threading.Event]:
+    """Hold ``link``'s requests from ``offset`` on: ``paused`` is set when one is held,
+    setting ``go_on`` lets them through. ``asked`` records every offset requested."""
+    paused, go_on = threading.Event(), threading.Event()
+    ask = link.channel.ask
+
+    def gated_ask(path: str, at: int, length: int, count: int = 1, **kw: bool) -> None:
+        if at >= offset and not go_on.is_set():
+            paused.set()
+            go_on.wait(120)
+        if asked is not None:
+            asked.append(at)
+        ask(path, at, length, count, **kw)
+
+    link.channel.ask = gated_ask  # type: ignore[method-assign]
+    return paused, go_on
+
+
 def test_a_download_cut_by_a_broker_restart_resumes_where_it_stopped(
         backend: Backend, start_controller, tmp_path: Path) -> None:
     private = None
@@ -62,17 +81,7 @@ def test_a_download_cut_by_a_broker_restart_resumes_where_it_stopped(
 
     half = source["size"] // 2
     asked: list[int] = []
-    paused, go_on = threading.Event(), threading.Event()
-    ask = link.channel.ask
-
-    def gated_ask(path: str, offset: int, length: int, count: int = 1, **kw: bool) -> None:
-        if offset >= half and not go_on.is_set():
-            paused.set()
-            go_on.wait(120)
-        asked.append(offset)
-        ask(path, offset, length, count, **kw)
-
-    link.channel.ask = gated_ask  # type: ignore[method-assign]
+    paused, go_on = hold_fetch_at(link, half, asked)
     result: dict[str, str] = {}
 
     def download() -> None:
