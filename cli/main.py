@@ -118,6 +118,17 @@ def controller_serve(data_dir: Path, database_url: str | None, mqtt_url: str | N
         raise click.ClickException("the controller did not start; see the log above")
 
 
+@controller.command("mosquitto-acl")
+@click.option("--topic-root", default="ef/v1", show_default=True)
+@click.option("--controller-user", default="edgefleet-controller", show_default=True,
+              help="The MQTT user the controller connects as (--mqtt URL).")
+def controller_mosquitto_acl(topic_root: str, controller_user: str) -> None:
+    """Print a Mosquitto acl_file confining each device to its own topics."""
+    from shared.topics import Topics
+
+    click.echo(Topics(topic_root).mosquitto_acl(controller_user), nl=False)
+
+
 # -- agent --------------------------------------------------------------------------------
 
 @main.group()

@@ -22,10 +22,15 @@ CHUNK = 32 * 1024
 
 
 def mosquitto(port: int) -> subprocess.Popen[bytes]:
+    return mosquitto_with(["-p", str(port)], port)
+
+
+def mosquitto_with(args: list[str], port: int) -> subprocess.Popen[bytes]:
+    """A private Mosquitto started with ``args``, once it listens on ``port``."""
     binary = shutil.which("mosquitto")
     if binary is None:
         unavailable("the mosquitto binary")
-    proc = subprocess.Popen([str(binary), "-p", str(port)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([str(binary), *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     wait_for(lambda: _open(port), 10, "mosquitto listening")
     return proc
