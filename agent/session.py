@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent import AGENT_VERSION
 from agent.config import Identity
@@ -30,6 +30,14 @@ from shared.topics import Kind, Topics
 log = logging.getLogger(__name__)
 
 HELLO_EVERY = 30  # health reports
+
+
+def install_outcome(generation: int, state: str, reason: str) -> dict[str, Any]:
+    """The install outcome as repeated in every health report (``Health.install_*``)."""
+    if generation == 0:
+        return {}
+    return {"install_generation": generation, "install_state": state,
+            "install_reason": reason[:256] or None}
 
 
 class Publisher(Protocol):

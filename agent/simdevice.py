@@ -14,9 +14,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
 
-from agent.session import DeviceSession, Publisher
+from agent.session import DeviceSession, Publisher, install_outcome
 from shared.messages import DesiredState, Health, ReportedState
 
 Schedule = Callable[[float, Callable[[], None]], None]  # run a callback after a delay
@@ -71,7 +70,7 @@ class SimDevice:
         self.active: tuple[str, str, str | None] | None = None  # model, version, variant
         self.requests = self.errors = 0
         self._counted_at: datetime | None = None
-        self.outcome: tuple[int, str, str] | None = None  # generation, state, reason
+        self.outcome: tuple[int, str, str] = (0, "idle", "")  # generation, state, reason
 
     def bind(self, session: DeviceSession, client: Publisher) -> None:
         """Serve ``session``'s desired states, reporting over ``client``."""
@@ -165,12 +164,5 @@ class SimDevice:
                       inference_count=self.requests, error_count=self.errors,
                       latency_p50_ms=p50, latency_p95_ms=p95,
                       active_model=f"{self.active[0]}@{self.active[1]}" if self.active else None,
-                      **_install(self.outcome))
+                      **install_outcome(*self.outcome))
 
-
-def _install(outcome: tuple[int, str, str] | None) -> dict[str, Any]:
-    if outcome is None:
-        return {}
-    generation, state, reason = outcome
-    return {"install_generation": generation, "install_state": state,
-            "install_reason": reason[:256] or None}

@@ -19,6 +19,7 @@ the controller's tick, so figures are good to about one tick (--rollout-tick, 0.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from cli.api import Api  # noqa: E402
 from cli.demo import free_port, wait_until  # noqa: E402
 from cli.samples import mlp_onnx  # noqa: E402
+from controller.db.engine import scratch_schema  # noqa: E402
 
 CLI = [sys.executable, "-m", "cli"]
 
@@ -74,25 +76,6 @@ def start(args: argparse.Namespace, tmp: Path,
                       >= args.devices, 300, interval=1):
         sys.exit(f"the fleet did not come online; see {tmp / 'sim.log'}")
     return procs, api
-
-
-def fresh_schema(url: str) -> tuple[str, Any]:
-    """A new PostgreSQL schema for this run (the controller starts on an empty database);
-    returns its URL and a function that drops it."""
-    import sqlalchemy as sa
-
-    schema = f"bench_{secrets.token_hex(4)}"
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-
-    def drop() -> None:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
-
-    sep = "&" if "?" in url else "?"
-    return f"{url}{sep}options=-csearch_path%3D{schema}", drop
 
 
 def run_rollout(api: Api, version: str, stages: str, timeout: float = 600) -> dict[str, Any]:
@@ -172,10 +155,10 @@ def main() -> None:
                                                          "mqtt://127.0.0.1:1883"))
     parser.add_argument("--db", default=os.environ.get("EDGEFLEET_TEST_DATABASE_URL"))
     args = parser.parse_args()
-    drop = None
-    if args.db:
-        args.db, drop = fresh_schema(args.db)
-    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp_dir:
+    with contextlib.ExitStack() as stack:
+        if args.db:  # the controller starts on an empty database
+            args.db = stack.enter_context(scratch_schema(args.db, "bench"))
+        tmp_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgefleet-bench-"))
         procs: list[subprocess.Popen[bytes]] = []
         try:
             procs, api = start(args, Path(tmp_dir), procs)
@@ -187,8 +170,6 @@ def main() -> None:
                 p.terminate()
             for p in procs:
                 p.wait(30)
-            if drop is not None:
-                drop()
     canaries = bad["counts"]["assigned"]
     floor = bare_round_trip(args.mqtt, canaries)
     tl = good["timeline"]

@@ -80,6 +80,17 @@ def _problem_text(exc: urllib.error.HTTPError) -> str:
         return f"HTTP {exc.code}: {exc.reason}"
 
 
+def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``KEY=VALUE`` options (labels, selectors, gates) as a dict."""
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
 def api_options(f: Any) -> Any:
     """Add --controller and --token (with their environment variables) to a command."""
     f = click.option("--token", envvar="EDGEFLEET_TOKEN", help="API bearer token.")(f)

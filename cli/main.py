@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.live import Live
 
-from cli.api import api_options, make_api
+from cli.api import api_options, make_api, parse_labels
 from cli.keys import keys
 from cli.rollout import rollout
 from cli.views import devices_table, summary_table, versions_table
@@ -30,16 +30,6 @@ def parse_duration(text: str) -> int:
     if not match:
         raise click.BadParameter(f"{text!r} is not a duration like 30s, 10m, 1h or 7d")
     return int(match.group(1)) * _UNITS[match.group(2)]
-
-
-def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
-    labels = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE")
-        labels[key] = value
-    return labels
 
 
 def setup_logging(level: str) -> None:

@@ -8,13 +8,12 @@ the rollout ends (or pauses, exit 5) and exits with the same codes.
 import json
 import sys
 import time
-from typing import Any
 
 import click
 from rich.console import Console
 from rich.live import Live
 
-from cli.api import api_options, make_api
+from cli.api import api_options, make_api, parse_labels
 from cli.views import rollout_view
 
 console = Console()
@@ -22,16 +21,13 @@ EXIT = {"rolled_back": 3, "aborted": 4, "paused": 5}
 ENDED = ("completed", "rolled_back", "aborted")
 
 
-def _pairs(values: tuple[str, ...], *, numbers: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in values:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE")
+def _numbers(pairs: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for key, value in parse_labels(pairs).items():
         try:
-            out[key] = float(value) if numbers else value
+            out[key] = float(value)
         except ValueError:
-            raise click.BadParameter(f"{pair!r}: {value!r} is not a number") from None
+            raise click.BadParameter(f"{f'{key}={value}'!r}: {value!r} is not a number") from None
     return out
 
 
@@ -61,8 +57,8 @@ def create(controller: str, token: str | None, model: str, version: str,
            gates: tuple[str, ...], on_failure: str, max_concurrent: int | None,
            as_json: bool) -> None:
     """Ship MODEL@VERSION to the matching devices in stages."""
-    body = {"model": model, "version": version, "selector": _pairs(selector),
-            "classes": list(classes), "stages": stages, "gates": _pairs(gates, numbers=True),
+    body = {"model": model, "version": version, "selector": parse_labels(selector),
+            "classes": list(classes), "stages": stages, "gates": _numbers(gates),
             "on_failure": on_failure, "max_concurrent": max_concurrent}
     out = make_api(controller, token).call("POST", "/rollouts", body)
     if as_json:

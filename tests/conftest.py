@@ -6,6 +6,7 @@ PostgreSQL + Mosquitto. A missing service skips, unless ``EDGEFLEET_TEST_REQUIRE
 (as in CI), where it fails.
 """
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -70,21 +71,14 @@ def _pg_schema_url(base: str) -> Iterator[str]:
     """A fresh PostgreSQL schema for one test, dropped afterwards."""
     import sqlalchemy as sa
 
-    schema = f"t_{secrets.token_hex(6)}"
-    engine = sa.create_engine(base)
-    try:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    except sa.exc.OperationalError as exc:
-        engine.dispose()
-        pytest.fail(f"PostgreSQL at {base} is not reachable: {exc}")
-    sep = "&" if "?" in base else "?"
-    try:
-        yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
+    from controller.db.engine import scratch_schema
+
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(scratch_schema(base, "t"))
+        except sa.exc.OperationalError as exc:
+            pytest.fail(f"PostgreSQL at {base} is not reachable: {exc}")
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

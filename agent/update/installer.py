@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from tuf.api import exceptions as tuf_errors
 
+from agent.session import install_outcome
 from agent.update.machine import RESUME, TERMINAL, Event, State, next_state
 from shared import smoke
 from shared.files import fsync_dir, write_atomic
@@ -126,10 +127,7 @@ class Installer:
     def health(self) -> dict[str, Any]:
         """The last install's outcome, for every health report."""
         install = self.install
-        if install.generation == 0:
-            return {}
-        return {"install_generation": install.generation, "install_state": install.state.value,
-                "install_reason": install.reason[:256] or None}
+        return install_outcome(install.generation, install.state.value, install.reason)
 
     def active_dir(self) -> Path | None:
         return self.current.resolve() if self.current.is_symlink() else None

@@ -23,6 +23,29 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
+@contextmanager
+def scratch_schema(base_url: str, prefix: str) -> Iterator[str]:
+    """A new, empty PostgreSQL schema for a test or a benchmark: yields ``base_url``
+    with its search path set to the schema, and drops the schema afterwards."""
+    import secrets
+
+    from sqlalchemy import text
+
+    schema = f"{prefix}_{secrets.token_hex(6)}"
+    engine = create_engine(base_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        sep = "&" if "?" in base_url else "?"
+        try:
+            yield f"{base_url}{sep}options=-csearch_path%3D{schema}"
+        finally:
+            with engine.begin() as conn:
+                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    finally:
+        engine.dispose()
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")

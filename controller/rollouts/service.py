@@ -85,12 +85,7 @@ def create(session: Session, spec: Spec, *, now: datetime, actor: str) -> Rollou
     if not matched:
         why = f"; {len(unfit)} matching devices fit no variant: {unfit[0]}" if unfit else ""
         raise PlanError("selector", f"no enrolled device matches {_describe(rollout)}{why}")
-    busy = session.execute(
-        select(RolloutMember.device_id, Rollout.id, Rollout.state)
-        .join(Rollout, Rollout.id == RolloutMember.rollout_id)
-        .where(Rollout.model_name == version.model_name,
-               Rollout.state.in_([s.value for s in ACTIVE]), RolloutMember.left_at.is_(None),
-               RolloutMember.device_id.in_([d.id for d, _ in matched]))).all()
+    busy = _busy(session, version.model_name, [d.id for d, _ in matched])
     if busy:
         device_id, other, state = busy[0]
         raise PlanError("selector", f"{len(busy)} of the matched devices are already in "
@@ -101,11 +96,9 @@ def create(session: Session, spec: Spec, *, now: datetime, actor: str) -> Rollou
     target = f"{version.model_name}@{version.version}"
     base = []
     for device, variant in matched:
-        _join(session, rollout, device, variant, now)
-        figures = g.Figures.of(device.last_health)
-        active = (device.last_health or {}).get("active_model")
-        if figures is not None and active and active != target:
-            base.append((device_class(device.capabilities, variant), figures))
+        member = _join(session, rollout, device, variant, now)
+        if (figures := _baseline_figures(device, target)) is not None:
+            base.append((member.cls, figures))
     rollout.baseline = {cls: asdict(agg) for cls, agg in
                         g.baseline(base, gates).items() if agg.devices}
     note = f"; {len(unfit)} matching devices fit no variant and are left out" if unfit else ""
@@ -252,18 +245,34 @@ def _baseline(rollout: Rollout, targets: list[Target], devices: dict[str, Device
     """Per class: the devices not given the target, live; else the figures at creation."""
     live = []
     for t in targets:
-        device = devices.get(t.member.device_id)
-        health = (device.last_health or {}) if device is not None else {}
-        if t.member.assigned_at is None and not t.left and health.get("active_model") \
-                and health.get("active_model") != target_ref:
-            figures = g.Figures.of(health)
-            if figures is not None:
-                live.append((t.member.cls, figures))
+        if t.member.assigned_at is None and not t.left and (
+                figures := _baseline_figures(devices.get(t.member.device_id), target_ref)):
+            live.append((t.member.cls, figures))
     gates = Gates.of(rollout.gates)
     out = {cls: g.Aggregate(**agg) for cls, agg in rollout.baseline.items()}
     out.update({cls: agg for cls, agg in g.baseline(live, gates).items()
                 if agg.devices >= gates.min_devices})
     return out
+
+
+def _baseline_figures(device: Device | None, target_ref: str) -> g.Figures | None:
+    """The device's health figures if it serves a model other than the target."""
+    health = (device.last_health or {}) if device is not None else {}
+    active = health.get("active_model")
+    return g.Figures.of(health) if active and active != target_ref else None
+
+
+def _busy(session: Session, model: str, device_ids: list[str], *,
+          besides: str | None = None) -> list[Any]:
+    """(device id, rollout id, state) of those devices in an active rollout of ``model``
+    (other than ``besides``): a device is in one active rollout of a model at a time."""
+    query = (select(RolloutMember.device_id, Rollout.id, Rollout.state)
+             .join(Rollout, Rollout.id == RolloutMember.rollout_id)
+             .where(Rollout.model_name == model, Rollout.state.in_([s.value for s in ACTIVE]),
+                    RolloutMember.left_at.is_(None), RolloutMember.device_id.in_(device_ids)))
+    if besides is not None:
+        query = query.where(Rollout.id != besides)
+    return list(session.execute(query).all())
 
 
 def _refresh_members(session: Session, rollout: Rollout, rows: dict[str, RolloutMember],
@@ -277,11 +286,7 @@ def _refresh_members(session: Session, rollout: Rollout, rows: dict[str, Rollout
             member.left_at, member.reason = now, "no longer matches the plan"
     if not (new := [d for d in matched if d not in rows]):
         return
-    busy = set(session.scalars(
-        select(RolloutMember.device_id).join(Rollout, Rollout.id == RolloutMember.rollout_id)
-        .where(Rollout.model_name == rollout.model_name, Rollout.id != rollout.id,
-               Rollout.state.in_([s.value for s in ACTIVE]), RolloutMember.left_at.is_(None),
-               RolloutMember.device_id.in_(new))))
+    busy = {row[0] for row in _busy(session, rollout.model_name, new, besides=rollout.id)}
     for device_id in new:
         if device_id not in busy:
             rows[device_id] = _join(session, rollout, devices[device_id], matched[device_id], now)
