@@ -1,4 +1,9 @@
-"""A small API client for the operator commands (stdlib only, like the agent)."""
+"""A small API client for the operator commands (stdlib only, like the agent).
+
+Exit codes every command keeps, for scripts: 0 done; 1 the controller refused (its
+problem detail is printed); 2 bad usage; 3, 4, 5 a rollout rolled back, aborted or
+paused (``rollout status``); 6 the controller could not be reached.
+"""
 
 import json
 import os
@@ -21,7 +26,7 @@ class ApiFailure(click.ClickException):
 
 
 class Unreachable(ApiFailure):
-    exit_code = 3
+    exit_code = 6
 
 
 @dataclass(frozen=True)

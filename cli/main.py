@@ -16,7 +16,7 @@ from rich.live import Live
 from cli.api import api_options, make_api, parse_labels
 from cli.keys import keys
 from cli.rollout import rollout
-from cli.views import devices_table, summary_table, versions_table
+from cli.views import audit_table, devices_table, summary_table, versions_table
 
 console = Console()
 
@@ -282,6 +282,29 @@ def status(controller: str, token: str | None, as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=2))
     else:
         console.print(summary_table(summary))
+
+
+@main.command()
+@api_options
+@click.option("--actor", help="Only what this token name (or enrol-token:ID) did.")
+@click.option("--action", help="An action (rollout.pause) or a family (rollout).")
+@click.option("--target", help="Only entries about this device, rollout or NAME@VERSION.")
+@click.option("--since", help="Only the last 30m, 1h, 7d ...")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def audit(controller: str, token: str | None, actor: str | None, action: str | None,
+          target: str | None, since: str | None, limit: int, as_json: bool) -> None:
+    """Who changed what, when and from where (operator role), newest first."""
+    from urllib.parse import urlencode
+
+    params: dict[str, Any] = {"actor": actor, "action": action, "target": target,
+                              "limit": limit}
+    if since is not None:
+        start = time.time() - parse_duration(since)
+        params["since"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
+    query = urlencode({k: v for k, v in params.items() if v is not None})
+    out = make_api(controller, token).call("GET", f"/audit?{query}")
+    click.echo(json.dumps(out, indent=2)) if as_json else console.print(audit_table(out))
 
 
 @main.group("enroll-token")

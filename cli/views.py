@@ -159,3 +159,15 @@ def fleet_models_table(devices: list[dict[str, Any]]) -> Table:
     for cls, row in sorted(cells.items()):
         table.add_row(cls, *(str(row.get(m, 0)) for m in models))
     return table
+
+
+def audit_table(entries: list[dict[str, Any]]) -> Table:
+    """The audit log, newest first."""
+    table = Table(title=f"edgefleet audit: {len(entries)} entries", box=box.SIMPLE_HEAD)
+    for col in ("id", "at (UTC)", "actor", "action", "target", "from", "detail"):
+        table.add_column(col, no_wrap=col != "detail")
+    for e in entries:
+        detail = ", ".join(f"{k}={v}" for k, v in e["detail"].items())
+        table.add_row(str(e["id"]), e["at"][:19].replace("T", " "), e["actor"], e["action"],
+                      e["target"], e["remote"] or "-", detail)
+    return table

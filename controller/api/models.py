@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 
 from controller import audit
-from controller.api.deps import Db, Operator, Rt, Viewer
+from controller.api.deps import Db, Operator, Principal, Rt, Viewer
 from controller.api.errors import ApiError
 from controller.db.engine import transaction
 from controller.db.models import ModelVersion
@@ -57,7 +57,7 @@ class VersionOut(BaseModel):
 
 
 @router.post("/uploads", status_code=201, response_model=UploadOut)
-async def upload(request: Request, rt: Rt, _who: Operator,
+async def upload(request: Request, rt: Rt, who: Operator,
                  filename: str | None = None) -> UploadOut:
     """Stream a model file (the request body) to disk, size-capped, and validate it. A
     refused upload leaves nothing behind."""
@@ -78,8 +78,16 @@ async def upload(request: Request, rt: Rt, _who: Operator,
     except InvalidModel as exc:
         await run_in_threadpool(_forget_blob, rt, blob)
         raise ApiError(422, "invalid_model", str(exc)) from None
+    await run_in_threadpool(_record_upload, rt, who, blob, filename)
     return UploadOut(sha256=blob.sha256, size=blob.size, format=info.format,
                      quantization=info.quantization)
+
+
+def _record_upload(rt: Runtime, who: Principal, blob: Blob, filename: str | None) -> None:
+    with transaction(rt.session_factory) as session:
+        audit.record(session, actor=who.name, action="upload.create", target=blob.sha256,
+                     remote=who.remote, now=rt.clock(),
+                     detail={"size": blob.size, "filename": filename})
 
 
 def _forget_blob(rt: Runtime, blob: Blob) -> None:

@@ -1,7 +1,7 @@
 """Routes of ``/api/v1``: devices, fleet summary, tokens, enrolment; health probes."""
 
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -78,6 +78,32 @@ def delete_device(device_id: str, session: Db, rt: Rt, who: Operator) -> Respons
     session.commit()
     rt.forget_device(device_id)  # also clears its retained desired state
     return Response(status_code=204)
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    remote: str | None
+    detail: dict[str, Any]
+
+
+@api.get("/audit", response_model=list[AuditOut])
+def list_audit(session: Db, _who: Operator, actor: str | None = None,
+               action: Annotated[str | None, Query(max_length=64)] = None,
+               target: str | None = None, since: datetime | None = None,
+               before_id: Annotated[int | None, Query(ge=1)] = None,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AuditOut]:
+    """Who changed what, newest first (operators and admins: it names people and
+    addresses). Page back with ``before_id`` = the last id of the previous page."""
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)  # a time without a zone is read as UTC
+    rows = audit.entries(session, actor=actor, action=action, target=target, since=since,
+                         before_id=before_id, limit=limit)
+    return [AuditOut(id=r.id, at=r.at, actor=r.actor, action=r.action, target=r.target,
+                     remote=r.remote, detail=r.detail) for r in rows]
 
 
 @api.get("/fleet/summary")

@@ -135,3 +135,7 @@ def test_the_rollout_cli_creates_waits_and_says_what_went_wrong(
     bad = run("create", "--model", "m", "--version", "9.9.9")
     assert bad.returncode == 1
     assert "invalid_plan: version: no version m@9.9.9" in bad.stderr
+    audited = subprocess.run(cli("audit", "--action", "rollout", "--json"), capture_output=True,
+                             text=True, env=env, timeout=60, check=True)
+    assert [(e["actor"], e["action"], e["target"]) for e in json.loads(audited.stdout)] == [
+        ("bootstrap-admin", "rollout.create", rid)]  # refused commands change nothing
