@@ -62,6 +62,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_section()
     for cls, n in summary["by_class"].items():
         table.add_row(cls, str(n))
+    table.add_section()
+    for model, n in summary.get("by_model", {}).items():
+        table.add_row(f"runs {model}", str(n))
     return table
 
 

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _DEVICE_KINDS = frozenset(kind.value for kind in DEVICE_PUBLISHES)
 _ROUTE_CACHE = 500_000  # topics; about 5 per device
+_MAX_IN_FLIGHT = 100_000  # publishes timed at once; more go untimed
 
 
 class Bridge:
@@ -29,7 +30,8 @@ class Bridge:
 
     def __init__(self, url: MqttUrl, topics: Topics, *,
                  sink: Callable[[str, str, bytes, float], None],
-                 is_known: Callable[[str], bool], keepalive: int = 30) -> None:
+                 is_known: Callable[[str], bool], keepalive: int = 30,
+                 observe_publish: Callable[[float], None] | None = None) -> None:
         self.url = url
         self.topics = topics
         self._sink = sink
@@ -39,6 +41,10 @@ class Bridge:
         self.dropped_malformed = 0
         self.dropped_unknown = 0
         self._routes: dict[str, tuple[str, str]] = {}  # topic -> (device id, kind)
+        self._observe = observe_publish
+        self._in_flight: dict[int, float] = {}  # mid -> when handed to paho (QoS 1)
+        self._acked_early: set[int] = set()  # acknowledged before publish() returned
+        self._flight_lock = threading.Lock()
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"edgefleet-controller-{secrets.token_hex(4)}",
@@ -53,6 +59,7 @@ class Bridge:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
 
     def start(self, timeout: float = 15.0) -> None:
         """Connect and start the network thread; raise if not connected in time."""
@@ -67,7 +74,27 @@ class Bridge:
         self._client.loop_stop()
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        self._client.publish(topic, payload, qos=qos, retain=retain)
+        started = time.perf_counter()
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if qos == 0 or self._observe is None:
+            return
+        with self._flight_lock:
+            if info.mid in self._acked_early:
+                self._acked_early.discard(info.mid)
+                self._observe(time.perf_counter() - started)
+            elif len(self._in_flight) < _MAX_IN_FLIGHT:  # a lost session never acks
+                self._in_flight[info.mid] = started
+
+    def _on_publish(self, _client: mqtt.Client, _userdata: object, mid: int,
+                    _reason: object, _props: object) -> None:
+        if self._observe is None:
+            return
+        with self._flight_lock:
+            started = self._in_flight.pop(mid, None)
+            if started is not None:
+                self._observe(time.perf_counter() - started)
+            elif len(self._acked_early) < _MAX_IN_FLIGHT:
+                self._acked_early.add(mid)
 
     def _on_connect(self, client: mqtt.Client, _userdata: object, _flags: object,
                     reason: ReasonCode, _props: object) -> None:

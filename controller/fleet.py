@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.db.models import Device
@@ -67,15 +67,37 @@ def list_devices(session: Session, *, status: str | None = None, limit: int = 10
     return list(session.scalars(query))
 
 
+def model_ref(reported: dict[str, Any] | None) -> str:
+    """``name@version`` a device reports running, or ``none``."""
+    if not reported or not reported.get("model"):
+        return "none"
+    return f"{reported['model']}@{reported.get('version')}"
+
+
+def census(session: Session) -> Counter[tuple[str, str, str]]:
+    """Devices counted by (status, class, model@version they report running): the one
+    count the summary, the dashboard and /metrics are all read from."""
+    rows = session.execute(select(Device.status, Device.capabilities, Device.reported))
+    return Counter((status, device_class(caps), model_ref(reported))
+                   for status, caps, reported in rows)
+
+
 def summary(session: Session) -> dict[str, Any]:
-    """Device counts by status and by class."""
-    by_status = dict(session.execute(select(Device.status, func.count()).group_by(Device.status))
-                     .all())
-    classes: Counter[str] = Counter(
-        device_class(caps) for caps in session.scalars(select(Device.capabilities))
-    )
+    """Device counts by status, by class, by model version, and by class and model."""
+    counts = census(session)
+    by_status = dict.fromkeys(("online", "offline", "enrolled"), 0)
+    by_class: Counter[str] = Counter()
+    by_model: Counter[str] = Counter()
+    cells: dict[str, Counter[str]] = {}
+    for (status, cls, model), n in counts.items():
+        by_status[status] = by_status.get(status, 0) + n
+        by_class[cls] += n
+        by_model[model] += n
+        cells.setdefault(cls, Counter())[model] += n
     return {
         "devices": sum(by_status.values()),
-        "by_status": {k: by_status.get(k, 0) for k in ("online", "offline", "enrolled")},
-        "by_class": dict(sorted(classes.items())),
+        "by_status": by_status,
+        "by_class": dict(sorted(by_class.items())),
+        "by_model": dict(sorted(by_model.items())),
+        "by_class_model": {cls: dict(sorted(c.items())) for cls, c in sorted(cells.items())},
     }

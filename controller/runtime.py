@@ -27,6 +27,7 @@ from controller.fetch import FetchServer
 from controller.ingest import mark_stale_offline
 from controller.ingest_process import IngestProcess
 from controller.leader import Leadership
+from controller.metrics import Metrics
 from controller.registry.blobs import BlobStore
 from controller.registry.jobs import JobRunner
 from controller.registry.service import publish_targets, referenced_blobs
@@ -68,6 +69,8 @@ class Runtime:
         os.chmod(settings.data_dir, 0o700)
         self.engine = make_engine(settings.db_url)
         self.session_factory = session_factory(self.engine)
+        self.metrics = Metrics()
+        self.metrics.watch_engine(self.engine)
         self.signer = Signer(load_or_create_key(settings.data_dir / "keys" / "desired-state.key"))
         self.desired_key_text = public_key_to_text(self.signer.private_key.public_key())
         self.blobs = BlobStore(settings.data_dir / "blobs")
@@ -81,6 +84,7 @@ class Runtime:
         self.ingestor = IngestProcess(settings.db_url, linger=settings.ingest_linger_s)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.leadership = Leadership(self.engine)
+        self.metrics.collect_from(self)
         self.jobs = JobRunner(session_factory=self.session_factory, blobs=self.blobs,
                               trust=self.trust, clock=clock,
                               workdir=settings.data_dir / "work")
@@ -112,7 +116,8 @@ class Runtime:
         self.jobs.start()
         self.ingestor.start()
         self.bridge = Bridge(mqtt_url, self.topics, sink=self._inbound,
-                             is_known=self.is_enrolled)
+                             is_known=self.is_enrolled,
+                             observe_publish=self.metrics.mqtt_publish_seconds.observe)
         bridge = self.bridge
         self.fetch = FetchServer(self.trust, self.blobs, self.topics,
                                  lambda topic, payload: bridge.publish(topic, payload, qos=1))

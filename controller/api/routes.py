@@ -5,6 +5,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 
@@ -192,6 +194,12 @@ def enroll(body: EnrollIn, request: Request, session: Db, rt: Rt) -> EnrollOut:
                      keepalive_s=s.keepalive_s, health_interval_s=s.health_interval_s,
                      desired_state_key=rt.desired_key_text,
                      tuf_root=rt.trust.trusted_root().decode())
+
+
+@probes.get("/metrics", response_class=PlainTextResponse)
+def metrics(rt: Rt, _who: Viewer) -> Response:
+    """Prometheus metrics (a viewer token: Prometheus sends it as a bearer token)."""
+    return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @probes.get("/healthz")
