@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.db.models import Device
+from controller.db.models import Device, HealthBatch
 from controller.security import consume_enroll_token, digest, new_secret
 
 
@@ -65,6 +65,22 @@ def list_devices(session: Session, *, status: str | None = None, limit: int = 10
     if status:
         query = query.where(Device.status == status)
     return list(session.scalars(query))
+
+
+def health_history(session: Session, device_id: str, *, since: datetime,
+                   limit: int = 2000) -> list[dict[str, Any]]:
+    """A device's health reports received since ``since``, oldest first, each with its
+    arrival time ``t`` (unix seconds). Read from the batches of that window; batches
+    that do not mention the device are skipped by the database."""
+    rows = session.scalars(
+        select(HealthBatch).where(HealthBatch.received_to >= since,
+                                  HealthBatch.reports.contains(f'"d":"{device_id}"',
+                                                               autoescape=True))
+        .order_by(HealthBatch.id))
+    cutoff = since.timestamp()
+    out = [{"t": e["t"], **e["r"]} for batch in rows for e in batch.entries()
+           if e["d"] == device_id and e["t"] >= cutoff]
+    return out[-limit:]
 
 
 def model_ref(reported: dict[str, Any] | None) -> str:

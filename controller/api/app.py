@@ -5,7 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from controller.api import delivery, errors, models, rollouts
+from controller.api import dashboard, delivery, errors, models, rollouts
 from controller.api.routes import api, probes
 from controller.runtime import Runtime
 from controller.settings import Settings
@@ -31,4 +31,5 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.include_router(delivery.router)
     app.include_router(rollouts.router)
     app.include_router(probes)
+    app.include_router(dashboard.router)
     return app

@@ -71,6 +71,22 @@ def get_device(device_id: str, session: Db, _who: Viewer) -> DeviceOut:
     return DeviceOut.of(device_or_404(session, device_id))
 
 
+@api.get("/devices/{device_id}/health")
+def device_health(device_id: str, session: Db, rt: Rt, _who: Viewer,
+                  minutes: Annotated[float, Query(gt=0, le=60)] = 10) -> list[dict[str, Any]]:
+    """The device's health reports of the last ``minutes``, oldest first, each with the
+    time ``t`` it arrived (unix seconds)."""
+    device_or_404(session, device_id)
+    return fleet.health_history(session, device_id,
+                                since=rt.clock() - timedelta(minutes=minutes))
+
+
+@api.get("/whoami")
+def whoami(who: Viewer) -> dict[str, str]:
+    """The caller's token name and role (the dashboard shows buttons by role)."""
+    return {"name": who.name, "role": who.role.name.lower()}
+
+
 @api.delete("/devices/{device_id}", status_code=204)
 def delete_device(device_id: str, session: Db, rt: Rt, who: Operator) -> Response:
     device = device_or_404(session, device_id)
