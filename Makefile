@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LLM_STAMP := $(VENV)/.installed-llm
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench deb clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/distribute.py
 	$(BIN)/python bench/rollout.py
+
+# The agent's Debian package (dist/edgefleet-agent_<version>_<arch>.deb), see packaging/.
+DIST ?= dist
+deb:
+	sh packaging/build-deb.sh $(DIST)
 
 clean:
 	rm -rf $(VENV) .edgefleet .pytest_cache .mypy_cache .ruff_cache

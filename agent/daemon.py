@@ -3,13 +3,15 @@
 import logging
 import signal
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from agent import probe
+from agent import probe, systemd
 from agent.config import AgentConfig, Identity
 from agent.link import DeviceLink
+from agent.metrics import AgentMetrics
 from agent.serving import LocalApi, Serving
 from agent.session import DeviceSession, Publisher
 from agent.update.installer import Install, Installer
@@ -39,7 +41,8 @@ def run(config_path: Path) -> None:
     link = DeviceLink(identity, config.state_dir, session, chunk_size=config.fetch_chunk_bytes)
     client = link.client
     installer = Installer(config.state_dir, updater=link.updater,
-                          reporter=_Reporter(session, client), serving=serving,
+                          reporter=_Reporter(session, client, serving.metrics),
+                          serving=serving,
                           probation_s=config.probation_s)
     link.progress = installer.progress  # download progress events
     session.generation = installer.install.generation
@@ -59,11 +62,19 @@ def run(config_path: Path) -> None:
     api.start()
     log.info("agent %s starting; broker %s; local API on %s", identity.device_id,
              identity.mqtt_url, config.inference_listen)
+    systemd.notify("READY=1")
+    interval = identity.health_interval_s
+    tick = min(interval, systemd.watchdog_interval() or interval)
+    due = time.monotonic() + interval
     try:
-        while not stop.wait(identity.health_interval_s):
-            if client.is_connected():
-                session.send_health(client)
+        while not stop.wait(tick):
+            systemd.notify("WATCHDOG=1")  # this loop still turns
+            if time.monotonic() >= due:
+                due = time.monotonic() + interval
+                if client.is_connected():
+                    session.send_health(client)
     finally:
+        systemd.notify("STOPPING=1")
         api.stop()
         installer.stop()
         serving.activate(None)
@@ -75,13 +86,15 @@ def run(config_path: Path) -> None:
 class _Reporter:
     """Install news to the controller: an event per step, the reported state at the end."""
 
-    def __init__(self, session: DeviceSession, client: Publisher) -> None:
-        self._session, self._client = session, client
+    def __init__(self, session: DeviceSession, client: Publisher,
+                 metrics: AgentMetrics) -> None:
+        self._session, self._client, self._metrics = session, client, metrics
 
     def event(self, kind: str, generation: int, detail: str) -> None:
         self._session.send_event(self._client, kind, generation, detail or "")
 
     def reported(self, install: Install) -> None:
+        self._metrics.installs.labels(install.state.value).inc()
         self._session.send_reported(self._client, ReportedState(
             generation=install.generation, model=install.model, version=install.version,
             variant=install.variant, state=install.state.value, detail=install.reason[:2048]))

@@ -1,6 +1,8 @@
 """One-time enrolment: trade an enrolment token for an identity and write the config."""
 
 import json
+import os
+import pwd
 import socket
 import urllib.error
 import urllib.request
@@ -35,13 +37,31 @@ def _problem(exc: urllib.error.HTTPError) -> str:
 
 def enroll(*, controller: str, token: str, config_path: Path, state_dir: Path,
            name: str | None = None, labels: dict[str, str] | None = None,
-           inference_listen: str = "127.0.0.1:8787") -> Identity:
-    """Enrol this box: write ``identity.json`` (0600) and the config file."""
+           inference_listen: str = "127.0.0.1:8787", owner: str | None = None) -> Identity:
+    """Enrol this box: write ``identity.json`` (0600) and the config file. With
+    ``owner`` (the service's user, when run as root), the state dir and identity
+    become that user's and the config readable by its group (0640)."""
     labels = labels or {}
+    account = _account(owner) if owner else None
     identity = request_enrolment(controller, token, name=name or socket.gethostname(),
                                  labels=labels)
     identity.save(state_dir)
     config = AgentConfig(state_dir=state_dir, controller=controller,
                          inference_listen=inference_listen, labels=labels)
     write_private(config_path, config.dump())
+    if account is not None:
+        uid, gid = account
+        for path in (state_dir, state_dir / "identity.json"):
+            os.chown(path, uid, gid)
+        os.chown(config_path, -1, gid)
+        config_path.chmod(0o640)
     return identity
+
+
+def _account(user: str) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"no user {user!r} on this box; create it (the packages do) or "
+                          "leave out --owner") from None
+    return entry.pw_uid, entry.pw_gid

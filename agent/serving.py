@@ -7,6 +7,7 @@ of the active model since it was activated, so a rollout compares models, not up
 ``LocalApi`` is a small HTTP server bound to 127.0.0.1 (stdlib: the agent stays light):
 
     GET  /v1/models                         what is loaded
+    GET  /metrics                           Prometheus (agent.metrics)
     POST /v1/models/{name}/infer            ONNX: {"inputs": {name: nested list}}
     POST /v1/completions                    GGUF, OpenAI-compatible
     POST /v1/chat/completions               GGUF, OpenAI-compatible
@@ -24,6 +25,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent.metrics import AgentMetrics
 from agent.runtime import BadRequest, ModelWorker, RuntimeCrashed
 from agent.update.installer import run_smoke_test
 from shared import smoke
@@ -37,8 +41,10 @@ _INFER = re.compile(r"^/v1/models/([^/]+)/infer$")
 class Serving:
     """The loaded model and its counters (thread-safe)."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic,
+                 metrics: AgentMetrics | None = None) -> None:
         self._clock = clock
+        self.metrics = metrics or AgentMetrics()
         self._lock = threading.Lock()
         self.worker: ModelWorker | None = None
         self.meta: dict[str, Any] = {}
@@ -64,6 +70,8 @@ class Serving:
         worker = self.worker
         if worker is None:
             raise LookupError("no model is active")
+        labels = (self.meta.get("model", "none"), self.meta.get("version", "none"))
+        m = self.metrics
         started = self._clock()
         try:
             out = worker.call(op, **args)
@@ -73,10 +81,15 @@ class Serving:
             with self._lock:
                 self.count += 1
                 self.errors += 1
+            m.inferences.labels(*labels).inc()
+            m.errors.labels(*labels).inc()
             raise
+        elapsed = self._clock() - started
         with self._lock:
             self.count += 1
-            self._latencies.append((self._clock() - started) * 1000)
+            self._latencies.append(elapsed * 1000)
+        m.inferences.labels(*labels).inc()
+        m.latency.labels(*labels).observe(elapsed)
         return out
 
     def smoke_test(self, model_dir: Path) -> str | None:
@@ -152,6 +165,14 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug(format, *args)
 
     def do_GET(self) -> None:
+        if self.path == "/metrics":
+            data = generate_latest(self.serving.metrics.registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return None
         if self.path != "/v1/models":
             return self._send(404, {"error": f"no route {self.path}"})
         meta = self.serving.meta

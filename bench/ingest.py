@@ -14,6 +14,7 @@ reports lost at sustained rates; and writes JSON to bench/results/ingest.json.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -301,7 +302,12 @@ def controller_trial(url: str | None, db: str | None, common: dict[str, Any]) ->
 
     root = f"bench/{secrets.token_hex(4)}/ef/v1"
     port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        if db:  # each trial starts on an empty schema of its own
+            from controller.db.engine import scratch_schema
+
+            db = stack.enter_context(scratch_schema(db, "bench"))
         runtime = start_controller(mqtt_url=url, db_url=db, topic_root=root,
                                    devices=common["devices"], data_dir=Path(tmp),
                                    broker_port=port)

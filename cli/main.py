@@ -17,6 +17,7 @@ from cli.api import api_options, make_api, parse_labels
 from cli.keys import keys
 from cli.rollout import rollout
 from cli.views import audit_table, devices_table, summary_table, versions_table
+from shared import logs
 
 console = Console()
 
@@ -32,17 +33,17 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 @click.group()
 @click.option("--log-level", default="info", envvar="EDGEFLEET_LOG_LEVEL",
               type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
-def main(log_level: str) -> None:
+@click.option("--log-format", default="text", envvar="EDGEFLEET_LOG_FORMAT",
+              type=click.Choice(logs.FORMATS), show_default=True,
+              help="json: one JSON object per line, for journald or a log collector.")
+@click.pass_context
+def main(ctx: click.Context, log_level: str, log_format: str) -> None:
     """edgefleet: ship ML models to fleets of edge devices, carefully."""
-    setup_logging(log_level)
+    role = ctx.invoked_subcommand or "edgefleet"
+    logs.setup(log_level, log_format, role=role if role in ("controller", "agent") else "cli")
     for noisy in ("amqtt", "transitions", "apscheduler"):  # they log every step at INFO
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
@@ -97,9 +98,11 @@ def controller_serve(data_dir: Path, database_url: str | None, mqtt_url: str | N
         raise click.BadParameter(str(exc)) from None
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.http.host, port=settings.http.port,
-                                           log_level="warning", lifespan="on"))
-    click.echo(f"edgefleet controller on http://{settings.http} "
-               f"(broker {settings.device_mqtt_url}, data {settings.data_dir})", err=True)
+                                           log_level="warning", lifespan="on",
+                                           log_config=None))  # our handlers and format
+    logging.getLogger("edgefleet").info(
+        "edgefleet controller on http://%s (broker %s, data %s)", settings.http,
+        settings.device_mqtt_url, settings.data_dir)
     try:
         server.run()
     except BrokerStartError as exc:
@@ -138,8 +141,11 @@ def agent() -> None:
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--inference-listen", default="127.0.0.1:8787", show_default=True,
               help="Where the local inference API listens.")
+@click.option("--owner", help="The service's user (run as root): it gets the state dir and "
+              "identity, and reads the config through its group.")
 def agent_enroll(controller: str, token: str, config_path: Path, state_dir: Path,
-                 name: str | None, labels: tuple[str, ...], inference_listen: str) -> None:
+                 name: str | None, labels: tuple[str, ...], inference_listen: str,
+                 owner: str | None) -> None:
     """Enrol this box with the controller (once)."""
     from agent.config import ConfigError
     from agent.enroll import enroll
@@ -147,7 +153,7 @@ def agent_enroll(controller: str, token: str, config_path: Path, state_dir: Path
     try:
         identity = enroll(controller=controller, token=token, config_path=config_path,
                           state_dir=state_dir, name=name, labels=parse_labels(labels),
-                          inference_listen=inference_listen)
+                          inference_listen=inference_listen, owner=owner)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"enrolled as {identity.device_id}; config in {config_path}")

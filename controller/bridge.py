@@ -21,7 +21,10 @@ from shared.topics import DEVICE_PUBLISHES, Topics
 log = logging.getLogger(__name__)
 
 _DEVICE_KINDS = frozenset(kind.value for kind in DEVICE_PUBLISHES)
+Sink = Callable[[str, str, bytes, float], None]  # device id, kind, payload, time.time()
+Route = tuple[str, str, Sink]
 _ROUTE_CACHE = 500_000  # topics; about 5 per device
+_now = time.time
 _MAX_IN_FLIGHT = 100_000  # publishes timed at once; more go untimed
 
 
@@ -29,7 +32,7 @@ class Bridge:
     """Subscribes to every device's messages and passes them to ``sink``."""
 
     def __init__(self, url: MqttUrl, topics: Topics, *,
-                 sink: Callable[[str, str, bytes, float], None],
+                 sink: Callable[[str], Sink],
                  is_known: Callable[[str], bool], keepalive: int = 30,
                  observe_publish: Callable[[float], None] | None = None) -> None:
         self.url = url
@@ -40,7 +43,7 @@ class Bridge:
         self.connected = threading.Event()
         self.dropped_malformed = 0
         self.dropped_unknown = 0
-        self._routes: dict[str, tuple[str, str]] = {}  # topic -> (device id, kind)
+        self._routes: dict[bytes, Route] = {}  # raw topic -> (device id, kind, sink)
         self._observe = observe_publish
         self._in_flight: dict[int, float] = {}  # mid -> when handed to paho (QoS 1)
         self._acked_early: set[int] = set()  # acknowledged before publish() returned
@@ -113,31 +116,35 @@ class Bridge:
 
     def _on_message(self, _client: mqtt.Client, _userdata: object,
                     msg: mqtt.MQTTMessage) -> None:
-        # The network thread only routes; decoding happens in the ingest worker.
-        topic = msg.topic
-        route = self._routes.get(topic)
+        # The network thread only routes; decoding happens in the ingest worker. Routes
+        # are keyed by the topic's raw bytes, so a known topic is never decoded again.
+        route = self._routes.get(msg._topic)
         if route is None:
-            route = self._route(topic)
+            route = self._route(msg._topic)
             if route is None:
                 return
         payload = msg.payload
-        if not payload:
-            return  # a cleared retained message
-        self._sink(route[0], route[1], bytes(payload), time.time())
+        if payload:  # empty: a cleared retained message
+            route[2](route[0], route[1], bytes(payload), _now())
 
-    def _route(self, topic: str) -> tuple[str, str] | None:
+    def _route(self, raw: bytes) -> Route | None:
         """Route a topic not seen before; cache it once its device is known to be enrolled."""
-        route = self.topics.route(topic)
+        try:
+            topic = raw.decode()
+        except UnicodeDecodeError:
+            topic = None
+        route = self.topics.route(topic) if topic is not None else None
         if route is None or route[1] not in _DEVICE_KINDS:
             self.dropped_malformed += 1
-            log.warning("dropped message on unexpected topic %r", topic)
+            log.warning("dropped message on unexpected topic %r", raw)
             return None
         if not self._is_known(route[0]):
             self.dropped_unknown += 1
             return None
+        routed = (route[0], route[1], self._sink(route[1]))
         if len(self._routes) < _ROUTE_CACHE:
-            self._routes[topic] = route
-        return route
+            self._routes[raw] = routed
+        return routed
 
     def forget(self, device_id: str) -> None:
         """Stop routing a deleted device's messages."""

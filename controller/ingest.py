@@ -7,7 +7,6 @@ per-device deltas at most once a second. A batch whose write fails is retried,
 not dropped. Nothing here touches MQTT.
 """
 
-import json
 import logging
 import threading
 import time
@@ -16,7 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import String, Table, bindparam, case, insert, select, update
+from sqlalchemy import String, Table, Text, bindparam, case, func, insert, select, update
+from sqlalchemy import cast as cast_
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.db.engine import transaction
@@ -46,9 +47,9 @@ class IngestStats:
     write_failures: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class DeviceDelta:
-    """What a batch changes about one device, merged until the next device flush."""
+    """What messages change about one device, merged until the next device flush."""
 
     status: str = "online"
     status_at: float = 0.0
@@ -60,47 +61,40 @@ class DeviceDelta:
     events: tuple[tuple[float, Event], ...] = ()
     urgent: bool = False  # a presence, hello or install news: write now, not at the next flush
 
-
-def combine(old: DeviceDelta | None, new: DeviceDelta) -> DeviceDelta:
-    """A new delta: ``new`` applied on top of ``old`` (neither is changed)."""
-    if old is None:
-        return new
-    return DeviceDelta(status=new.status, status_at=new.status_at,
-                       last_seen_at=new.last_seen_at,
-                       last_health=new.last_health or old.last_health,
-                       health_count=old.health_count + new.health_count,
-                       hello=new.hello or old.hello, reported=new.reported or old.reported,
-                       events=old.events + new.events, urgent=old.urgent or new.urgent)
+    def copy(self) -> "DeviceDelta":
+        return DeviceDelta(self.status, self.status_at, self.last_seen_at, self.last_health,
+                           self.health_count, self.hello, self.reported, self.events,
+                           self.urgent)
 
 
 def merge(pending: dict[str, DeviceDelta], items: Sequence[Inbound]) -> None:
     """Fold messages into per-device deltas; later messages win.
 
-    Entries of ``pending`` are replaced, never changed in place, so a shallow copy
-    of a dict of deltas is a snapshot that a failed transaction leaves intact.
+    Entries of ``pending`` are replaced, never changed in place (a delta is copied the
+    first time a batch touches it), so a shallow copy of a dict of deltas is a
+    snapshot that a failed transaction leaves intact.
     """
     batch: dict[str, DeviceDelta] = {}
-    for item in items:
-        delta = batch.get(item.device_id)
+    health = Kind.HEALTH
+    for device_id, kind, msg, at, raw in items:  # the hot loop: health reports
+        delta = batch.get(device_id)
         if delta is None:
-            delta = batch[item.device_id] = DeviceDelta()
-        delta.last_seen_at = item.received_at
-        msg = item.message
-        if item.kind == Kind.HEALTH:
-            delta.status, delta.status_at = "online", item.received_at
-            delta.last_health = item.raw
+            old = pending.get(device_id)
+            delta = batch[device_id] = DeviceDelta(status_at=at) if old is None else old.copy()
+        delta.last_seen_at = at
+        if kind is health:
+            delta.status, delta.last_health = "online", raw
             delta.health_count += 1
         elif isinstance(msg, Presence):
-            delta.status, delta.status_at, delta.urgent = msg.state, item.received_at, True
+            delta.status, delta.status_at, delta.urgent = msg.state, at, True
         elif isinstance(msg, Hello):
-            delta.status, delta.status_at, delta.urgent = "online", item.received_at, True
+            delta.status, delta.status_at, delta.urgent = "online", at, True
             delta.hello = msg
         elif isinstance(msg, ReportedState):
             delta.reported, delta.urgent = msg, True
         elif isinstance(msg, Event):
-            delta.events, delta.urgent = (*delta.events, (item.received_at, msg)), True
-    for device_id, delta in batch.items():
-        pending[device_id] = combine(pending.get(device_id), delta)
+            delta.events, delta.urgent = (*delta.events, (at, msg)), True
+    pending.update(batch)
 
 
 def apply_batch(session: Session, items: Sequence[Inbound], *,
@@ -138,13 +132,14 @@ def health_batch(items: Sequence[Inbound]) -> HealthBatch:
 def _update_devices(session: Session, deltas: dict[str, DeviceDelta]) -> None:
     t = cast(Table, Device.__table__)
     to_dt = datetime.fromtimestamp
-    rows = []
-    for device_id, d in deltas.items():
-        rows.append({
-            "b_id": device_id, "b_status": d.status,
-            "b_since": to_dt(d.status_at, UTC),
-            "b_seen": to_dt(d.last_seen_at, UTC), "b_count": d.health_count,
-        })
+    # The last health report is bound as the JSON text the device sent, not parsed and
+    # serialised again: one statement per flush, a few microseconds less per device.
+    raw = bindparam("b_health", type_=Text)
+    health = cast_(raw, JSONB) if session.get_bind().dialect.name == "postgresql" else raw
+    rows = [{"b_id": device_id, "b_status": d.status, "b_since": to_dt(d.status_at, UTC),
+             "b_seen": to_dt(d.last_seen_at, UTC), "b_count": d.health_count,
+             "b_health": d.last_health.decode() if d.last_health is not None else None}
+            for device_id, d in deltas.items()]
     status = bindparam("b_status", type_=String)
     values: dict[str, Any] = {
         "status": status,
@@ -152,14 +147,11 @@ def _update_devices(session: Session, deltas: dict[str, DeviceDelta]) -> None:
                              else_=t.c.status_since),
         "last_seen_at": bindparam("b_seen"),
         "health_count": t.c.health_count + bindparam("b_count"),
+        "last_health": func.coalesce(health, t.c.last_health),
     }
     where = t.c.id == bindparam("b_id")
     if rows:
         session.execute(update(t).where(where).values(values), rows)
-    health = [{"b_id": device_id, "b_health": json.loads(d.last_health)}
-              for device_id, d in deltas.items() if d.last_health is not None]
-    if health:
-        session.execute(update(t).where(where).values(last_health=bindparam("b_health")), health)
     for device_id, d in deltas.items():
         if d.hello is not None:
             _apply_hello(session, device_id, d.hello)
@@ -174,8 +166,8 @@ def _update_devices(session: Session, deltas: dict[str, DeviceDelta]) -> None:
     if events:
         known = set(session.scalars(select(Device.id).where(
             Device.id.in_({e["device_id"] for e in events}))))
-        if rows := [e for e in events if e["device_id"] in known]:  # deleted devices: drop
-            session.execute(insert(DeviceEvent), rows)
+        if kept := [e for e in events if e["device_id"] in known]:  # deleted devices: drop
+            session.execute(insert(DeviceEvent), kept)
 
 
 def _apply_hello(session: Session, device_id: str, hello: Hello) -> None:

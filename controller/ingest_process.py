@@ -19,11 +19,13 @@ import logging
 import multiprocessing as mp
 import threading
 import time
+from collections import deque
 from ctypes import c_longlong
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from shared import logs
 from shared.errors import ProtocolError
 from shared.messages import Message, check_health_many, decode_for
 from shared.topics import Kind
@@ -50,10 +52,17 @@ class Counters:
 class IngestStats:
     """A read view over the counters, shaped like ``ingest.IngestStats``."""
 
-    def __init__(self, counters: Counters) -> None:
+    def __init__(self, counters: Counters, process: "IngestProcess") -> None:
         self._c = counters
-        self.received = 0
-        self.dropped_backlog = 0
+        self._p = process
+
+    @property
+    def received(self) -> int:
+        return self._p.received
+
+    @property
+    def dropped_backlog(self) -> int:
+        return self._p.dropped_backlog
 
     @property
     def persisted(self) -> int:
@@ -73,10 +82,9 @@ class IngestStats:
 
 
 def _worker(conn: Connection, db_url: str, counters: Counters, device_flush: float,
-            log_level: int) -> None:
+            log_level: int, log_format: str) -> None:
     """The worker process: decode what arrives and write it, until told to stop."""
-    logging.basicConfig(level=log_level,
-                        format="%(asctime)s %(levelname)s %(name)s[ingest]: %(message)s")
+    logs.setup(log_level, log_format, role="ingest")
     from controller.db.engine import make_engine, session_factory
     from controller.ingest import BatchWriter
 
@@ -110,16 +118,20 @@ def decode_chunk(chunk: list[Raw], counters: Counters) -> list["Inbound"]:
     """Decode a chunk of raw messages; count and log the malformed ones."""
     from controller.ingest import Inbound
 
-    health = iter(check_health_many([raw[2] for raw in chunk if raw[1] == "health"]))
-    items = []
+    checks = iter(check_health_many([raw[2] for raw in chunk if raw[1] == "health"]))
+    health, new = Kind.HEALTH, tuple.__new__  # tuple.__new__: a third of Inbound()'s cost
+    items: list[Inbound] = []
     for device_id, kind_name, payload, at in chunk:
-        kind = _KINDS.get(kind_name)
-        if kind is None:
-            continue
         message: Message | ProtocolError | None
-        if kind == Kind.HEALTH:
-            message = next(health)  # None: valid; stored as received, no object needed
+        if kind_name == "health":
+            message = next(checks)  # None: valid; stored as received, no object needed
+            if message is None:
+                items.append(new(Inbound, (device_id, health, None, at, payload)))
+                continue
         else:
+            kind = _KINDS.get(kind_name)
+            if kind is None:
+                continue
             try:
                 message = decode_for(kind, payload)
             except ProtocolError as exc:
@@ -128,7 +140,7 @@ def decode_chunk(chunk: list[Raw], counters: Counters) -> list["Inbound"]:
             counters.malformed.value += 1
             log.warning("dropped %s message from %s: %s", kind_name, device_id, message)
             continue
-        items.append(Inbound(device_id, kind, message, at, payload))
+        items.append(Inbound(device_id, _KINDS[kind_name], message, at, payload))
     return items
 
 
@@ -139,6 +151,12 @@ def _count(counters: Counters, writer: "BatchWriter", before: tuple[int, int, in
     counters.write_failures.value += writer.stats.write_failures - before[2]
 
 
+def _log_format() -> str:
+    """The format this process logs in, for the worker to match."""
+    handlers = logging.getLogger().handlers
+    return "json" if any(isinstance(h.formatter, logs.JsonFormatter) for h in handlers) else "text"
+
+
 class IngestProcess:
     """The controller's side of the ingest worker."""
 
@@ -147,14 +165,17 @@ class IngestProcess:
         ctx = mp.get_context("spawn")
         # Raw values: the worker is their only writer; no locks, no semaphores to leak.
         self._counters = Counters(*(ctx.RawValue("q", 0) for _ in range(4)))
-        self.stats = IngestStats(self._counters)
+        self.stats = IngestStats(self._counters, self)
         self._ctx, self._db_url, self._device_flush = ctx, db_url, device_flush
         self._conn, self._process = self._spawn()
         self.restarts = 0
         self._linger = linger
         self._max_backlog = max_backlog
-        self._buffer: list[Raw] = []
-        self._lock = threading.Lock()
+        # deque.append and popleft are atomic: the network thread appends without a lock
+        # and the sender thread takes from the other end.
+        self.queue: deque[Raw] = deque()
+        self.received = 0
+        self.dropped_backlog = 0
         self._stopping = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name="ingest-sender",
                                         daemon=True)
@@ -164,7 +185,7 @@ class IngestProcess:
         process = self._ctx.Process(
             target=_worker, name="edgefleet-ingest", daemon=True,
             args=(child, self._db_url, self._counters, self._device_flush,
-                  logging.getLogger().level))
+                  logging.getLogger().level, _log_format()))
         return conn, process
 
     @property
@@ -189,12 +210,11 @@ class IngestProcess:
 
     def submit(self, device_id: str, kind: str, payload: bytes, received_at: float) -> None:
         """Queue one raw message (``kind`` is a Kind value); from the MQTT network thread."""
-        self.stats.received += 1
-        if len(self._buffer) >= self._max_backlog:
-            self.stats.dropped_backlog += 1
+        self.received += 1
+        if len(self.queue) >= self._max_backlog:
+            self.dropped_backlog += 1
             return
-        with self._lock:
-            self._buffer.append((device_id, kind, payload, received_at))
+        self.queue.append((device_id, kind, payload, received_at))
 
     def _send_loop(self) -> None:
         while not self._stopping.wait(self._linger):
@@ -202,8 +222,8 @@ class IngestProcess:
         self._ship()
 
     def _ship(self) -> None:
-        with self._lock:
-            chunk, self._buffer = self._buffer, []
+        take = self.queue.popleft
+        chunk = [take() for _ in range(len(self.queue))]
         while chunk:
             try:
                 self._conn.send(chunk)  # blocks while the worker is busy: back-pressure

@@ -10,14 +10,14 @@ TOPICS = Topics("t/ef/v1")
 
 
 def message(topic: str, payload: bytes) -> mqtt.MQTTMessage:
-    msg = mqtt.MQTTMessage(topic=topic.encode())
+    msg = mqtt.MQTTMessage(topic=topic.encode(errors="surrogateescape"))
     msg.payload = payload
     return msg
 
 
 def bridge(known: set[str], sunk: list) -> Bridge:
-    return Bridge(MqttUrl("127.0.0.1", 1), TOPICS, sink=lambda *a: sunk.append(a[:3]),
-                  is_known=known.__contains__)
+    return Bridge(MqttUrl("127.0.0.1", 1), TOPICS,
+                  sink=lambda _kind: lambda *a: sunk.append(a[:3]), is_known=known.__contains__)
 
 
 def test_known_devices_are_routed_and_others_counted_and_dropped() -> None:
@@ -27,9 +27,10 @@ def test_known_devices_are_routed_and_others_counted_and_dropped() -> None:
     b._on_message(None, None, message(TOPICS.device("dev-b", Kind.HEALTH), b"{}"))
     b._on_message(None, None, message(TOPICS.device("dev-a", Kind.DESIRED), b"{}"))
     b._on_message(None, None, message("elsewhere/x", b"{}"))
+    b._on_message(None, None, message("t/ef/v1/dev/\udcff/health", b"{}"))  # not UTF-8
     b._on_message(None, None, message(TOPICS.device("dev-a", Kind.PRESENCE), b""))  # cleared
     assert sunk == [("dev-a", "health", b"{}")]
-    assert (b.dropped_unknown, b.dropped_malformed) == (1, 2)
+    assert (b.dropped_unknown, b.dropped_malformed) == (1, 3)
 
 
 def test_a_forgotten_device_is_no_longer_routed() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import cli, free_port, wait_for
 from tests.models import llama_cpp, tiny_gguf, tiny_onnx
@@ -104,6 +105,15 @@ def test_a_pinned_agent_fetches_verifies_activates_and_serves_the_model(
                       ["last_health"].get("inference_count", 0) >= 2 and d, 30,
                       "health with the inference counters")
     assert health["last_health"]["active_model"] == "mlp@1.0.0"
+    with urllib.request.urlopen(f"{local}/metrics", timeout=10) as resp:  # noqa: S310
+        samples = {(s.name, s.labels.get("model"), s.labels.get("state")): s.value
+                   for f in text_string_to_metric_families(resp.read().decode())
+                   for s in f.samples}
+    # the smoke test's inferences and ours; the bad request never reached the runtime
+    served = samples["edgefleet_agent_inferences_total", "mlp", None]
+    assert served >= 2
+    assert samples["edgefleet_agent_inference_seconds_count", "mlp", None] == served
+    assert samples["edgefleet_agent_installs_total", None, "committed"] == 1
 
     assert "generation 2 -> no model" in operator_cli(controller, "devices", "unpin", device_id)
     assert wait_for(lambda: reported(controller, device_id, 2), 60, "the unpin")["model"] is None

@@ -1,5 +1,7 @@
 """The controller's /metrics against a real fleet: the same counts as the fleet summary."""
 
+import json
+import re
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -12,6 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ControllerProcess, wait_for
 from tests.integration.test_rollout_durability import on, setup_fleet
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def scrape(c: ControllerProcess, token: str | None) -> dict[str, list[Any]]:
@@ -70,3 +74,23 @@ def test_metrics_count_devices_per_version_like_the_summary_and_show_the_rollout
     with pytest.raises(urllib.error.HTTPError) as refused:
         scrape(c, None)
     assert refused.value.code == 401
+
+
+def test_the_grafana_dashboard_charts_only_metrics_that_exist(
+        start_controller: Callable[..., ControllerProcess], tmp_path: Path) -> None:
+    from agent.metrics import AgentMetrics
+
+    c = start_controller()
+    agent = AgentMetrics()
+    agent.inferences.labels("m", "1").inc()
+    agent.errors.labels("m", "1").inc()
+    agent.latency.labels("m", "1").observe(0.01)
+    agent.installs.labels("committed").inc()
+    families = scrape(c, c.token("viewer"))
+    exposed = set(families) | {s.name for samples in families.values() for s in samples}
+    exposed |= {s.name for f in agent.registry.collect() for s in f.samples}
+    dashboard = json.loads((ROOT / "packaging" / "grafana-dashboard.json").read_text())
+    used = {name for p in dashboard["panels"] for t in p["targets"]
+            for name in re.findall(r"edgefleet_[a-z_]+", t["expr"])}
+    assert used
+    assert used <= exposed, used - exposed

@@ -1,0 +1,28 @@
+"""Prometheus metrics of the agent, served by the local API at ``/metrics``.
+
+Unlike the health report's figures, which restart with each activated model so a
+rollout compares models, these count over the agent's whole life (labelled by
+model and version), as Prometheus expects of counters.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0, 30.0)
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.inferences = Counter("edgefleet_agent_inferences", "Inference requests served.",
+                                  ["model", "version"], registry=self.registry)
+        self.errors = Counter("edgefleet_agent_inference_errors",
+                              "Inference requests that failed in the runtime.",
+                              ["model", "version"], registry=self.registry)
+        self.latency = Histogram("edgefleet_agent_inference_seconds",
+                                 "Inference latency, runtime worker round trip.",
+                                 ["model", "version"], buckets=_LATENCY_BUCKETS,
+                                 registry=self.registry)
+        self.installs = Counter("edgefleet_agent_installs",
+                                "Installs that ended, by outcome (committed, failed, "
+                                "rolled_back).", ["state"], registry=self.registry)
