@@ -347,8 +347,8 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
     db = "PostgreSQL" if args.db and "postgres" in args.db else "SQLite"
     table = Table(title=f"health ingestion, {args.devices} devices, db {db}, "
                         f"median of {args.trials} interleaved trials")
-    for col in ("broker", "receiver", "sustained/s", "trials", "vs bare", "lost",
-                "CPU µs/report"):
+    for col in ("broker", "receiver", "sustained/s", "trials", "vs bare", "paired",
+                "lost", "CPU µs/report"):
         table.add_column(col, justify="right")
     groups: dict[tuple[str, str], list[Result]] = {}
     for r in results:
@@ -356,18 +356,26 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
     summary = []
     for (broker, receiver), rs in groups.items():
         rate = statistics.median(r.sustained_rate for r in rs)
-        bare = statistics.median(r.sustained_rate for r in groups[(broker, "bare paho")])
+        bares = groups[(broker, "bare paho")]
+        bare = statistics.median(r.sustained_rate for r in bares)
+        # Each trial against the bare trial run just before it: drift on the machine
+        # between pairs cancels out of these ratios.
+        paired = statistics.median(r.sustained_rate / b.sustained_rate
+                                   for r, b in zip(rs, bares, strict=True))
         cpu = statistics.median(r.cpu_us_per_report for r in rs)
         lost = sum(r.lost_at_sustained for r in rs)
         table.add_row(broker, receiver, f"{rate:,.0f}",
                       " ".join(f"{r.sustained_rate / 1000:.1f}k" for r in rs),
-                      f"{rate / bare:.0%}", str(lost), f"{cpu:.0f}")
+                      f"{rate / bare:.0%}", f"{paired:.0%}", str(lost), f"{cpu:.0f}")
         summary.append({"broker": broker, "receiver": receiver, "median_sustained": rate,
-                        "ratio_vs_bare": round(rate / bare, 3), "lost_at_sustained": lost,
+                        "ratio_vs_bare": round(rate / bare, 3),
+                        "median_paired_ratio": round(paired, 3), "lost_at_sustained": lost,
                         "median_cpu_us_per_report": cpu})
     Console().print(table)
     print("sustained: highest offered rate delivered completely at >= 90% of the offer; "
-          "lost: reports missing at sustained rates; CPU: the receiving processes "
+          "vs bare: ratio of the medians; paired: median of each trial's ratio to the bare "
+          "trial run just before it; lost: reports missing at sustained rates; CPU: the "
+          "receiving processes "
           "(with the embedded broker, the broker too)")
     path = ROOT / "bench" / "results" / "ingest.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,8 @@ def run_demo(count: int, *, timeout: float, console: Console, rollouts: bool = T
             console.print("[red]the controller did not become ready in 30 s[/]")
             return 1
         api = Api(url, token_file.read_text().strip())
+        console.print(f"dashboard: {url}/ (sign in with the token in {token_file}); "
+                      f"Prometheus metrics: {url}/metrics")
         enroll = api.call("POST", "/enroll-tokens", {"uses": count, "expires_in_s": 3600})
         console.print(f"starting {count} simulated devices of mixed hardware classes")
         procs.append(subprocess.Popen(  # noqa: S603 - our own CLI

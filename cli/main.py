@@ -16,7 +16,13 @@ from rich.live import Live
 from cli.api import api_options, make_api, parse_labels
 from cli.keys import keys
 from cli.rollout import rollout
-from cli.views import audit_table, devices_table, summary_table, versions_table
+from cli.views import (
+    ACTIVE_STATES,
+    audit_table,
+    devices_table,
+    status_view,
+    versions_table,
+)
 from shared import logs
 
 console = Console()
@@ -280,14 +286,31 @@ def devices_unpin(controller: str, token: str | None, device: str) -> None:
 
 @main.command()
 @api_options
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
 @click.option("--json", "as_json", is_flag=True)
-def status(controller: str, token: str | None, as_json: bool) -> None:
-    """Fleet summary."""
-    summary = make_api(controller, token).call("GET", "/fleet/summary")
+def status(controller: str, token: str | None, watch: bool, as_json: bool) -> None:
+    """Fleet summary and the active rollouts with their progress."""
+    api = make_api(controller, token)
+
+    def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        rollouts = api.call("GET", "/rollouts?limit=50")
+        return (api.call("GET", "/fleet/summary"),
+                [r for r in rollouts if r["state"] in ACTIVE_STATES])
+
+    summary, active = fetch()
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
-    else:
-        console.print(summary_table(summary))
+        click.echo(json.dumps({**summary, "active_rollouts": active}, indent=2))
+        return
+    if not watch:
+        console.print(status_view(summary, active))
+        return
+    with Live(status_view(summary, active), console=console, refresh_per_second=2) as live:
+        try:
+            while True:
+                time.sleep(1)
+                live.update(status_view(*fetch()))
+        except KeyboardInterrupt:
+            pass
 
 
 @main.command()

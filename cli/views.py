@@ -174,3 +174,22 @@ def audit_table(entries: list[dict[str, Any]]) -> Table:
         table.add_row(str(e["id"]), e["at"][:19].replace("T", " "), e["actor"], e["action"],
                       e["target"], e["remote"] or "-", detail)
     return table
+
+
+ACTIVE_STATES = ("pending", "deploying", "baking", "evaluating", "paused", "rolling_back")
+
+
+def status_view(summary: dict[str, Any], rollouts: list[dict[str, Any]]) -> Group:
+    """The fleet summary and the active rollouts with their progress."""
+    table = Table(title="active rollouts", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("rollout", "model", "state", "stage", "committed"):
+        table.add_column(col, no_wrap=True)
+    for r in rollouts:
+        style = _STATE_STYLE.get(r["state"], "cyan")
+        stage = r["stages"][min(r["stage"], len(r["stages"]) - 1)]
+        table.add_row(r["id"][:8], f"{r['model']}@{r['version']}", f"[{style}]{r['state']}[/]",
+                      f"{r['stage'] + 1}/{len(r['stages'])} ({stage['label']})",
+                      _bar(r["counts"].get("committed", 0), r["counts"].get("members", 0)))
+    if not rollouts:
+        table.add_row("-", "none", "", "", "")
+    return Group(summary_table(summary), table)

@@ -83,7 +83,9 @@ def merge(pending: dict[str, DeviceDelta], items: Sequence[Inbound]) -> None:
             delta = batch[device_id] = DeviceDelta(status_at=at) if old is None else old.copy()
         delta.last_seen_at = at
         if kind is health:
-            delta.status, delta.last_health = "online", raw
+            if delta.status != "online":  # back from offline: online since this report
+                delta.status, delta.status_at = "online", at
+            delta.last_health = raw
             delta.health_count += 1
         elif isinstance(msg, Presence):
             delta.status, delta.status_at, delta.urgent = msg.state, at, True

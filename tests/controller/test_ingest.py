@@ -118,6 +118,22 @@ def test_writer_holds_device_rows_until_the_flush_is_due(factory) -> None:
     assert not writer.has_pending
 
 
+def test_a_device_back_from_offline_is_online_since_its_first_report(factory) -> None:
+    clock = Clock()
+    writer = BatchWriter(factory, device_flush=1.0, clock=clock)
+    writer.write([item("d0", presence("online")), item("d1", presence("online"))])  # urgent
+    t5, t6 = T0 + timedelta(seconds=5), T0 + timedelta(seconds=6)
+    writer.write([item("d0", presence("offline"), t5)])
+    writer.write([item("d0", health(1, t6), t6), item("d1", health(1, t6), t6)])
+    writer.write([item("d0", health(2, t6 + timedelta(seconds=1)), t6 + timedelta(seconds=1))])
+    clock.now = 1.5
+    writer.write([])
+    with factory() as s:
+        d0, d1 = s.get(Device, "d0"), s.get(Device, "d1")
+        assert (d0.status, d0.status_since, d0.last_health["seq"]) == ("online", t6, 2)
+        assert (d1.status, d1.status_since) == ("online", T0)  # a report changes nothing
+
+
 def test_a_failed_write_is_retried_not_dropped(factory, monkeypatch) -> None:
     from controller import ingest
 

@@ -1,7 +1,9 @@
 """The controller's /metrics against a real fleet: the same counts as the fleet summary."""
 
 import json
+import os
 import re
+import subprocess
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ControllerProcess, wait_for
+from tests.conftest import ControllerProcess, cli, wait_for
 from tests.integration.test_rollout_durability import on, setup_fleet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +72,18 @@ def test_metrics_count_devices_per_version_like_the_summary_and_show_the_rollout
     for histogram in ("edgefleet_mqtt_publish_seconds", "edgefleet_db_statement_seconds"):
         count = next(s for s in metrics[histogram] if s.name == f"{histogram}_count")
         assert count.value > 0, histogram
+
+    shown = subprocess.run(cli("status", "--controller", c.url, "--token", viewer),
+                           capture_output=True, text=True, timeout=60, check=True,
+                           env=os.environ | {"COLUMNS": "200"}).stdout
+    assert re.search(rf"{rid[:8]} +m@2\.0\.0 +baking +1/2 \(1 devices\) +█+░+ \d/8", shown), \
+        shown
+    assert "runs m@2.0.0" in shown
+    as_json = json.loads(subprocess.run(
+        cli("status", "--json", "--controller", c.url, "--token", viewer), capture_output=True,
+        text=True, timeout=60, check=True).stdout)
+    assert [r["id"] for r in as_json["active_rollouts"]] == [rid]
+    assert as_json["by_model"] == c.admin.call("GET", "/fleet/summary")["by_model"]
 
     with pytest.raises(urllib.error.HTTPError) as refused:
         scrape(c, None)

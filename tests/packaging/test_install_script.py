@@ -70,11 +70,13 @@ def test_install_script_leaves_an_enrolled_agent_that_comes_online(
     notify.settimeout(60)
     # As the unit runs it: the installed entry point, the installed config, systemd's
     # notify socket and watchdog.
-    agent = subprocess.Popen(
-        [str(root / "opt/edgefleet/venv/bin/edgefleet"), "agent", "run", "--config",
-         str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={"PATH": os.environ["PATH"], "NOTIFY_SOCKET": str(tmp_path / "notify"),
-             "WATCHDOG_USEC": "2000000"})
+    log_path = tmp_path / "agent.log"
+    with log_path.open("wb") as log:
+        agent = subprocess.Popen(
+            [str(root / "opt/edgefleet/venv/bin/edgefleet"), "agent", "run", "--config",
+             str(config)], stdout=log, stderr=subprocess.STDOUT,
+            env={"PATH": os.environ["PATH"], "NOTIFY_SOCKET": str(tmp_path / "notify"),
+                 "WATCHDOG_USEC": "2000000", "EDGEFLEET_LOG_FORMAT": "json"})
     try:
         wait_for(lambda: any(d["id"] == device_id and d["status"] == "online"
                              and d["name"] == "box-1" and d["labels"] == {"site": "lab"}
@@ -85,6 +87,12 @@ def test_install_script_leaves_an_enrolled_agent_that_comes_online(
         agent.terminate()
         agent.wait(30)
         notify.close()
+
+    logged = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+    assert any(line["msg"].startswith(f"agent {device_id} starting") for line in logged)
+    assert {line["process"] for line in logged} == {"agent"}
+    identity = json.loads((state / "identity.json").read_text())
+    assert identity["mqtt_password"] not in log_path.read_text()
 
     again = install(root, "--wheel", str(wheel))  # an upgrade: no token needed, no new device
     assert again.returncode == 0, again.stdout + again.stderr
