@@ -76,6 +76,9 @@ def controller() -> None:
 @click.option("--broker-listen", default="127.0.0.1:1883", show_default=True,
               help="Embedded broker listen address.")
 @click.option("--advertise-mqtt", help="Broker URL handed to devices at enrolment.")
+@click.option("--mqtt-dynsec", is_flag=True, envvar="EDGEFLEET_MQTT_DYNSEC",
+              help="Create each device's broker account through Mosquitto's dynamic security "
+              "plugin (the --mqtt user must be a dynsec admin).")
 @click.option("--topic-root", default="ef/v1", show_default=True)
 @click.option("--keepalive", type=int, default=10, show_default=True,
               help="MQTT keepalive for devices, seconds.")
@@ -84,7 +87,8 @@ def controller() -> None:
 @click.option("--rollout-tick", type=click.FloatRange(0.1), default=2.0, show_default=True,
               help="Seconds between rollout ticks (gate evaluations and stage moves).")
 def controller_serve(data_dir: Path, database_url: str | None, mqtt_url: str | None, http: str,
-                     broker_listen: str, advertise_mqtt: str | None, topic_root: str,
+                     broker_listen: str, advertise_mqtt: str | None, mqtt_dynsec: bool,
+                     topic_root: str,
                      keepalive: int, health_interval: float, rollout_tick: float) -> None:
     """Run the API, the MQTT bridge and the scheduler."""
     import uvicorn
@@ -98,10 +102,14 @@ def controller_serve(data_dir: Path, database_url: str | None, mqtt_url: str | N
             data_dir=data_dir, database_url=database_url,
             mqtt_url=MqttUrl.parse(mqtt_url) if mqtt_url else None, http=HostPort.parse(http),
             broker_listen=HostPort.parse(broker_listen), advertise_mqtt=advertise_mqtt,
+            mqtt_dynsec=mqtt_dynsec or None,
             topic_root=topic_root, keepalive_s=keepalive, health_interval_s=health_interval,
             rollout_tick_s=rollout_tick)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    if settings.mqtt_dynsec and settings.mqtt_url is None:
+        raise click.BadParameter("needs --mqtt: the embedded broker has its own accounts",
+                                 param_hint="--mqtt-dynsec")
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.http.host, port=settings.http.port,
                                            log_level="warning", lifespan="on",

@@ -45,6 +45,7 @@ class Bridge:
         self.dropped_unknown = 0
         self._routes: dict[bytes, Route] = {}  # raw topic -> (device id, kind, sink)
         self._observe = observe_publish
+        self._handlers: list[str] = []  # extra exact topics (add_handler)
         self._in_flight: dict[int, float] = {}  # mid -> when handed to paho (QoS 1)
         self._acked_early: set[int] = set()  # acknowledged before publish() returned
         self._flight_lock = threading.Lock()
@@ -76,6 +77,20 @@ class Bridge:
         self._client.disconnect()
         self._client.loop_stop()
 
+    def add_handler(self, topic: str, handler: Callable[[bytes], None]) -> None:
+        """Also subscribe to ``topic`` (an exact topic, outside the device tree) and pass
+        its payloads to ``handler``; call before ``start``."""
+        self._handlers.append(topic)
+        self._routes[topic.encode()] = ("", topic, lambda _d, _k, payload, _at: handler(payload))
+
+    def resubscribe(self) -> None:
+        """Subscribe again (after the broker granted the controller more rights)."""
+        self._subscribe(self._client)
+
+    def _subscribe(self, client: mqtt.Client) -> None:
+        client.subscribe([(self.topics.all_devices(kind), 1) for kind in sorted(DEVICE_PUBLISHES)]
+                         + [(topic, 1) for topic in self._handlers])
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         started = time.perf_counter()
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
@@ -104,7 +119,7 @@ class Bridge:
         if reason.is_failure:
             log.error("MQTT broker refused the controller: %s", reason)
             return
-        client.subscribe([(self.topics.all_devices(kind), 1) for kind in sorted(DEVICE_PUBLISHES)])
+        self._subscribe(client)
         log.info("connected to MQTT broker %s", self.url.public())
         self.connected.set()
 

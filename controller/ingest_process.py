@@ -3,9 +3,9 @@
 paho's network thread reads one packet per select() for QoS 0 traffic and must win
 the GIL back after every read; a writer thread in the same process turned that into
 a convoy that capped ingestion at about a quarter of a bare subscriber's rate
-(measured with bench/ingest.py). The receiving side now only splits the topic,
-checks the device is known and appends ``(device_id, kind, payload, received_at)``
-to a list; a sender thread ships the list to the worker every ``linger`` seconds.
+(measured with bench/ingest.py). The receiving side now only looks up the topic's
+route and appends ``(device_id, kind, payload, received_at)`` to a deque, without a
+lock; a sender thread ships what is queued to the worker every ``linger`` seconds.
 The worker decodes (size-checked, validated) and writes with ``BatchWriter``.
 
 Counters live in shared memory. If the worker falls behind by more than

@@ -23,6 +23,7 @@ from controller.bridge import Bridge, Sink
 from controller.broker import BrokerPolicy, EmbeddedBroker
 from controller.db.engine import make_engine, session_factory, transaction, upgrade
 from controller.db.models import Device, utcnow
+from controller.dynsec import RESPONSE, DynamicSecurity, DynsecError
 from controller.fetch import FetchServer
 from controller.ingest import mark_stale_offline
 from controller.ingest_process import IngestProcess
@@ -80,6 +81,7 @@ class Runtime:
         self._unknown_checked: dict[str, float] = {}  # device id -> when the database said no
         self.broker: EmbeddedBroker | None = None
         self.bridge: Bridge | None = None
+        self.dynsec: DynamicSecurity | None = None
         self.fetch: FetchServer | None = None
         self.ingestor = IngestProcess(settings.db_url, linger=settings.ingest_linger_s)
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -121,7 +123,13 @@ class Runtime:
         bridge = self.bridge
         self.fetch = FetchServer(self.trust, self.blobs, self.topics,
                                  lambda topic, payload: bridge.publish(topic, payload, qos=1))
+        if s.mqtt_dynsec:
+            self.dynsec = DynamicSecurity(bridge.publish, self.topics)
+            self.bridge.add_handler(RESPONSE, self.dynsec.on_response)
         self.bridge.start()
+        if self.dynsec is not None:
+            self.dynsec.ensure_controller(mqtt_url.username or "")
+            self.bridge.resubscribe()  # the device topics were refused before that
         self.republish_desired()  # an embedded broker forgot them
         silent_for = timedelta(seconds=max(3 * s.health_interval_s, 2 * s.keepalive_s))
         self.scheduler.add_job(self.sweep, "interval", seconds=max(1.0, s.keepalive_s / 4),
@@ -201,6 +209,13 @@ class Runtime:
             log.info("collected %d unreferenced blobs", len(gone))
         return gone
 
+    def provision_device(self, device_id: str, secret: str) -> None:
+        """Give a device being enrolled its account on an external broker with the
+        dynamic security plugin (raises DynsecError if the broker refuses); nothing to do
+        for the embedded broker, which checks the secret's hash itself."""
+        if self.dynsec is not None:
+            self.dynsec.add_device(device_id, secret)
+
     def admit_device(self, device_id: str, secret_hash: str) -> None:
         """Let an enrolled device onto the broker and into ingestion."""
         self.policy.add_device(device_id, secret_hash)
@@ -227,6 +242,12 @@ class Runtime:
 
     def forget_device(self, device_id: str) -> None:
         self.policy.devices.pop(device_id, None)
+        if self.dynsec is not None:
+            try:
+                self.dynsec.remove_device(device_id)
+            except DynsecError:
+                log.exception("could not remove %s's broker account; remove it with "
+                              "mosquitto_ctrl dynsec deleteClient", device_id)
         self.known.discard(device_id)
         if self.bridge is not None:
             self.bridge.forget(device_id)

@@ -64,6 +64,7 @@ class Settings:
     data_dir: Path = Path(".edgefleet")
     database_url: str | None = None  # default: SQLite in data_dir
     mqtt_url: MqttUrl | None = None  # default: the embedded broker
+    mqtt_dynsec: bool = False  # give devices broker accounts through Mosquitto's dynsec
     http: HostPort = HostPort("127.0.0.1", 8080)
     broker_listen: HostPort = HostPort("127.0.0.1", 1883)
     advertise_mqtt: str | None = None  # URL devices are told; default derived
@@ -97,6 +98,8 @@ class Settings:
             env["database_url"] = url
         if url := os.environ.get("EDGEFLEET_MQTT_URL"):
             env["mqtt_url"] = MqttUrl.parse(url)
+        if os.environ.get("EDGEFLEET_MQTT_DYNSEC", "").lower() in ("1", "true", "yes"):
+            env["mqtt_dynsec"] = True
         if token := os.environ.get("EDGEFLEET_ADMIN_TOKEN"):
             env["admin_token"] = token
         env.update({k: v for k, v in overrides.items() if v is not None})

@@ -14,6 +14,7 @@ from controller import audit, fleet
 from controller.api.deps import Admin, Db, Operator, Rt, Viewer
 from controller.api.errors import ApiError
 from controller.db.models import Device
+from controller.dynsec import DynsecError
 from controller.security import Role, create_api_token, create_enroll_token
 
 api = APIRouter(prefix="/api/v1")
@@ -199,6 +200,10 @@ def enroll(body: EnrollIn, request: Request, session: Db, rt: Rt) -> EnrollOut:
     except fleet.EnrollRefused as exc:
         raise ApiError(403, "enroll_refused", str(exc)) from None
     device = done.device
+    try:
+        rt.provision_device(device.id, done.mqtt_secret)
+    except DynsecError as exc:  # nothing is committed: the token keeps its use
+        raise ApiError(503, "broker_refused", f"{exc}; try again, or check the broker") from None
     audit.record(session, actor=f"enroll-token:{device.enroll_token_id}", action="device.enroll",
                  target=device.id, remote=request.client.host if request.client else None,
                  now=now, detail={"name": device.name})
