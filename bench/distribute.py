@@ -1,9 +1,11 @@
 """Model distribution and local inference, each beside its bare baseline, in one run.
 
-(a) one device downloading a model over MQTT (TUF metadata, chunked fetch, hash check)
-    vs a bare paho publisher/subscriber moving the same bytes in the same chunks through
-    the same broker; (b) N devices fetching the same model at once: time until all have a
-    verified copy, and the controller's published bytes / (devices x model size);
+(a) one device downloading a model over MQTT (chunked fetch, spooled to disk, TUF
+    hash and length check) vs a bare paho publisher/subscriber moving the same bytes in
+    the same chunks through the same broker; the receiving side of each in a process of
+    its own, as in production (the metadata refresh before it is timed apart);
+(b) N devices fetching the same model at once: time until all have a verified copy,
+    and the controller's published bytes / (devices x model size);
 (c) the agent's local inference API (HTTP -> model worker process) vs a bare
     onnxruntime ``InferenceSession.run`` on the same model and input, p50.
 
@@ -21,6 +23,7 @@ import os
 import random
 import secrets
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -94,16 +97,48 @@ def fetch(link: Any, target: str, sha: str) -> None:
 
 
 # -- (a) one device vs bare paho ----------------------------------------------------------
+#
+# As in production, the receiving side runs in a process of its own: the device (its
+# MQTT link, TUF updater and spool) in one, the bare subscriber in another, each beside
+# the sender (the controller, the bare publisher) in this process.
 
 def bare_paho(mqtt: str, size: int, chunk: int) -> float:
-    """Seconds for a bare paho publisher to move ``size`` bytes in ``chunk``s (QoS 1) to a
-    bare subscriber through the broker."""
+    """Seconds for a bare paho publisher (here) to move ``size`` bytes in ``chunk``s
+    (QoS 1) to a bare subscriber in another process, through the broker."""
     import paho.mqtt.client as mqtt_client
     from paho.mqtt.enums import CallbackAPIVersion
 
     host, _, port = mqtt.removeprefix("mqtt://").rpartition(":")
     topic = f"bench/bare/{secrets.token_hex(4)}"
-    got, done = [0], threading.Event()
+    sub = subprocess.Popen([sys.executable, __file__, "--role", "bare-sub", "--mqtt", mqtt,
+                            "--topic", topic, "--bytes", str(size)],
+                           stdout=subprocess.PIPE, text=True)
+    if sub.stdout is None or sub.stdout.readline().strip() != "subscribed":
+        raise SystemExit("the bare subscriber did not subscribe")
+    pub = mqtt_client.Client(CallbackAPIVersion.VERSION2)
+    pub.max_inflight_messages_set(20)
+    pub.connect(host, int(port))
+    pub.loop_start()
+    data = os.urandom(chunk)
+    started = time.perf_counter()
+    for _ in range(0, size, chunk):
+        pub.publish(topic, data, qos=1)
+    if sub.stdout.readline().strip() != "done":
+        raise SystemExit("bare paho transfer did not finish")
+    took = time.perf_counter() - started
+    sub.wait(30)
+    pub.disconnect()
+    pub.loop_stop()
+    return took
+
+
+def bare_subscriber(mqtt: str, topic: str, size: int) -> None:
+    """The bare subscriber's process: 'subscribed', then 'done' once ``size`` bytes came."""
+    import paho.mqtt.client as mqtt_client
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, _, port = mqtt.removeprefix("mqtt://").rpartition(":")
+    got, done, subscribed = [0], threading.Event(), threading.Event()
 
     def on_message(_c: Any, _u: Any, msg: Any) -> None:
         got[0] += len(msg.payload)
@@ -112,45 +147,88 @@ def bare_paho(mqtt: str, size: int, chunk: int) -> float:
 
     sub = mqtt_client.Client(CallbackAPIVersion.VERSION2)
     sub.on_message = on_message
+    sub.on_subscribe = lambda *_: subscribed.set()
+    sub.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
     sub.connect(host, int(port))
-    sub.subscribe(topic, qos=1)
     sub.loop_start()
-    pub = mqtt_client.Client(CallbackAPIVersion.VERSION2)
-    pub.max_inflight_messages_set(20)
-    pub.connect(host, int(port))
-    pub.loop_start()
-    time.sleep(0.5)  # let the subscription settle before timing (not synchronisation)
-    data = os.urandom(chunk)
-    started = time.perf_counter()
-    for _ in range(0, size, chunk):
-        pub.publish(topic, data, qos=1)
-    if not done.wait(300):
-        raise SystemExit("bare paho transfer did not finish")
-    took = time.perf_counter() - started
-    for c in (pub, sub):
-        c.disconnect()
-        c.loop_stop()
-    return took
+    if subscribed.wait(30):
+        print("subscribed", flush=True)
+        if done.wait(300):
+            print("done", flush=True)
+    sub.disconnect()
+    sub.loop_stop()
+
+
+def device_process(enrolment: Path, state_dir: Path, chunk: int) -> None:
+    """The device's process: for each 'TARGET SHA' line, refresh the TUF metadata and
+    download the target; print the seconds each took (the hash is checked afterwards)."""
+    from agent.config import Identity
+    from agent.link import DeviceLink
+    from agent.sim import PROFILES, sim_session
+
+    identity = Identity.from_enrolment(json.loads(enrolment.read_text()))
+    session = sim_session(identity, PROFILES["mixed"][2], random.Random(0))
+    link = DeviceLink(identity, state_dir, session, chunk_size=chunk)
+    link.connect()
+    deadline = time.monotonic() + 60
+    while not link.client.is_connected() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("connected" if link.client.is_connected() else "not connected", flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        target, sha = line.split()
+        updater = link.updater()
+        started = time.perf_counter()
+        updater.refresh()
+        refreshed = time.perf_counter()
+        path = Path(updater.download_target(updater.get_targetinfo(target)))
+        downloaded = time.perf_counter()
+        ok = hashlib.sha256(path.read_bytes()).hexdigest() == sha
+        path.unlink()
+        print(json.dumps({"refresh_s": refreshed - started, "download_s": downloaded - refreshed,
+                          "verified": ok}), flush=True)
+    link.close()
 
 
 def single(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     rt = client.app.state.runtime
     size, chunk = args.size_mib * MIB, args.chunk_kib * 1024
-    (link,) = devices(client, tmp / "single", 1, chunk)
-    ours, bare = [], []
-    for _ in range(args.trials):
-        # a fresh blob per trial: a blob broadcast seconds ago is sent again only after
-        # a short hold that gathers other late joiners (controller/fetch.py)
-        target, sha = publish_blob(rt, size)
-        started = time.perf_counter()
-        fetch(link, target, sha)
-        ours.append(size / MIB / (time.perf_counter() - started))
-        bare.append(size / MIB / bare_paho(args.mqtt, size, chunk))
-    link.close()
+    token = client.post("/api/v1/enroll-tokens", json={}).json()["token"]
+    enrolment = tmp / "single-enrolment.json"
+    enrolment.write_text(json.dumps(client.post("/api/v1/enroll",
+                                                json={"token": token, "name": "single"}).json()))
+    device = subprocess.Popen([sys.executable, __file__, "--role", "device", "--enrolment",
+                               str(enrolment), "--state-dir", str(tmp / "single"),
+                               "--chunk-kib", str(args.chunk_kib)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if device.stdin is None or device.stdout is None:
+        raise SystemExit("the device's pipes are not open")
+    if device.stdout.readline().strip() != "connected":
+        raise SystemExit("the device did not connect")
+    ours, bare, refresh = [], [], []
+    try:
+        for _ in range(args.trials):
+            # a fresh blob per trial: a blob broadcast seconds ago is sent again only after
+            # a short hold that gathers other late joiners (controller/fetch.py)
+            target, sha = publish_blob(rt, size)
+            device.stdin.write(f"{target} {sha}\n")
+            device.stdin.flush()
+            took = json.loads(device.stdout.readline())
+            if not took["verified"]:
+                raise SystemExit("a download did not verify")
+            ours.append(size / MIB / took["download_s"])
+            refresh.append(took["refresh_s"])
+            bare.append(size / MIB / bare_paho(args.mqtt, size, chunk))
+    finally:
+        device.stdin.close()
+        device.wait(30)
     ours_m, bare_m = statistics.median(ours), statistics.median(bare)
     return {"size_mib": args.size_mib, "chunk_kib": args.chunk_kib,
             "agent_mib_s": round(ours_m, 1), "bare_paho_mib_s": round(bare_m, 1),
-            "ratio": round(ours_m / bare_m, 3), "trials": {"agent": ours, "bare": bare}}
+            "ratio": round(ours_m / bare_m, 3),
+            "metadata_refresh_s": round(statistics.median(refresh), 3),
+            "trials": {"agent": ours, "bare": bare, "refresh_s": refresh}}
 
 
 # -- (b) a fleet fetching one model ---------------------------------------------------------
@@ -240,7 +318,18 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--only", choices=["single", "fleet", "inference"])
+    parser.add_argument("--role", choices=["harness", "device", "bare-sub"], default="harness")
+    parser.add_argument("--enrolment", type=Path)
+    parser.add_argument("--state-dir", type=Path)
+    parser.add_argument("--topic")
+    parser.add_argument("--bytes", type=int)
     args = parser.parse_args()
+    if args.role == "device":
+        device_process(args.enrolment, args.state_dir, args.chunk_kib * 1024)
+        return
+    if args.role == "bare-sub":
+        bare_subscriber(args.mqtt, args.topic, args.bytes)
+        return
     results: dict[str, Any] = {"at": datetime.now(UTC).isoformat(), "mqtt": args.mqtt}
     with tempfile.TemporaryDirectory(prefix="ef-bench-") as tmp_name:
         tmp = Path(tmp_name)
