@@ -19,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.session import DeviceSession
+from shared.net import tcp_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def device_client(session: DeviceSession, *,
     will = session.will()
     client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
     client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.on_socket_open = tcp_nodelay
 
     def on_connect(c: mqtt.Client, _u: object, _f: object, reason: ReasonCode,
                    _p: object) -> None:

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -308,6 +309,31 @@ def inference(tmp: Path, n: int) -> dict[str, Any]:
             round(p50_bare, 3), "overhead_p50_ms": round(p50_ours - p50_bare, 3)}
 
 
+def private_broker(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A Mosquitto on a free port with the recommended settings, anonymous (local only)."""
+    import socket
+
+    from cli.demo import free_port, wait_until
+
+    port = free_port()
+    conf = tmp / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+                    "max_queued_messages 100000\n")
+    binary = shutil.which("mosquitto")
+    if binary is None:
+        raise SystemExit("--private-broker needs the mosquitto binary")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    if not wait_until(listening, 10):
+        raise SystemExit("the private mosquitto did not start")
+    return proc, f"mqtt://127.0.0.1:{port}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mqtt", default="mqtt://127.0.0.1:1883")
@@ -318,6 +344,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--only", choices=["single", "fleet", "inference"])
+    parser.add_argument("--private-broker", action="store_true",
+                        help="measure through a Mosquitto of our own, started with the "
+                        "settings the README recommends (set_tcp_nodelay, max_queued_messages)"
+                        " instead of --mqtt")
     parser.add_argument("--role", choices=["harness", "device", "bare-sub"], default="harness")
     parser.add_argument("--enrolment", type=Path)
     parser.add_argument("--state-dir", type=Path)
@@ -330,9 +360,14 @@ def main() -> None:
     if args.role == "bare-sub":
         bare_subscriber(args.mqtt, args.topic, args.bytes)
         return
-    results: dict[str, Any] = {"at": datetime.now(UTC).isoformat(), "mqtt": args.mqtt}
     with tempfile.TemporaryDirectory(prefix="ef-bench-") as tmp_name:
         tmp = Path(tmp_name)
+        broker = private_broker(tmp) if args.private_broker else None
+        if broker is not None:
+            args.mqtt = broker[1]
+        results: dict[str, Any] = {"at": datetime.now(UTC).isoformat(), "mqtt": args.mqtt,
+                                   "private_broker": args.private_broker,
+                                   "chunk_kib": args.chunk_kib}
         if args.only in (None, "inference"):
             results["inference"] = inference(tmp, args.requests)
         if args.only in (None, "single", "fleet"):
@@ -344,6 +379,13 @@ def main() -> None:
                     results["fleet"] = fleet(client, tmp, args)
             finally:
                 client.__exit__(None, None, None)
+        if broker is not None:
+            broker[0].terminate()
+            broker[0].wait(10)
+    report(results)
+
+
+def report(results: dict[str, Any]) -> None:
     for part, figures in results.items():
         if isinstance(figures, dict):
             print(f"\n{part}")

@@ -16,6 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from controller.settings import MqttUrl
+from shared.net import tcp_nodelay
 from shared.topics import DEVICE_PUBLISHES, Topics
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Bridge:
         if url.tls:
             self._client.tls_set()
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.on_socket_open = tcp_nodelay
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
