@@ -1,6 +1,7 @@
 """The bridge's receive path: routing, unknown devices, forgetting deleted ones."""
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from controller.bridge import Bridge
 from controller.settings import MqttUrl
@@ -43,3 +44,20 @@ def test_a_forgotten_device_is_no_longer_routed() -> None:
     b._on_message(None, None, message(topic, b"2"))
     assert sunk == [("dev-a", "health", b"1")]
     assert b.dropped_unknown == 1
+
+
+def test_paho_hands_messages_straight_to_the_bridge_and_survives_a_failing_sink(
+        caplog: pytest.LogCaptureFixture) -> None:
+    known, sunk = {"dev-a"}, []
+    b = bridge(known, sunk)
+    topic = TOPICS.device("dev-a", Kind.HEALTH)
+    b._client._handle_on_message(message(topic, b"1"))  # as paho's network loop calls it
+    assert sunk == [("dev-a", "health", b"1")]
+
+    def fail(*_args: object) -> None:
+        raise RuntimeError("the ingest queue is broken")
+
+    failing = Bridge(MqttUrl("127.0.0.1", 1), TOPICS, sink=lambda _kind: fail,
+                     is_known=known.__contains__)
+    failing._client._handle_on_message(message(topic, b"2"))  # logged, not raised
+    assert "could not be handled" in caplog.text
