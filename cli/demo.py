@@ -152,12 +152,12 @@ def _story(api: Api, data_dir: Path, console: Console) -> int:
         if out["state"] != expected:
             console.print(f"[red]{MODEL}@{version} ended {out['state']}, expected {expected}[/]")
             return 1
-    devices = api.call("GET", "/devices")
-    console.print(fleet_models_table(devices))
-    on_v2 = sum((d.get("reported") or {}).get("version") == "2.0.0" for d in devices)
-    console.print(f"[green]done in {time.monotonic() - started:.0f} s: {on_v2}/{len(devices)} "
+    summary = api.call("GET", "/fleet/summary")
+    console.print(fleet_models_table(summary))
+    on_v2, total = summary["by_model"].get(f"{MODEL}@2.0.0", 0), summary["devices"]
+    console.print(f"[green]done in {time.monotonic() - started:.0f} s: {on_v2}/{total} "
                   f"devices run {MODEL}@2.0.0; {MODEL}@3.0.0 was rolled back[/]")
-    return 0 if on_v2 == len(devices) else 1
+    return 0 if on_v2 == total else 1
 
 
 def _watch_rollout(api: Api, rollout_id: str, console: Console,

@@ -48,8 +48,8 @@ def parse_duration(text: str) -> int:
 @click.pass_context
 def main(ctx: click.Context, log_level: str, log_format: str) -> None:
     """edgefleet: ship ML models to fleets of edge devices, carefully."""
-    role = ctx.invoked_subcommand or "edgefleet"
-    logs.setup(log_level, log_format, role=role if role in ("controller", "agent") else "cli")
+    role = ctx.invoked_subcommand if ctx.invoked_subcommand in ("controller", "agent") else "cli"
+    logs.setup(log_level, log_format, role=role)
     for noisy in ("amqtt", "transitions", "apscheduler"):  # they log every step at INFO
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 

@@ -145,16 +145,12 @@ def _ms(value: float | None) -> str:
     return f"{value:.1f}" if value else "-"
 
 
-def fleet_models_table(devices: list[dict[str, Any]]) -> Table:
-    """Devices per class and per model they report running: the fleet at a glance."""
-    cells: dict[str, dict[str, int]] = {}
-    for d in devices:
-        reported = d.get("reported") or {}
-        model = f"{reported['model']}@{reported['version']}" if reported.get("model") else "none"
-        row = cells.setdefault(_short_class(d["device_class"]), {})
-        row[model] = row.get(model, 0) + 1
-    models = sorted({m for row in cells.values() for m in row})
-    table = Table(title=f"edgefleet fleet: {len(devices)} devices by class and model",
+def fleet_models_table(summary: dict[str, Any]) -> Table:
+    """Devices per class and per model they report running (the fleet summary's
+    ``by_class_model``): the fleet at a glance."""
+    cells = {_short_class(cls): row for cls, row in summary["by_class_model"].items()}
+    models = sorted(summary["by_model"])
+    table = Table(title=f"edgefleet fleet: {summary['devices']} devices by class and model",
                   box=box.SIMPLE_HEAD)
     table.add_column("class")
     for m in models:

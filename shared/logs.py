@@ -27,14 +27,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup(level: str | int, fmt: str = "text", *, role: str = "edgefleet") -> None:
+def setup(level: str | int, fmt: str = "text", *, role: str) -> None:
     """Log to stderr at ``level`` in ``fmt`` (``text`` or ``json``)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter(role))
     else:
-        suffix = "" if role == "edgefleet" else f"[{role}]"
         handler.setFormatter(logging.Formatter(
-            f"%(asctime)s %(levelname)s %(name)s{suffix}: %(message)s"))
+            f"%(asctime)s %(levelname)s %(name)s[{role}]: %(message)s"))
     logging.basicConfig(level=level if isinstance(level, int) else level.upper(),
                         handlers=[handler], force=True)

@@ -5,13 +5,13 @@ import re
 import subprocess
 import time
 import urllib.request
-from collections import Counter
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from cli.api import Api
 from tests.conftest import cli
+from tests.integration.test_metrics import by_version
 
 
 def test_demo_tells_the_whole_story() -> None:
@@ -52,13 +52,9 @@ def metrics_match_summary(api: Api) -> dict[str, int] | None:
                                      headers={"Authorization": f"Bearer {api.token}"})
         with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
             families = text_string_to_metric_families(resp.read().decode())
-        counts: Counter[str] = Counter()
-        for family in families:
-            for s in family.samples if family.name == "edgefleet_devices" else ():
-                model, version = s.labels["model"], s.labels["version"]
-                counts["none" if model == "none" else f"{model}@{version}"] += int(s.value)
+        counts = by_version(next(f for f in families if f.name == "edgefleet_devices").samples)
         after = api.call("GET", "/fleet/summary")["by_model"]
-        if before == after == +counts:
+        if before == after == counts:
             return dict(counts)
         time.sleep(0.2)
     return None
