@@ -41,7 +41,7 @@ def run(config_path: Path) -> None:
     link = DeviceLink(identity, config.state_dir, session, chunk_size=config.fetch_chunk_bytes)
     client = link.client
     installer = Installer(config.state_dir, updater=link.updater,
-                          reporter=_Reporter(session, client, serving.metrics),
+                          reporter=SessionReporter(session, client, serving.metrics),
                           serving=serving,
                           probation_s=config.probation_s)
     link.progress = installer.progress  # download progress events
@@ -83,7 +83,7 @@ def run(config_path: Path) -> None:
         link.close()
 
 
-class _Reporter:
+class SessionReporter:
     """Install news to the controller: an event per step, the reported state at the end."""
 
     def __init__(self, session: DeviceSession, client: Publisher,

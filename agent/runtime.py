@@ -20,7 +20,6 @@ from shared import smoke
 log = logging.getLogger(__name__)
 
 
-
 class RuntimeCrashed(Exception):
     """The worker process died while answering; it is restarted on the next request."""
 
@@ -29,10 +28,14 @@ class BadRequest(Exception):
     """The request does not fit the model; the message says why."""
 
 
+def _load(path: str, fmt: str) -> Any:
+    return _OnnxModel(path) if fmt == "onnx" else _LlamaModel(path)
+
+
 def _serve(conn: Connection, path: str, fmt: str) -> None:
     """The worker process: load the model, then answer requests until the pipe closes."""
     try:
-        model: Any = _OnnxModel(path) if fmt == "onnx" else _LlamaModel(path)
+        model = _load(path, fmt)
     except Exception as exc:  # noqa: BLE001 - report any load failure to the parent
         conn.send({"error": f"cannot load the model: {exc}"})
         return
@@ -178,3 +181,32 @@ class ModelWorker:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+
+class InProcessWorker(ModelWorker):
+    """The model loaded in the calling process, behind ``ModelWorker``'s interface.
+
+    No isolation: a runtime that aborts takes the process with it. For benchmarks that
+    run many simulated devices in one process (``bench/distribute.py``), where a worker
+    process per device would measure process start-up, not delivery.
+    """
+
+    def _start(self) -> None:
+        try:
+            self._model = _load(str(self.path), self.format)
+        except Exception as exc:  # noqa: BLE001 - as the worker process reports it
+            raise RuntimeCrashed(f"cannot load the model: {exc}") from None
+        self.description = self._model.describe()
+
+    def call(self, op: str, **args: Any) -> Any:
+        with self._lock:
+            try:
+                return getattr(self._model, op)(**args)
+            except BadRequest:
+                raise
+            except Exception as exc:  # noqa: BLE001 - as the worker process reports it
+                raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
+
+    def stop(self) -> None:
+        with self._lock:
+            self._model = None

@@ -42,8 +42,10 @@ class Serving:
     """The loaded model and its counters (thread-safe)."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic,
-                 metrics: AgentMetrics | None = None) -> None:
+                 metrics: AgentMetrics | None = None,
+                 worker: type[ModelWorker] = ModelWorker) -> None:
         self._clock = clock
+        self._worker = worker
         self.metrics = metrics or AgentMetrics()
         self._lock = threading.Lock()
         self.worker: ModelWorker | None = None
@@ -57,7 +59,7 @@ class Serving:
         new = meta = None
         if model_dir is not None:
             meta = json.loads((model_dir / "meta.json").read_text())
-            new = ModelWorker(next(model_dir.glob("model.*")), meta.get("format", "onnx"))
+            new = self._worker(next(model_dir.glob("model.*")), meta.get("format", "onnx"))
             new.start()
         with self._lock:  # the figures in health reports are the active model's own
             old, self.worker, self.meta = self.worker, new, meta or {}

@@ -4,8 +4,11 @@
     hash and length check) vs a bare paho publisher/subscriber moving the same bytes in
     the same chunks through the same broker; the receiving side of each in a process of
     its own, as in production (the metadata refresh before it is timed apart);
-(b) N devices fetching the same model at once: time until all have a verified copy,
-    and the controller's published bytes / (devices x model size);
+(b) N devices, running the agent's code in one process, given the same ONNX model at
+    once (a one-stage rollout): time from creating the rollout until the controller has
+    every device's report of it committed (downloaded, verified, staged, activated in
+    onnxruntime, smoke-tested, through probation), and the controller's published
+    bytes / (devices x model size);
 (c) the agent's local inference API (HTTP -> model worker process) vs a bare
     onnxruntime ``InferenceSession.run`` on the same model and input, p50.
 
@@ -47,7 +50,8 @@ def start_controller(tmp: Path, mqtt: str) -> Any:
     from controller.settings import MqttUrl, Settings
 
     settings = Settings(data_dir=tmp / "controller", mqtt_url=MqttUrl.parse(mqtt),
-                        topic_root=f"bench{secrets.token_hex(3)}/v1")
+                        topic_root=f"bench{secrets.token_hex(3)}/v1",
+                        rollout_tick_s=0)  # the fleet bench ticks when it starts a rollout
     client = TestClient(create_app(settings, runtime=Runtime(settings)))
     client.__enter__()
     client.headers["Authorization"] = "Bearer " + (settings.data_dir / "admin-token").read_text()
@@ -66,35 +70,16 @@ def publish_blob(rt: Any, size: int) -> tuple[str, str]:
     return path, blob.sha256
 
 
-def devices(client: Any, tmp: Path, n: int, chunk: int) -> list[Any]:
-    from agent.config import Identity
-    from agent.link import DeviceLink
-    from agent.sim import PROFILES, sim_session
-
-    token = client.post("/api/v1/enroll-tokens", json={"uses": n}).json()["token"]
-    links = []
-    for i in range(n):
-        identity = Identity.from_enrolment(
-            client.post("/api/v1/enroll", json={"token": token, "name": f"b{i}"}).json())
-        session = sim_session(identity, PROFILES["mixed"][2], random.Random(i))
-        links.append(DeviceLink(identity, tmp / f"dev{i}", session, chunk_size=chunk))
+def connect(links: list[Any]) -> bool:
+    """Connect every link; True once all are connected (within a minute)."""
     for link in links:
         link.connect()
     deadline = time.monotonic() + 60
     while not all(link.client.is_connected() for link in links):
         if time.monotonic() > deadline:
-            raise SystemExit("devices did not connect within 60 s")
+            return False
         time.sleep(0.05)
-    return links
-
-
-def fetch(link: Any, target: str, sha: str) -> None:
-    updater = link.updater()
-    updater.refresh()
-    path = Path(updater.download_target(updater.get_targetinfo(target)))
-    if hashlib.sha256(path.read_bytes()).hexdigest() != sha:
-        raise SystemExit("a download did not verify")
-    path.unlink()
+    return True
 
 
 # -- (a) one device vs bare paho ----------------------------------------------------------
@@ -170,11 +155,7 @@ def device_process(enrolment: Path, state_dir: Path, chunk: int) -> None:
     identity = Identity.from_enrolment(json.loads(enrolment.read_text()))
     session = sim_session(identity, PROFILES["mixed"][2], random.Random(0))
     link = DeviceLink(identity, state_dir, session, chunk_size=chunk)
-    link.connect()
-    deadline = time.monotonic() + 60
-    while not link.client.is_connected() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    print("connected" if link.client.is_connected() else "not connected", flush=True)
+    print("connected" if connect([link]) else "not connected", flush=True)
     for line in sys.stdin:
         if not line.strip():
             break
@@ -232,40 +213,124 @@ def single(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             "trials": {"agent": ours, "bare": bare, "refresh_s": refresh}}
 
 
-# -- (b) a fleet fetching one model ---------------------------------------------------------
+# -- (b) a fleet installing one model -------------------------------------------------------
+#
+# The devices run the agent's own code (MQTT link, TUF updater, installer, serving) in one
+# process beside the controller's; each loads its model with onnxruntime in that process
+# (``InProcessWorker``): 200 worker processes would measure process start-up on 2 cores.
 
-def fleet(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
-    rt = client.app.state.runtime
-    size = args.fleet_size_mib * MIB
-    target, sha = publish_blob(rt, size)
-    links = devices(client, tmp / "fleet", args.fleet, args.chunk_kib * 1024)
-    before, broadcast_before = rt.fetch.published_bytes, rt.fetch.broadcast_bytes
-    errors: list[BaseException] = []
+def fleet_devices(enrolments: Path, state_dir: Path, chunk: int, probation_s: float) -> None:
+    """The fleet's process: 'connected' once every device is, then install what the
+    controller assigns until stdin closes."""
+    from agent.config import Identity
+    from agent.daemon import SessionReporter
+    from agent.link import DeviceLink
+    from agent.runtime import InProcessWorker
+    from agent.serving import Serving
+    from agent.sim import PROFILES, sim_session
+    from agent.update.installer import Installer
 
-    def run(link: Any) -> None:
-        try:
-            fetch(link, target, sha)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(link,)) for link in links]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    took = time.perf_counter() - started
+    links, installers = [], []
+    for i, raw in enumerate(json.loads(enrolments.read_text())):
+        identity = Identity.from_enrolment(raw)
+        session = sim_session(identity, PROFILES["mixed"][2], random.Random(i))
+        link = DeviceLink(identity, state_dir / f"dev{i}", session, chunk_size=chunk)
+        serving = Serving(worker=InProcessWorker)
+        installer = Installer(link.state_dir, updater=link.updater, serving=serving,
+                              reporter=SessionReporter(session, link.client, serving.metrics),
+                              probation_s=probation_s)
+        link.progress = installer.progress
+        session.generation = installer.install.generation
+        session.on_desired = installer.want
+        links.append(link)
+        installers.append(installer)
+    print("connected" if connect(links) else "not connected", flush=True)
+    for installer in installers:
+        installer.start()
+    sys.stdin.read()
+    for installer in installers:
+        installer.stop()
     for link in links:
         link.close()
-    if errors:
-        raise SystemExit(f"{len(errors)} devices failed: {errors[0]!r}")
+
+
+def until(check: Any, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not happen within {seconds:.0f} s")
+        time.sleep(0.2)
+
+
+def committed_times(client: Any, ids: list[str], started: float) -> list[float]:
+    """Seconds from ``started`` until the controller had each device's report of
+    fleet@1.0.0 committed (polled every 0.2 s)."""
+    committed: dict[str, float] = {}
+
+    def all_committed() -> bool:
+        for d in client.get("/api/v1/devices", params={"limit": 10000}).json():
+            r = d.get("reported") or {}
+            if r.get("version") != "1.0.0":
+                continue
+            if r.get("state") in ("failed", "rolled_back"):
+                raise SystemExit(f"device {d['name']}: {r['state']}: {r.get('detail')}")
+            if r.get("state") == "committed":
+                committed.setdefault(d["id"], time.perf_counter() - started)
+        return len(committed) == len(ids)
+
+    until(all_committed, 900, "every device committing fleet@1.0.0")
+    return sorted(committed.values())
+
+
+def fleet(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from cli.samples import mlp_onnx
+
+    rt = client.app.state.runtime
+    size = args.fleet_size_mib * MIB
+    up = client.post("/api/v1/uploads", params={"filename": "fleet.onnx"},
+                     content=mlp_onnx(hidden=size // (4 * (128 + 10)), seed=7)).json()
+    # every device's smoke test runs on the same 2 cores here: a budget for the simulation
+    client.post("/api/v1/models/fleet/versions/1.0.0", json={
+        "upload": up["sha256"], "smoke_test": {"latency_budget_ms": 60_000}})
+    until(lambda: client.get("/api/v1/models/fleet/versions/1.0.0").json()["status"]
+          == "ready", 600, "building fleet@1.0.0")
+
+    token = client.post("/api/v1/enroll-tokens", json={"uses": args.fleet}).json()["token"]
+    enrolments = [client.post("/api/v1/enroll", json={"token": token, "name": f"b{i}"}).json()
+                  for i in range(args.fleet)]
+    (tmp / "fleet-enrolments.json").write_text(json.dumps(enrolments))
+    proc = subprocess.Popen([sys.executable, __file__, "--role", "fleet", "--enrolment",
+                             str(tmp / "fleet-enrolments.json"), "--state-dir",
+                             str(tmp / "fleet"), "--chunk-kib", str(args.chunk_kib),
+                             "--probation", str(args.probation)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if proc.stdin is None or proc.stdout is None:
+        raise SystemExit("the fleet's pipes are not open")
+    try:
+        if proc.stdout.readline().strip() != "connected":
+            raise SystemExit("the fleet did not connect")
+        until(lambda: all(d["status"] == "online" and d["capabilities"] for d in client.get(
+            "/api/v1/devices", params={"limit": 10000}).json()), 120, "the fleet coming online")
+        before, broadcast_before = rt.fetch.published_bytes, rt.fetch.broadcast_bytes
+        started = time.perf_counter()
+        created = client.post("/api/v1/rollouts", json={"model": "fleet", "version": "1.0.0",
+                                                         "stages": "100%"})
+        if created.status_code != 201 or rt.tick_rollouts() != args.fleet:
+            raise SystemExit(f"the rollout did not assign every device: {created.text}")
+        assigned = time.perf_counter() - started
+        times = committed_times(client, [e["device_id"] for e in enrolments], started)
+    finally:
+        proc.stdin.close()
+        proc.wait(120)
     published = rt.fetch.published_bytes - before
     broadcast = rt.fetch.broadcast_bytes - broadcast_before
-    return {"devices": args.fleet, "size_mib": args.fleet_size_mib,
-            "seconds_until_all_verified": round(took, 1),
+    return {"devices": args.fleet, "size_mib": round(up["size"] / MIB, 1),
+            "probation_s": args.probation, "seconds_to_assign_all": round(assigned, 2),
+            "seconds_until_half_committed": round(times[len(times) // 2], 1),
+            "seconds_until_all_committed": round(times[-1], 1),
             "published_mib": round(published / MIB, 1),
             "of_which_broadcast_mib": round(broadcast / MIB, 1),
-            "published_over_devices_x_size": round(published / (args.fleet * size), 4)}
+            "published_over_devices_x_size": round(published / (args.fleet * up["size"]), 4)}
 
 
 # -- (c) local inference vs bare onnxruntime -----------------------------------------------
@@ -348,7 +413,10 @@ def main() -> None:
                         help="measure through a Mosquitto of our own, started with the "
                         "settings the README recommends (set_tcp_nodelay, max_queued_messages)"
                         " instead of --mqtt")
-    parser.add_argument("--role", choices=["harness", "device", "bare-sub"], default="harness")
+    parser.add_argument("--probation", type=float, default=1.0,
+                        help="each fleet device's probation, seconds")
+    parser.add_argument("--role", choices=["harness", "device", "fleet", "bare-sub"],
+                        default="harness")
     parser.add_argument("--enrolment", type=Path)
     parser.add_argument("--state-dir", type=Path)
     parser.add_argument("--topic")
@@ -356,6 +424,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.role == "device":
         device_process(args.enrolment, args.state_dir, args.chunk_kib * 1024)
+        return
+    if args.role == "fleet":
+        fleet_devices(args.enrolment, args.state_dir, args.chunk_kib * 1024, args.probation)
         return
     if args.role == "bare-sub":
         bare_subscriber(args.mqtt, args.topic, args.bytes)

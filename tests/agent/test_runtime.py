@@ -1,4 +1,5 @@
-"""The model worker: real onnxruntime in a child process; bad input and crashes."""
+"""The model worker: real onnxruntime in a child process; bad input and crashes. The
+in-process worker the fleet benchmark uses answers the same."""
 
 import os
 import signal
@@ -8,8 +9,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.runtime import BadRequest, ModelWorker, RuntimeCrashed
+from agent.runtime import BadRequest, InProcessWorker, ModelWorker, RuntimeCrashed
 from tests.models import tiny_onnx
+
+
+@pytest.fixture(params=[ModelWorker, InProcessWorker])
+def any_worker(request, tmp_path: Path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(tiny_onnx())
+    w = request.param(path, "onnx")
+    w.start()
+    yield w
+    w.stop()
 
 
 @pytest.fixture
@@ -22,9 +33,9 @@ def worker(tmp_path: Path):
     w.stop()
 
 
-def test_outputs_match_onnxruntime_run_directly(worker, tmp_path) -> None:
+def test_outputs_match_onnxruntime_run_directly(any_worker, tmp_path) -> None:
     x = np.random.default_rng(2).standard_normal((1, 128)).astype(np.float32)
-    out = worker.call("infer", inputs={"x": x.tolist()})
+    out = any_worker.call("infer", inputs={"x": x.tolist()})
     (want,) = ort.InferenceSession(str(tmp_path / "model.onnx")).run(["y"], {"x": x})
     np.testing.assert_allclose(np.asarray(out["y"], dtype=np.float32), want, rtol=1e-6)
 
@@ -34,9 +45,9 @@ def test_outputs_match_onnxruntime_run_directly(worker, tmp_path) -> None:
     ({"x": [[0.0] * 3]}, "shape [1, 3] does not fit [1, 128]"),
     ({"x": [["a"] * 128]}, "x: not float32 values"),
 ])
-def test_bad_input_is_a_clear_bad_request(worker, inputs, message) -> None:
+def test_bad_input_is_a_clear_bad_request(any_worker, inputs, message) -> None:
     with pytest.raises(BadRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
-        worker.call("infer", inputs=inputs)
+        any_worker.call("infer", inputs=inputs)
 
 
 def test_a_crashed_runtime_is_reported_and_the_next_request_gets_a_new_one(worker) -> None:
@@ -51,11 +62,12 @@ def test_a_crashed_runtime_is_reported_and_the_next_request_gets_a_new_one(worke
     assert worker.pid not in (None, first)
 
 
-def test_a_file_that_is_not_a_model_fails_to_load_with_the_reason(tmp_path) -> None:
+@pytest.mark.parametrize("kind", [ModelWorker, InProcessWorker])
+def test_a_file_that_is_not_a_model_fails_to_load_with_the_reason(kind, tmp_path) -> None:
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not a model")
     with pytest.raises(RuntimeCrashed, match="cannot load the model"):
-        ModelWorker(bad, "onnx").start()
+        kind(bad, "onnx").start()
 
 
 def test_probation_fails_when_the_runtime_crashes_or_most_requests_fail(tmp_path) -> None:
