@@ -215,9 +215,10 @@ def single(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 # -- (b) a fleet installing one model -------------------------------------------------------
 #
-# The devices run the agent's own code (MQTT link, TUF updater, installer, serving) in one
-# process beside the controller's; each loads its model with onnxruntime in that process
-# (``InProcessWorker``): 200 worker processes would measure process start-up on 2 cores.
+# The devices run the agent's own code (MQTT link, TUF updater, installer, serving), a
+# share of them in each of a few processes beside the controller's; each loads its model
+# with onnxruntime in its process (``InProcessWorker``): 200 worker processes would
+# measure process start-up on 2 cores.
 
 def fleet_devices(enrolments: Path, state_dir: Path, chunk: int, probation_s: float) -> None:
     """The fleet's process: 'connected' once every device is, then install what the
@@ -282,6 +283,23 @@ def committed_times(client: Any, ids: list[str], started: float) -> list[float]:
     return sorted(committed.values())
 
 
+def phase_times(client: Any, ids: list[str], started_at: datetime) -> dict[str, float]:
+    """From the devices' install events: when half and all had begun downloading and had
+    downloaded (seconds after ``started_at``)."""
+    began, downloaded = [], []
+    for device_id in ids:
+        first: dict[str, datetime] = {}
+        for e in client.get(f"/api/v1/devices/{device_id}/events").json():
+            first.setdefault(e["kind"], datetime.fromisoformat(e["at"]))
+        began.append((first["downloading"] - started_at).total_seconds())
+        downloaded.append((first["verifying"] - started_at).total_seconds())
+    out = {}
+    for name, times in (("downloading", sorted(began)), ("downloaded", sorted(downloaded))):
+        out[f"seconds_until_half_{name}"] = round(times[len(times) // 2], 1)
+        out[f"seconds_until_all_{name}"] = round(times[-1], 1)
+    return out
+
+
 def fleet(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     from cli.samples import mlp_onnx
 
@@ -298,21 +316,23 @@ def fleet(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     token = client.post("/api/v1/enroll-tokens", json={"uses": args.fleet}).json()["token"]
     enrolments = [client.post("/api/v1/enroll", json={"token": token, "name": f"b{i}"}).json()
                   for i in range(args.fleet)]
-    (tmp / "fleet-enrolments.json").write_text(json.dumps(enrolments))
-    proc = subprocess.Popen([sys.executable, __file__, "--role", "fleet", "--enrolment",
-                             str(tmp / "fleet-enrolments.json"), "--state-dir",
-                             str(tmp / "fleet"), "--chunk-kib", str(args.chunk_kib),
-                             "--probation", str(args.probation)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    if proc.stdin is None or proc.stdout is None:
-        raise SystemExit("the fleet's pipes are not open")
+    procs = []
+    for n in range(args.fleet_procs):  # several, so that one GIL is not the bottleneck
+        part = tmp / f"fleet-enrolments-{n}.json"
+        part.write_text(json.dumps(enrolments[n::args.fleet_procs]))
+        procs.append(subprocess.Popen(
+            [sys.executable, __file__, "--role", "fleet", "--enrolment", str(part),
+             "--state-dir", str(tmp / f"fleet{n}"), "--chunk-kib", str(args.chunk_kib),
+             "--probation", str(args.probation)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     try:
-        if proc.stdout.readline().strip() != "connected":
-            raise SystemExit("the fleet did not connect")
+        for proc in procs:
+            if proc.stdout is None or proc.stdout.readline().strip() != "connected":
+                raise SystemExit("the fleet did not connect")
         until(lambda: all(d["status"] == "online" and d["capabilities"] for d in client.get(
             "/api/v1/devices", params={"limit": 10000}).json()), 120, "the fleet coming online")
         before, broadcast_before = rt.fetch.published_bytes, rt.fetch.broadcast_bytes
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), datetime.now(UTC)
         created = client.post("/api/v1/rollouts", json={"model": "fleet", "version": "1.0.0",
                                                          "stages": "100%"})
         if created.status_code != 201 or rt.tick_rollouts() != args.fleet:
@@ -320,12 +340,18 @@ def fleet(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         assigned = time.perf_counter() - started
         times = committed_times(client, [e["device_id"] for e in enrolments], started)
     finally:
-        proc.stdin.close()
-        proc.wait(120)
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in procs:
+            proc.wait(120)
     published = rt.fetch.published_bytes - before
     broadcast = rt.fetch.broadcast_bytes - broadcast_before
+    phases = phase_times(client, [e["device_id"] for e in enrolments], started_at)
     return {"devices": args.fleet, "size_mib": round(up["size"] / MIB, 1),
-            "probation_s": args.probation, "seconds_to_assign_all": round(assigned, 2),
+            "processes": args.fleet_procs, "probation_s": args.probation,
+            "seconds_to_assign_all": round(assigned, 2),
+            **phases,
             "seconds_until_half_committed": round(times[len(times) // 2], 1),
             "seconds_until_all_committed": round(times[-1], 1),
             "published_mib": round(published / MIB, 1),
@@ -399,6 +425,14 @@ def private_broker(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"mqtt://127.0.0.1:{port}"
 
 
+def peak_rss_mib(pid: int) -> float:
+    """A process's peak resident memory (Linux), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mqtt", default="mqtt://127.0.0.1:1883")
@@ -413,6 +447,8 @@ def main() -> None:
                         help="measure through a Mosquitto of our own, started with the "
                         "settings the README recommends (set_tcp_nodelay, max_queued_messages)"
                         " instead of --mqtt")
+    parser.add_argument("--fleet-procs", type=int, default=4,
+                        help="processes the fleet's devices are spread over")
     parser.add_argument("--probation", type=float, default=1.0,
                         help="each fleet device's probation, seconds")
     parser.add_argument("--role", choices=["harness", "device", "fleet", "bare-sub"],
@@ -451,6 +487,7 @@ def main() -> None:
             finally:
                 client.__exit__(None, None, None)
         if broker is not None:
+            results["broker_peak_rss_mib"] = peak_rss_mib(broker[0].pid)
             broker[0].terminate()
             broker[0].wait(10)
     report(results)
@@ -458,7 +495,9 @@ def main() -> None:
 
 def report(results: dict[str, Any]) -> None:
     for part, figures in results.items():
-        if isinstance(figures, dict):
+        if not isinstance(figures, dict):
+            print(f"{part:34} {figures}")
+        else:
             print(f"\n{part}")
             for key, value in figures.items():
                 if key != "trials":

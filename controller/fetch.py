@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,9 +50,11 @@ class FetchServer:
                                              daemon=True)
         self._republisher.start()
         self._watching: dict[tuple[str, str], float] = {}  # (device, download id) -> since
+        self._askers: dict[str, OrderedDict[str, float]] = {}  # blob -> device -> last ask
         self._lock = threading.Lock()
         self.published_bytes = 0  # what this controller sent (the fan-out benchmark's figure)
         self.broadcast_bytes = 0  # of which on blob topics (the rest: to single devices)
+        self.held_chunks = 0  # republications held to gather late joiners
 
     def submit(self, device_id: str, payload: bytes) -> None:
         """From the MQTT network thread: answer later, on a pool thread."""
@@ -74,13 +77,14 @@ class FetchServer:
         # from then on it gets every chunk published there; a retry is re-sent to it alone.
         shared = sha if request.shared and not request.retry else None
         since = self._since((device_id, request.id), received_at) if shared else 0.0
+        crowded = self._crowded(shared, device_id, received_at) if shared else False
 
         later: set[int] = set()
 
         def wanted(offset: int) -> bool:  # not published to the blob topic since then
             if not shared:
                 return True
-            verdict = self._claim((shared, offset, request.length), since)
+            verdict = self._claim((shared, offset, request.length), since, crowded)
             if verdict == "later":
                 later.add(offset)
             return verdict != "skip"
@@ -98,6 +102,8 @@ class FetchServer:
         except Exception:
             log.exception("answering %s's fetch of %s failed", device_id, request.path)
         if deferred:
+            with self._lock:
+                self.held_chunks += len(deferred)
             self._later.put((self._clock() + self._coalesce, deferred))
 
     def _send(self, topic: str, payload: bytes, *, broadcast: bool) -> None:
@@ -126,10 +132,22 @@ class FetchServer:
                                   if received_at - t < 600}
             return self._watching.setdefault(key, received_at)
 
-    def _claim(self, chunk: Chunk, since: float) -> str:
+    def _crowded(self, sha: str, device_id: str, now: float) -> bool:
+        """Whether another device asked for blob ``sha`` in the last ``recent`` seconds:
+        a fleet is fetching it, and more late joiners are coming."""
+        with self._lock:
+            askers = self._askers.setdefault(sha, OrderedDict())
+            askers[device_id] = now
+            askers.move_to_end(device_id)
+            while now - next(iter(askers.values())) > self._recent:
+                askers.popitem(last=False)
+            return len(askers) > 1
+
+    def _claim(self, chunk: Chunk, since: float, crowded: bool) -> str:
         """``skip`` if ``chunk`` was (or will be) broadcast since ``since``; ``later`` if it
-        was broadcast just before (others who joined late will ask too: one republication
-        after ``coalesce`` seconds serves them all); else ``now``."""
+        was broadcast before and others are fetching the blob too (more who joined late
+        will ask: one republication after ``coalesce`` seconds serves them all); else
+        ``now``."""
         now = self._clock()
         with self._lock:
             last, pending = self._published.get(chunk), self._pending.get(chunk)
@@ -138,7 +156,7 @@ class FetchServer:
                 return "skip"
             if len(self._published) > 1_000_000:
                 self._published = {k: t for k, t in self._published.items() if now - t < 600}
-            if last is not None and now - last < self._recent:
+            if last is not None and crowded:
                 self._pending[chunk] = now + self._coalesce
                 return "later"
             self._published[chunk] = now
