@@ -314,7 +314,8 @@ def fleet(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
           == "ready", 600, "building fleet@1.0.0")
 
     token = client.post("/api/v1/enroll-tokens", json={"uses": args.fleet}).json()["token"]
-    enrolments = [client.post("/api/v1/enroll", json={"token": token, "name": f"b{i}"}).json()
+    enrolments = [client.post("/api/v1/enroll", json={"token": token, "name": f"b{i}",
+                                                       "labels": {"bench": "fleet"}}).json()
                   for i in range(args.fleet)]
     procs = []
     for n in range(args.fleet_procs):  # several, so that one GIL is not the bottleneck
@@ -329,12 +330,15 @@ def fleet(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         for proc in procs:
             if proc.stdout is None or proc.stdout.readline().strip() != "connected":
                 raise SystemExit("the fleet did not connect")
-        until(lambda: all(d["status"] == "online" and d["capabilities"] for d in client.get(
-            "/api/v1/devices", params={"limit": 10000}).json()), 120, "the fleet coming online")
+        until(lambda: sum(d["status"] == "online" and bool(d["capabilities"]) for d in
+                          client.get("/api/v1/devices", params={"limit": 10000}).json()
+                          if d["labels"].get("bench") == "fleet") == args.fleet, 120,
+              "the fleet coming online")
         before, broadcast_before = rt.fetch.published_bytes, rt.fetch.broadcast_bytes
         started, started_at = time.perf_counter(), datetime.now(UTC)
-        created = client.post("/api/v1/rollouts", json={"model": "fleet", "version": "1.0.0",
-                                                         "stages": "100%"})
+        created = client.post("/api/v1/rollouts", json={
+            "model": "fleet", "version": "1.0.0", "stages": "100%",
+            "selector": {"bench": "fleet"}})
         if created.status_code != 201 or rt.tick_rollouts() != args.fleet:
             raise SystemExit(f"the rollout did not assign every device: {created.text}")
         assigned = time.perf_counter() - started
