@@ -244,14 +244,19 @@ class Runtime:
         self.admit_device(device_id, secret_hash)
         return True
 
-    def forget_device(self, device_id: str) -> None:
-        self.policy.devices.pop(device_id, None)
+    def unprovision_device(self, device_id: str) -> None:
+        """Remove a device's broker account, if the controller gave it one; a broker that
+        refuses is logged with the command that does it by hand."""
         if self.dynsec is not None:
             try:
                 self.dynsec.remove_device(device_id)
             except DynsecError:
                 log.exception("could not remove %s's broker account; remove it with "
                               "mosquitto_ctrl dynsec deleteClient", device_id)
+
+    def forget_device(self, device_id: str) -> None:
+        self.policy.devices.pop(device_id, None)
+        self.unprovision_device(device_id)
         self.known.discard(device_id)
         if self.bridge is not None:
             self.bridge.forget(device_id)

@@ -60,11 +60,11 @@ class Backend:
         """Controller Settings for an in-process Runtime on this backend."""
         from controller.settings import HostPort, MqttUrl, Settings
 
-        return Settings(
-            data_dir=data_dir, database_url=self.database_url,
-            mqtt_url=MqttUrl.parse(self.mqtt_url) if self.mqtt_url else None,
-            broker_listen=HostPort("127.0.0.1", free_port()), topic_root=self.topic_root,
-            **overrides)
+        return Settings(**{
+            "data_dir": data_dir, "database_url": self.database_url,
+            "mqtt_url": MqttUrl.parse(self.mqtt_url) if self.mqtt_url else None,
+            "broker_listen": HostPort("127.0.0.1", free_port()), "topic_root": self.topic_root,
+            **overrides})
 
 
 def _pg_schema_url(base: str) -> Iterator[str]:

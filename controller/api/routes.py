@@ -204,10 +204,15 @@ def enroll(body: EnrollIn, request: Request, session: Db, rt: Rt) -> EnrollOut:
         rt.provision_device(device.id, done.mqtt_secret)
     except DynsecError as exc:  # nothing is committed: the token keeps its use
         raise ApiError(503, "broker_refused", f"{exc}; try again, or check the broker") from None
-    audit.record(session, actor=f"enroll-token:{device.enroll_token_id}", action="device.enroll",
-                 target=device.id, remote=request.client.host if request.client else None,
-                 now=now, detail={"name": device.name})
-    session.commit()
+    try:
+        audit.record(session, actor=f"enroll-token:{device.enroll_token_id}",
+                     action="device.enroll", target=device.id,
+                     remote=request.client.host if request.client else None, now=now,
+                     detail={"name": device.name})
+        session.commit()
+    except Exception:  # the enrolment did not happen: no broker account outlives it
+        rt.unprovision_device(device.id)
+        raise
     rt.admit_device(device.id, device.mqtt_secret_hash)
     s = rt.settings
     return EnrollOut(device_id=device.id, mqtt_url=s.device_mqtt_url, mqtt_username=device.id,

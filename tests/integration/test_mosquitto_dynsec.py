@@ -10,9 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
+from controller.api.app import create_app
+from controller.runtime import Runtime
+from controller.settings import MqttUrl
 from shared.topics import Kind, Topics
-from tests.conftest import ControllerProcess, free_port, unavailable, wait_for
+from tests.conftest import Backend, ControllerProcess, free_port, unavailable, wait_for
 from tests.integration.test_mosquitto_acl import connect
 from tests.integration.test_resume import mosquitto_with
 
@@ -79,3 +84,35 @@ def test_devices_get_broker_accounts_confined_to_their_own_topics(
     c.admin.call("DELETE", f"/devices/{a['device_id']}")
     assert not connect(broker, a["mqtt_username"], a["mqtt_password"])[0].is_connected()
     assert connect(broker, b["mqtt_username"], b["mqtt_password"])[0].is_connected()
+
+
+def test_an_enrolment_that_fails_after_its_broker_account_was_made_leaves_no_account(
+        broker: int, backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.api import routes
+
+    settings = backend.settings(tmp_path / "data", mqtt_dynsec=True, mqtt_url=MqttUrl.parse(
+        f"mqtt://{ADMIN[0]}:{ADMIN[1]}@127.0.0.1:{broker}"))
+    with TestClient(create_app(settings, runtime=Runtime(settings)),
+                    raise_server_exceptions=False) as c:
+        c.headers["Authorization"] = "Bearer " + (settings.data_dir / "admin-token").read_text()
+        token = c.post("/api/v1/enroll-tokens", json={"uses": 2}).json()["token"]
+
+        def database_gone(*_args: object, **_kwargs: object) -> None:
+            raise OperationalError("INSERT INTO audit", {}, Exception("connection lost"))
+
+        monkeypatch.setattr(routes.audit, "record", database_gone)
+        assert c.post("/api/v1/enroll", json={"token": token}).status_code == 500
+        monkeypatch.undo()
+        assert clients(broker) == {ADMIN[0]}  # the device's account was removed again
+        assert c.get("/api/v1/devices").json() == []
+        enrolled = c.post("/api/v1/enroll", json={"token": token})  # the token kept its use
+        assert enrolled.status_code == 201
+        assert clients(broker) == {ADMIN[0], enrolled.json()["device_id"]}
+
+
+def clients(port: int) -> set[str]:
+    """The usernames in the broker's dynamic security configuration."""
+    done = subprocess.run(["mosquitto_ctrl", "-h", "127.0.0.1", "-p", str(port), "-u", ADMIN[0],
+                           "-P", ADMIN[1], "dynsec", "listClients"], capture_output=True,
+                          text=True, timeout=30, check=True)
+    return set(done.stdout.split())
