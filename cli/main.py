@@ -17,7 +17,6 @@ from cli.api import api_options, make_api, parse_labels
 from cli.keys import keys
 from cli.rollout import rollout
 from cli.views import (
-    ACTIVE_STATES,
     audit_table,
     devices_table,
     status_view,
@@ -303,7 +302,7 @@ def status(controller: str, token: str | None, watch: bool, as_json: bool) -> No
     def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
         rollouts = api.call("GET", "/rollouts?limit=50")
         return (api.call("GET", "/fleet/summary"),
-                [r for r in rollouts if r["state"] in ACTIVE_STATES])
+                [r for r in rollouts if r["active"]])
 
     summary, active = fetch()
     if as_json:

@@ -172,9 +172,6 @@ def audit_table(entries: list[dict[str, Any]]) -> Table:
     return table
 
 
-ACTIVE_STATES = ("pending", "deploying", "baking", "evaluating", "paused", "rolling_back")
-
-
 def status_view(summary: dict[str, Any], rollouts: list[dict[str, Any]]) -> Group:
     """The fleet summary and the active rollouts with their progress."""
     table = Table(title="active rollouts", box=box.SIMPLE_HEAD, title_justify="left")

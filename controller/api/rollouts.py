@@ -15,7 +15,7 @@ from controller.api.deps import Db, Operator, Principal, Rt, Viewer
 from controller.api.errors import ApiError
 from controller.db.models import Rollout, RolloutEvent, RolloutMember
 from controller.rollouts import service
-from controller.rollouts.machine import Event, IllegalTransition
+from controller.rollouts.machine import ACTIVE, Event, IllegalTransition, State
 from controller.rollouts.plan import PlanError, stage_size, stages_from_json
 
 router = APIRouter(prefix="/api/v1/rollouts")
@@ -69,6 +69,7 @@ class RolloutOut(BaseModel):
     model: str
     version: str
     state: str
+    active: bool  # not yet completed, rolled back or aborted (paused is active)
     stage: int  # 0-based index of the current stage
     reason: str
     selector: dict[str, str]
@@ -105,8 +106,8 @@ def describe(rollout: Rollout, members: list[RolloutMember],
             failed=sum(m.outcome in ("failed", "rolled_back") for m in got)))
     out = RolloutOut(
         id=rollout.id, model=rollout.model_name, version=rollout.version, state=rollout.state,
-        stage=rollout.stage, reason=rollout.reason, selector=rollout.selector,
-        classes=rollout.classes, on_failure=rollout.on_failure,
+        active=State(rollout.state) in ACTIVE, stage=rollout.stage, reason=rollout.reason,
+        selector=rollout.selector, classes=rollout.classes, on_failure=rollout.on_failure,
         max_concurrent=rollout.max_concurrent, created_at=rollout.created_at,
         created_by=rollout.created_by, counts=dict(counts), stages=stages)
     if events is None:

@@ -7,7 +7,6 @@
 const API = "/api/v1";
 const POLL_MS = 2000;
 const TOKEN_KEY = "edgefleet-token";
-const ACTIVE = ["pending", "deploying", "baking", "evaluating", "paused", "rolling_back"];
 let me = null;
 let view = null;
 let timer = null;
@@ -71,7 +70,7 @@ function fleetView() {
     const [summary, rollouts] = await Promise.all([api("GET", "/fleet/summary"),
                                                    api("GET", "/rollouts?limit=10")]);
     const details = await Promise.all(rollouts.map((r) =>
-      ACTIVE.includes(r.state) ? api("GET", `/rollouts/${r.id}`) : r));
+      r.active ? api("GET", `/rollouts/${r.id}`) : r));
     const models = Object.keys(summary.by_model);
     el.replaceChildren(
       h("div", { class: "cards" },
@@ -125,7 +124,7 @@ function rolloutBox(r) {
 function fmt(x) { return typeof x === "number" ? x.toFixed(3) : "-"; }
 
 function actions(r) {
-  if (!me || me.role === "viewer" || !ACTIVE.includes(r.state)) return null;
+  if (!me || me.role === "viewer" || !r.active) return null;
   const button = (verb, label, cls) => h("button", {
     class: cls, "data-action": verb,
     onclick: async () => {

@@ -113,8 +113,10 @@ def test_a_canary_rollout_passes_its_stages_and_a_bad_class_is_rolled_back(
         r = w.call("POST", "/rollouts", {"model": "m", "version": "2.0.0",
                                          "stages": "25%,50%,100%", "gates": FAST}, status=201)
         assert r["counts"]["members"] == DEVICES
+        assert r["active"]
         done = w.tick_until(r["id"], ("completed", "rolled_back", "paused"), 60)
         assert done["state"] == "completed", [e["reason"] for e in done["timeline"]]
+        assert not done["active"]
         wait_for(lambda: w.all_run("2.0.0"), 10, "every device on m@2.0.0")
         reasons = [e["reason"] for e in done["timeline"]]
         assert [x.split(":")[0] for x in reasons if x.startswith(("promote", "finish"))] == [
@@ -126,6 +128,9 @@ def test_a_canary_rollout_passes_its_stages_and_a_bad_class_is_rolled_back(
                                            "stages": "50%,100%", "gates": FAST}, status=201)
         out = w.tick_until(bad["id"], ("rolled_back", "completed", "paused"), 60)
         assert out["state"] == "rolled_back", out["timeline"]
+        assert not out["active"]
+        # what `edgefleet status` and the dashboard show as active comes from the controller
+        assert [x["id"] for x in w.call("GET", "/rollouts") if x["active"]] == []
         failed = next(e for e in out["timeline"] if e["reason"].startswith("rollback"))
         assert "latency p95 in class x86_64/ram<2G/onnxruntime/" in failed["reason"]
         assert out["stage"] == 0  # caught in the canary stage
