@@ -43,6 +43,7 @@ class DynamicSecurity:
         self.topics = topics
         self._timeout = timeout
         self._cond = threading.Condition()
+        self._waiting: set[str] = set()  # correlation ids of commands being waited for
         self._answers: dict[str, dict[str, Any]] = {}
 
     def on_response(self, payload: bytes) -> None:
@@ -52,8 +53,9 @@ class DynamicSecurity:
             log.warning("dropped a malformed dynamic-security response")
             return
         with self._cond:
-            for response in responses:
-                if isinstance(response, dict) and "correlationData" in response:
+            for response in responses:  # late ones, and other replicas', are not kept
+                if isinstance(response, dict) and \
+                        str(response.get("correlationData")) in self._waiting:
                     self._answers[str(response["correlationData"])] = response
             self._cond.notify_all()
 
@@ -64,21 +66,29 @@ class DynamicSecurity:
         ids = [secrets.token_hex(8) for _ in commands]
         body = {"commands": [{**c, "correlationData": i} for c, i in zip(commands, ids,
                                                                             strict=True)]}
-        self._publish(CONTROL, json.dumps(body).encode())
         timeout = timeout or self._timeout
         with self._cond:
-            if not self._cond.wait_for(lambda: all(i in self._answers for i in ids), timeout):
+            self._waiting.update(ids)
+        try:
+            self._publish(CONTROL, json.dumps(body).encode())
+            with self._cond:
+                self._cond.wait_for(lambda: all(i in self._answers for i in ids), timeout)
+                answers = [self._answers.get(i) for i in ids]
+        finally:
+            with self._cond:
+                self._waiting.difference_update(ids)
                 for i in ids:
                     self._answers.pop(i, None)
-                raise DynsecError("the broker did not answer dynamic-security commands within "
-                                  f"{timeout:g} s: is the plugin loaded and the "
-                                  "controller's MQTT user a dynamic-security admin?")
-            answers = [self._answers.pop(i) for i in ids]
-        for command, answer in zip(commands, answers, strict=True):
+        got = [a for a in answers if a is not None]
+        if len(got) < len(ids):
+            raise DynsecError("the broker did not answer dynamic-security commands within "
+                              f"{timeout:g} s: is the plugin loaded and the controller's MQTT "
+                              "user a dynamic-security admin?")
+        for command, answer in zip(commands, got, strict=True):
             error = answer.get("error")
             if error and not any(t in error for t in tolerate):
                 raise DynsecError(f"the broker refused {command['command']}: {error}")
-        return answers
+        return got
 
     def ensure_controller(self, username: str, *, clock: Callable[[], float] = time.monotonic
                           ) -> None:
