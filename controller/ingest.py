@@ -196,6 +196,35 @@ def mark_stale_offline(session: Session, *, now: datetime, silent_for: timedelta
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+def adopt_install_outcomes(session: Session) -> int:
+    """Take a device's install outcome from its health reports where that is newer than
+    its reported state; return how many devices changed.
+
+    The reported-state message can be lost (a broker dropping messages under load);
+    health reports repeat the outcome of the last install, so a lost report delays what
+    the controller shows, never loses it. Only an outcome of the desired generation is
+    taken (its model comes from the desired state), and never over a newer report.
+    """
+    known = func.coalesce(Device.reported["generation"].as_integer(), 0)
+    rows = session.execute(select(Device.id, Device.desired, Device.desired_generation,
+                                  Device.last_health)
+                           .where(Device.desired_generation > known)).all()
+    changed = 0
+    for device_id, desired, generation, health in rows:
+        h, d = health or {}, desired or {}
+        if h.get("install_generation") != generation or \
+                h.get("install_state") not in ("committed", "rolled_back", "failed"):
+            continue
+        reported = ReportedState(generation=generation, model=d.get("model"),
+                                 version=d.get("version"), variant=d.get("variant"),
+                                 state=h["install_state"],
+                                 detail=str(h.get("install_reason") or "")[:2048])
+        result = session.execute(update(Device).where(Device.id == device_id, known < generation)
+                                 .values(reported=reported.model_dump(mode="json")))
+        changed += int(result.rowcount)  # type: ignore[attr-defined]
+    return changed
+
+
 class BatchWriter:
     """Writes batches of device messages; retries failures; flushes device rows.
 

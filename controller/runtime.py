@@ -25,7 +25,7 @@ from controller.db.engine import make_engine, session_factory, transaction, upgr
 from controller.db.models import Device, utcnow
 from controller.dynsec import RESPONSE, DynamicSecurity, DynsecError
 from controller.fetch import FetchServer
-from controller.ingest import mark_stale_offline
+from controller.ingest import adopt_install_outcomes, mark_stale_offline
 from controller.ingest_process import IngestProcess
 from controller.leader import Leadership
 from controller.metrics import Metrics
@@ -180,10 +180,14 @@ class Runtime:
         self.engine.dispose()
 
     def sweep(self, *, silent_for: timedelta) -> None:
-        """Scheduler job: mark silent devices offline."""
+        """Scheduler job: mark silent devices offline; take install outcomes from health
+        reports where a reported-state message was lost."""
         with transaction(self.session_factory) as session:
             if n := mark_stale_offline(session, now=self.clock(), silent_for=silent_for):
                 log.info("marked %d silent devices offline", n)
+            if n := adopt_install_outcomes(session):
+                log.info("took the install outcome of %d devices from their health reports "
+                         "(their reported state did not arrive)", n)
 
     def tick_rollouts(self, now: datetime | None = None) -> int:
         """Scheduler job (on the leading replica): advance rollouts; publish what they

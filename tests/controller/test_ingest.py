@@ -7,8 +7,14 @@ from sqlalchemy import func, select
 
 from controller.db.engine import make_engine, session_factory, transaction, upgrade
 from controller.db.models import Device, HealthBatch
-from controller.ingest import BatchWriter, Inbound, apply_batch, mark_stale_offline
-from shared.messages import Capabilities, Health, Hello, Presence, encode
+from controller.ingest import (
+    BatchWriter,
+    Inbound,
+    adopt_install_outcomes,
+    apply_batch,
+    mark_stale_offline,
+)
+from shared.messages import Capabilities, Health, Hello, Presence, ReportedState, encode
 from shared.topics import Kind
 from tests.conftest import wait_for
 
@@ -198,3 +204,30 @@ def test_a_killed_ingest_worker_is_replaced_and_ingestion_goes_on(factory, db_ur
         proc.stop()
     with factory() as s:
         assert [e["r"]["seq"] for e in stored(s)] == [1, 2]
+
+
+def test_an_install_outcome_whose_report_was_lost_is_taken_from_health(factory) -> None:
+    desired = {"model": "m", "version": "2.0.0", "variant": "int8", "target": "t"}
+    old = {"generation": 1, "model": "m", "version": "1.0.0", "variant": "source",
+           "state": "committed", "detail": ""}
+
+    def outcome(generation: int, state: str, reason: str = "") -> dict:
+        return {"seq": 9, "install_generation": generation, "install_state": state,
+                "install_reason": reason}
+
+    with transaction(factory) as s:
+        for device, health in (("d0", outcome(2, "rolled_back", "smoke_test_failed: x")),
+                               ("d1", outcome(2, "downloading")),  # not finished yet
+                               ("d2", outcome(1, "committed"))):  # not the desired generation
+            row = s.get(Device, device)
+            row.desired_generation, row.desired, row.reported = 2, desired, old
+            row.last_health = health
+    with transaction(factory) as s:
+        assert adopt_install_outcomes(s) == 1
+    with transaction(factory) as s:
+        assert adopt_install_outcomes(s) == 0  # done once
+        assert s.get(Device, "d0").reported == ReportedState(  # as if it had arrived
+            generation=2, model="m", version="2.0.0", variant="int8", state="rolled_back",
+            detail="smoke_test_failed: x").model_dump(mode="json")
+        assert s.get(Device, "d1").reported == old
+        assert s.get(Device, "d2").reported == old
