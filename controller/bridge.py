@@ -3,6 +3,12 @@
 Callbacks run on paho's network thread and only parse the topic, check the device
 is known and hand the raw payload to the ingest worker, which decodes it. A message
 on a malformed topic or from an unknown device is counted and dropped.
+
+With ``share_group``, the messages one controller replica should handle for all
+(health reports, install events, fetch requests) come through a shared subscription:
+the broker hands each to one replica of the group. Retained kinds (hello, presence,
+reported) stay plain subscriptions, since a broker does not deliver retained messages
+on shared ones, and every replica sees them (writing them twice is harmless).
 """
 
 import logging
@@ -17,11 +23,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from controller.settings import MqttUrl
 from shared.net import tcp_nodelay
-from shared.topics import DEVICE_PUBLISHES, Topics
+from shared.topics import DEVICE_PUBLISHES, Kind, Topics
 
 log = logging.getLogger(__name__)
 
 _DEVICE_KINDS = frozenset(kind.value for kind in DEVICE_PUBLISHES)
+SHARED_KINDS = frozenset({Kind.HEALTH, Kind.EVENTS, Kind.FETCH})  # one replica handles each
 Sink = Callable[[str, str, bytes, float], None]  # device id, kind, payload, time.time()
 Route = tuple[str, str, Sink]
 _ROUTE_CACHE = 500_000  # topics; about 5 per device
@@ -54,9 +61,11 @@ class Bridge:
     def __init__(self, url: MqttUrl, topics: Topics, *,
                  sink: Callable[[str], Sink],
                  is_known: Callable[[str], bool], keepalive: int = 30,
-                 observe_publish: Callable[[float], None] | None = None) -> None:
+                 observe_publish: Callable[[float], None] | None = None,
+                 share_group: str | None = None) -> None:
         self.url = url
         self.topics = topics
+        self._share_group = share_group
         self._sink = sink
         self._is_known = is_known
         self._keepalive = keepalive
@@ -109,8 +118,14 @@ class Bridge:
         self._subscribe(self._client)
 
     def _subscribe(self, client: mqtt.Client) -> None:
-        client.subscribe([(self.topics.all_devices(kind), 1) for kind in sorted(DEVICE_PUBLISHES)]
+        client.subscribe([(self._filter(kind), 1) for kind in sorted(DEVICE_PUBLISHES)]
                          + [(topic, 1) for topic in self._handlers])
+
+    def _filter(self, kind: Kind) -> str:
+        every = self.topics.all_devices(kind)
+        if self._share_group and kind in SHARED_KINDS:
+            return f"$share/{self._share_group}/{every}"
+        return every
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         started = time.perf_counter()

@@ -117,9 +117,12 @@ class Runtime:
                                password)
         self.jobs.start()
         self.ingestor.start()
+        # on an external broker, replicas of this controller share the work of health,
+        # events and fetch requests (the embedded broker serves one controller)
         self.bridge = Bridge(mqtt_url, self.topics, sink=self._sink_for,
                              is_known=self.is_enrolled,
-                             observe_publish=self.metrics.mqtt_publish_seconds.observe)
+                             observe_publish=self.metrics.mqtt_publish_seconds.observe,
+                             share_group="edgefleet" if s.mqtt_url is not None else None)
         bridge = self.bridge
         # Fetch answers go out at QoS 0: the fetch protocol acknowledges by itself (a
         # device asks for what it has not got, by offset, after a timeout), so a QoS 1

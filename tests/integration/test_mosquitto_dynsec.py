@@ -52,6 +52,8 @@ def test_devices_get_broker_accounts_confined_to_their_own_topics(
           log_name="sim")
     wait_for(lambda: sum(d["status"] == "online" for d in c.devices()) == 2, 60,
              "two simulated devices online through their own broker accounts")
+    wait_for(lambda: all(d["health_count"] > 0 for d in c.devices()), 30,
+             "health reports through the controller's shared subscription")
 
     a = c.api(None).call("POST", "/enroll", {"token": c.enroll_token()})
     b = c.api(None).call("POST", "/enroll", {"token": c.enroll_token()})

@@ -108,6 +108,20 @@ def test_two_replicas_only_the_lock_holder_ticks_and_the_other_takes_over(  # is
     assert_each_stage_once(done["timeline"])
 
 
+@pytest.mark.parametrize("backend", ["external"], indirect=True)
+def test_two_replicas_share_health_reports_instead_of_each_writing_all_of_them(
+        start_controller: Callable[..., ControllerProcess], spawn: Callable[..., Any]) -> None:
+    a = start_controller(health_interval=0.2)
+    b = start_controller(health_interval=0.2, replica_of=a)
+    spawn("sim", "--devices", "4", "--controller", a.url, "--token", a.enroll_token(uses=4),
+          log_name="sim")
+    devices = wait_for(lambda: (ds := b.devices()) and len(ds) == 4 and all(
+        (d["last_health"] or {}).get("seq", 0) >= 30 for d in ds) and ds, 60,
+        "30 health reports from each device")
+    for d in devices:  # each report counted once (both replicas writing each: about 2x)
+        assert 0 < d["health_count"] <= d["last_health"]["seq"] + 5, d
+
+
 def test_the_rollout_cli_creates_waits_and_says_what_went_wrong(
         start_controller: Callable[..., ControllerProcess], spawn: Callable[..., Any],
         tmp_path: Path) -> None:
