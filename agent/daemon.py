@@ -42,7 +42,7 @@ def run(config_path: Path) -> None:
     client = link.client
     installer = Installer(config.state_dir, updater=link.updater,
                           reporter=SessionReporter(session, client, serving.metrics),
-                          serving=serving,
+                          serving=serving, download=link.download,
                           probation_s=config.probation_s)
     link.progress = installer.progress  # download progress events
     session.generation = installer.install.generation

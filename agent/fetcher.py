@@ -10,17 +10,19 @@ it got; a chunk is asked again with backoff and given up after ``attempts``. The
 Updater verifies everything it gets.
 """
 
+import hashlib
 import logging
 import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from tuf.api import exceptions
+from tuf.api.metadata import TargetFile
 from tuf.ngclient.fetcher import FetcherInterface
 
 from shared.errors import ProtocolError
@@ -154,6 +156,28 @@ class FetchChannel:
             self._chunks[answer[0].offset] = answer
 
 
+def _check_length_and_hashes(info: TargetFile, length: int, digests: dict[str, Any]) -> None:
+    if length != info.length:
+        raise exceptions.LengthOrHashMismatchError(
+            f"Observed length {length} does not match expected length {info.length}")
+    for algo, digest in digests.items():
+        if digest.hexdigest() != info.hashes[algo]:
+            raise exceptions.LengthOrHashMismatchError(
+                f"Observed hash {digest.hexdigest()} does not match expected hash "
+                f"{info.hashes[algo]}")
+
+
+def _hasher(algo: str) -> Any:
+    """A hash object for a TUF hash algorithm name (python-tuf's names and refusals)."""
+    if algo == "blake2b-256":
+        return hashlib.blake2b(digest_size=32)
+    try:
+        return hashlib.new(algo)
+    except (ValueError, TypeError):
+        raise exceptions.LengthOrHashMismatchError(
+            f"Unsupported algorithm '{algo}'") from None
+
+
 def _decode(payload: bytes) -> Answer | None:
     try:
         return decode_response(payload)
@@ -188,17 +212,43 @@ class MqttFetcher(FetcherInterface):
             with super().download_file(url, max_length) as spooled:
                 yield spooled
             return
-        received = 0
         with tempfile.TemporaryFile(dir=self._spool_dir) as spool:
-            for chunk in self.fetch(url):
-                received += len(chunk)
-                if received > max_length:
-                    raise exceptions.DownloadLengthMismatchError(
-                        f"Downloaded {received} bytes exceeding the maximum allowed length "
-                        f"of {max_length}")
-                spool.write(chunk)
+            self._write(url, max_length, spool)
             spool.seek(0)
             yield spool
+
+    def download_verified(self, info: TargetFile, dest: Path) -> None:
+        """Download the signed target ``info`` (from a refreshed Updater) into ``dest`` and
+        check its length and every hash it lists, as python-tuf's
+        ``TargetFile.verify_length_and_hashes`` does, hashing each chunk as it arrives.
+        ``Updater.download_target`` spools the file, then reads it again to hash it and a
+        third time to copy it: a third of a 50 MiB download's time here. A file that fails
+        the check is removed."""
+        directory, sep, name = info.path.rpartition("/")
+        # consistent snapshots, as the controller signs them: the digest prefixes the name
+        url = f"{TARGETS_URL}{directory}{sep}{info.hashes['sha256']}.{name}"
+        digests = {algo: _hasher(algo) for algo in info.hashes}
+        try:
+            with dest.open("wb") as out:
+                received = self._write(url, info.length, out, digests.values())
+            _check_length_and_hashes(info, received, digests)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+
+    def _write(self, url: str, max_length: int, out: IO[bytes],
+               digests: Iterable[Any] = ()) -> int:
+        received = 0
+        for chunk in self.fetch(url):
+            received += len(chunk)
+            if received > max_length:
+                raise exceptions.DownloadLengthMismatchError(
+                    f"Downloaded {received} bytes exceeding the maximum allowed length "
+                    f"of {max_length}")
+            out.write(chunk)
+            for digest in digests:
+                digest.update(chunk)
+        return received
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith("mqtt:"):

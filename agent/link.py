@@ -7,6 +7,7 @@ The daemon runs one; tests and ``bench/distribute.py`` run many in one process.
 from collections.abc import Callable
 from pathlib import Path
 
+from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater
 
 from agent.config import Identity
@@ -52,14 +53,26 @@ class DeviceLink:
 
     def updater(self) -> Updater:
         """A fresh TUF Updater (one per install) that fetches over this link."""
-        tuf = self.state_dir / "tuf"
-        meta, download = tuf / "metadata", tuf / "download"
+        meta = self.state_dir / "tuf" / "metadata"
         meta.mkdir(parents=True, exist_ok=True)
-        download.mkdir(parents=True, exist_ok=True)
         trusted = meta / "root.json"
         root = trusted.read_bytes() if trusted.exists() else self.identity.tuf_root.encode()
-        return Updater(str(meta), META_URL, str(download), TARGETS_URL,
-                       fetcher=MqttFetcher(self.channel, chunk_size=self.chunk_size,
-                                           progress=self.progress, spool_dir=download,
-                                           **self.fetcher_options),  # type: ignore[arg-type]
-                       bootstrap=root)
+        return Updater(str(meta), META_URL, str(self._download_dir()), TARGETS_URL,
+                       fetcher=self._fetcher(), bootstrap=root)
+
+    def download(self, info: TargetFile) -> Path:
+        """The signed target ``info`` (from a refreshed ``updater()``), downloaded and
+        verified, in the download directory (``MqttFetcher.download_verified``)."""
+        path = self._download_dir() / info.hashes["sha256"]
+        self._fetcher().download_verified(info, path)
+        return path
+
+    def _download_dir(self) -> Path:
+        download = self.state_dir / "tuf" / "download"
+        download.mkdir(parents=True, exist_ok=True)
+        return download
+
+    def _fetcher(self) -> MqttFetcher:
+        return MqttFetcher(self.channel, chunk_size=self.chunk_size, progress=self.progress,
+                           spool_dir=self._download_dir(),
+                           **self.fetcher_options)  # type: ignore[arg-type]

@@ -164,7 +164,7 @@ def device_process(enrolment: Path, state_dir: Path, chunk: int) -> None:
         started = time.perf_counter()
         updater.refresh()
         refreshed = time.perf_counter()
-        path = Path(updater.download_target(updater.get_targetinfo(target)))
+        path = link.download(updater.get_targetinfo(target))  # as the installer does
         downloaded = time.perf_counter()
         ok = hashlib.sha256(path.read_bytes()).hexdigest() == sha
         path.unlink()
@@ -238,6 +238,7 @@ def fleet_devices(enrolments: Path, state_dir: Path, chunk: int, probation_s: fl
         link = DeviceLink(identity, state_dir / f"dev{i}", session, chunk_size=chunk)
         serving = Serving(worker=InProcessWorker)
         installer = Installer(link.state_dir, updater=link.updater, serving=serving,
+                              download=link.download,
                               reporter=SessionReporter(session, link.client, serving.metrics),
                               probation_s=probation_s)
         link.progress = installer.progress

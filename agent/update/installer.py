@@ -78,12 +78,14 @@ class Installer:
 
     def __init__(self, state_dir: Path, *, updater: Callable[[], Any], reporter: Reporter,
                  serving: Serving, probation_s: float = 5.0,
+                 download: Callable[[Any], Path] | None = None,
                  disk_free: Callable[[Path], int] | None = None,
                  ram_free: Callable[[], int] | None = None) -> None:
         self.dir = state_dir
         self.models = state_dir / "models"
         self.current = state_dir / "current"
         self._updater, self._reporter, self._serving = updater, reporter, serving
+        self._fetch = download  # target info -> verified file; else the Updater's own
         self._probation_s = probation_s
         self._disk_free = disk_free or (lambda p: shutil.disk_usage(p).free)
         self._ram_free = ram_free or _available_ram
@@ -223,7 +225,8 @@ class Installer:
                 raise InstallFailed("insufficient_disk", f"needs {needed} bytes free for "
                                     f"{install.target}, has {free}")
             try:
-                path = Path(updater.download_target(info))
+                path = self._fetch(info) if self._fetch else Path(
+                    updater.download_target(info))
             except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
                 raise InstallFailed("download_refused", f"{type(exc).__name__}: {exc}") from None
             except OSError as exc:
