@@ -7,7 +7,8 @@ at a time and blobs with a window of chunks in flight (a stop-and-wait transfer 
 bound by round trips, and a broker without TCP_NODELAY adds ~40 ms to each). Chunks are
 asked for by offset, so a download cut by a disconnect carries on from the last chunk
 it got; a chunk is asked again with backoff and given up after ``attempts``. The
-Updater verifies everything it gets.
+Updater verifies the metadata it gets; ``download_verified`` checks a blob against the
+Updater's signed target info.
 """
 
 import hashlib

@@ -197,8 +197,9 @@ class Installer:
     # -- steps --------------------------------------------------------------------------
 
     def _download(self, install: Install) -> Install:
-        """Refresh TUF metadata, download the target (verified by the Updater), re-hash
-        it, and stage it under models/<sha256>: downloading -> verifying -> staging."""
+        """Refresh TUF metadata, download the target (checked against its signed length
+        and hashes), re-hash it, and stage it under models/<sha256>: downloading ->
+        verifying -> staging."""
         assert install.target is not None  # noqa: S101 - checked by _run
         try:
             updater = self._updater()
