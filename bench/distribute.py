@@ -39,6 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cli.demo import free_port, wait_until  # noqa: E402
+
 MIB = 1 << 20
 
 
@@ -74,12 +76,7 @@ def connect(links: list[Any]) -> bool:
     """Connect every link; True once all are connected (within a minute)."""
     for link in links:
         link.connect()
-    deadline = time.monotonic() + 60
-    while not all(link.client.is_connected() for link in links):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return wait_until(lambda: all(link.client.is_connected() for link in links), 60, 0.05)
 
 
 # -- (a) one device vs bare paho ----------------------------------------------------------
@@ -257,11 +254,8 @@ def fleet_devices(enrolments: Path, state_dir: Path, chunk: int, probation_s: fl
 
 
 def until(check: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{what} did not happen within {seconds:.0f} s")
-        time.sleep(0.2)
+    if not wait_until(check, seconds):
+        raise SystemExit(f"{what} did not happen within {seconds:.0f} s")
 
 
 def committed_times(client: Any, ids: list[str], started: float) -> list[float]:
@@ -408,8 +402,6 @@ def inference(tmp: Path, n: int) -> dict[str, Any]:
 def private_broker(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     """A Mosquitto on a free port with the recommended settings, anonymous (local only)."""
     import socket
-
-    from cli.demo import free_port, wait_until
 
     port = free_port()
     conf = tmp / "mosquitto.conf"

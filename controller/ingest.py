@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from controller.db.engine import transaction
 from controller.db.models import Device, DeviceEvent, HealthBatch, UTCDateTime
+from controller.rollouts.gates import FINAL_OUTCOMES
 from shared.messages import Event, Hello, Message, Presence, ReportedState
 from shared.topics import Kind
 
@@ -213,7 +214,7 @@ def adopt_install_outcomes(session: Session) -> int:
     for device_id, desired, generation, health in rows:
         h, d = health or {}, desired or {}
         if h.get("install_generation") != generation or \
-                h.get("install_state") not in ("committed", "rolled_back", "failed"):
+                h.get("install_state") not in FINAL_OUTCOMES:
             continue
         reported = ReportedState(generation=generation, model=d.get("model"),
                                  version=d.get("version"), variant=d.get("variant"),

@@ -37,8 +37,6 @@ from controller.rollouts.plan import (
 from controller.rollouts.tick import Decision, Plan, Target, act, decide
 from shared.envelope import Signer
 
-FINAL = frozenset({"committed", "failed", "rolled_back"})
-
 
 class RolloutNotFound(LookupError):
     pass
@@ -207,7 +205,7 @@ def _target(m: RolloutMember, device: Device | None, target_ref: str, *,
     if device is None and m.left_at is None:
         m.left_at, m.reason = now, "the device was deleted"
     if m.generation is not None and m.outcome == "pending" and device is not None:
-        if generation == m.generation and reported.get("state") in FINAL:
+        if generation == m.generation and reported.get("state") in g.FINAL_OUTCOMES:
             m.outcome, m.reason = str(reported["state"]), str(reported.get("detail") or "")
         elif device.desired_generation > m.generation and m.revert_generation is None \
                 and m.left_at is None:
@@ -215,7 +213,7 @@ def _target(m: RolloutMember, device: Device | None, target_ref: str, *,
             m.left_at, m.reason = now, "given another desired state outside this rollout"
             m.revert_generation, m.reverted_at = 0, now
     if m.revert_generation and m.reverted_at is None and device is not None \
-            and generation >= m.revert_generation and reported.get("state") in FINAL:
+            and generation >= m.revert_generation and reported.get("state") in g.FINAL_OUTCOMES:
         m.reverted_at = now
     health = None
     if device is not None and (device.last_health or {}).get("active_model") == target_ref:

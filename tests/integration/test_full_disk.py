@@ -62,7 +62,7 @@ def test_a_disk_filling_up_mid_download_fails_the_install_cleanly(
         wait_for(link.client.is_connected, 30, "the device connected")
         serving, reporter = FakeServing(), FakeReporter()
         installer = Installer(state, updater=link.updater, reporter=reporter, serving=serving,
-                              probation_s=0)
+                              download=link.download, probation_s=0)  # as the daemon does
         installer.start()
         installer.want(DesiredState(device_id=identity.device_id, generation=1, model="big",
                                     version="1.0.0", variant="source", target=source["target"],
