@@ -131,7 +131,7 @@ def _story(api: Api, data_dir: Path, console: Console) -> int:
     started = time.monotonic()
     for i, version in enumerate(("1.0.0", "2.0.0", "3.0.0")):
         path = data_dir / f"{MODEL}-{version}.onnx"
-        path.write_bytes(mlp_onnx(hidden=256, seed=i))
+        path.write_bytes(mlp_onnx(seed=i))
         up = api.upload("/uploads", path, params={"filename": path.name})
         api.call("POST", f"/models/{MODEL}/versions/{version}", {"upload": up["sha256"]})
         console.print(f"pushed {MODEL}@{version} ({path.stat().st_size:,} bytes); building "

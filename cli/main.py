@@ -1,11 +1,13 @@
 """``edgefleet``: click command tree. Each command imports what it needs when it runs."""
 
+import contextlib
 import json
 import logging
 import re
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -391,28 +393,56 @@ def model() -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", required=True, help="Model name (lowercase, digits, . _ -).")
 @click.option("--version", "version", required=True, help="Semantic version, e.g. 1.2.0.")
+@click.option("--samples", "samples", multiple=True, metavar="FILE|INPUT=FILE.npy",
+              help="Sample inputs that derivation and fidelity run on: a .npz (arrays named "
+              "by input, samples along the first axis), INPUT=FILE.npy, or a JSON list of "
+              "{input: values}. Repeat for several files.")
+@click.option("--input", "declared", multiple=True, metavar="NAME=SPEC",
+              help="Declare an input for generated samples: float32[1,3,320,320], "
+              "int64:16000, int64[1,16]:0..30522, zeros, zeros[2,1,64].")
+@click.option("--variants", default=None, metavar="A,B",
+              help="Derived variants to build (onnx: int8, int8_static, int8_dynamic, fp16; "
+              "gguf: q8_0, q4_k_m, ...). Default: int8 for fp32 ONNX, q8_0,q4_k_m for GGUF.")
+@click.option("--no-derive", is_flag=True, help="Build no derived variants: the source only.")
+@click.option("--min-fidelity", default=None, metavar="METRIC>=X,...",
+              help="Quality floor, e.g. cosine>=0.99: a variant below it is refused.")
+@click.option("--metric", default=None, help="The fidelity metric that describes this model "
+              "(cosine, top1, iou; default: chosen from its outputs).")
 @click.option("--smoke-test", "smoke_file", type=click.Path(exists=True, dir_okay=False,
               path_type=Path), help="JSON: inputs, expected (optional), tolerance, "
-              "latency_budget_ms. Without it, inputs are generated and outputs computed.")
+              "latency_budget_ms. Without it, the samples (or generated inputs) are used.")
 @click.option("--labels", "labels", multiple=True, metavar="KEY=VALUE")
 @click.option("--wait/--no-wait", default=True, show_default=True,
-              help="Wait for the smoke test and quantised variants to be built.")
+              help="Wait for the smoke test and derived variants to be built.")
 @click.option("--json", "as_json", is_flag=True)
 def model_push(controller: str, token: str | None, file: Path, name: str, version: str,
+               samples: tuple[str, ...], declared: tuple[str, ...], variants: str | None,
+               no_derive: bool, min_fidelity: str | None, metric: str | None,
                smoke_file: Path | None, labels: tuple[str, ...], wait: bool,
                as_json: bool) -> None:
-    """Upload FILE (ONNX or GGUF) as NAME@VERSION; it is validated, signed, and its
-    quantised variants are built in the background."""
-    body: dict[str, Any] = {"labels": parse_labels(labels)}
+    """Upload FILE (ONNX or GGUF) as NAME@VERSION; it is validated and signed, then run
+    on sample inputs, and its derived variants are built and compared in the
+    background."""
+    body: dict[str, Any] = {"labels": parse_labels(labels), "derive": not no_derive,
+                            "inputs": _declarations(declared)}
+    if variants is not None:
+        body["variants"] = [v.strip() for v in variants.split(",") if v.strip()]
+    if min_fidelity is not None:
+        body["min_fidelity"] = min_fidelity
+    if metric is not None:
+        body["metric"] = metric
     if smoke_file is not None:
         try:
             body["smoke_test"] = json.loads(smoke_file.read_text())
         except (ValueError, UnicodeDecodeError) as exc:
             raise click.BadParameter(f"{smoke_file} is not JSON: {exc}") from None
     api = make_api(controller, token)
-    if not as_json:
-        console.print(f"uploading {file.name} ({file.stat().st_size:,} bytes)")
-    uploaded = api.upload("/uploads", file, params={"filename": file.name})
+    if samples:
+        body["samples"] = _upload_samples(api, samples, quiet=as_json)
+    with _folded(file, quiet=as_json) as upload:
+        if not as_json:
+            console.print(f"uploading {file.name} ({upload.stat().st_size:,} bytes)")
+        uploaded = api.upload("/uploads", upload, params={"filename": file.name})
     out = api.call("POST", f"/models/{name}/versions/{version}",
                    body | {"upload": uploaded["sha256"]})
     if wait:
@@ -421,8 +451,59 @@ def model_push(controller: str, token: str | None, file: Path, name: str, versio
         click.echo(json.dumps(out, indent=2))
     else:
         console.print(versions_table([out]))
+        for refused in out.get("refused", []):
+            console.print(f"[yellow]{refused['name']} not offered:[/] {refused['reason']}")
     if out["status"] == "failed":
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def _folded(file: Path, *, quiet: bool) -> Iterator[Path]:
+    """``file``, or an ONNX model with its external data files folded in (an upload is
+    one file)."""
+    if file.suffix.lower() != ".onnx":
+        yield file
+        return
+    import tempfile
+
+    from controller.registry.inspect import InvalidModel, fold_external_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / file.name
+        try:
+            folded = fold_external_data(file, out)
+        except InvalidModel as exc:
+            raise click.ClickException(f"{file}: {exc}") from None
+        if folded and not quiet:
+            console.print(f"folded {file.name}'s external data into the upload")
+        yield out if folded else file
+
+
+def _declarations(declared: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in declared:
+        name, sep, spec = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=SPEC", param_hint="--input")
+        out[name] = spec
+    return out
+
+
+def _upload_samples(api: Any, given: tuple[str, ...], *, quiet: bool) -> str:
+    import tempfile
+
+    from controller.registry.inputs import InputError, samples_from_files
+
+    try:
+        data = samples_from_files(list(given))
+    except InputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--samples") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "samples.npz"
+        path.write_bytes(data)
+        if not quiet:
+            console.print(f"uploading samples ({len(data):,} bytes)")
+        return str(api.upload("/uploads", path, params={"kind": "samples"})["sha256"])
 
 
 def _wait_for_job(api: Any, path: str, *, quiet: bool) -> Any:

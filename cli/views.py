@@ -80,20 +80,28 @@ def versions_table(versions: list[dict[str, Any]]) -> Table:
                           f"{variant['format']} {variant['quantization']}",
                           f"{variant['size']:,}", comparison_text(variant.get("comparison")),
                           "yes" if variant["signed"] else "[red]no[/]")
+        for refused in v.get("refused", []):
+            table.add_row(f"{v['name']}@{v['version']}", status, refused["name"], "", "",
+                          "[yellow]refused[/]", "no")
         if v["status"] == "failed":
             table.add_row("", "", "", f"[red]{v['job']['message']}[/]")
     return table
 
 
 def comparison_text(c: dict[str, Any] | None) -> str:
-    """``27% size, top-1 100%, max diff 0.04`` for a derived variant; ``-`` for a source."""
-    if not c:
+    """``27% size, cosine 0.998, 0.6x time`` for a derived variant; ``-`` for a source."""
+    if not c or "size_ratio" not in c:
         return "-"
     parts = [f"{c['size_ratio']:.0%} size"]
-    if "top1_agreement" in c:
-        parts += [f"top-1 {c['top1_agreement']:.0%}", f"max diff {c['max_abs_diff']:.3g}"]
-    if "token_agreement" in c:
-        parts.append(f"tokens {c['token_agreement']:.0%}")
+    metric = c.get("metric")
+    figure = (c.get("fidelity") or {}).get(metric)
+    if figure is not None:
+        parts.append(f"{metric} {figure:.3f}")
+    ms = c.get("latency_ms") or {}
+    if ms.get("source"):
+        parts.append(f"{ms['variant'] / ms['source']:.2g}x time")
+    if c.get("warning"):
+        parts.append("[yellow]poor[/]")
     return ", ".join(parts)
 
 

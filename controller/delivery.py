@@ -72,9 +72,9 @@ def published(session: Session) -> list[Device]:
 
 
 def ready_variants(session: Session, version: ModelVersion) -> list[Variant]:
-    """The version's variants; raise ``DeliveryError`` unless the version is ready."""
-    status, job = service.version_status(session, version)
-    if status != "ready":
+    """The version's variants; raise ``DeliveryError`` unless it can be deployed."""
+    if not service.deployable(session, version):
+        status, job = service.version_status(session, version)
         raise DeliveryError(409, "version_not_ready", f"{version.model_name}@{version.version} "
                             f"is {status}: {job.message if job else ''}")
     return service.variants_of(session, version)

@@ -165,6 +165,12 @@ class ModelVersion(Base):
     #: inputs, tolerance, latency budget (see ``registry.smoke``); the expected outputs
     #: live on each variant, since a quantised variant computes its own.
     smoke_test: Mapped[dict[str, Any] | None]
+    #: the pusher's sample inputs (a blob: ``registry.inputs``'s ``.npz``), if given
+    samples_sha256: Mapped[str | None] = mapped_column(String(64))
+    #: how to derive: ``inputs`` (declarations), ``variants``, ``floor``, ``metric``
+    derive_options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: derived variants not offered: ``[{"name", "reason", "comparison"}]``
+    refused: Mapped[list[Any]] = mapped_column(JsonType, default=list)
 
 
 class Variant(Base):
@@ -187,6 +193,8 @@ class Variant(Base):
     derived_from: Mapped[str | None] = mapped_column(String(64))  # the source variant's name
     comparison: Mapped[dict[str, Any] | None]  # against the source, on the smoke inputs
     expected: Mapped[list[Any] | None] = mapped_column(JsonType)  # smoke-test outputs
+    #: ``ram_estimate_bytes`` is the peak RSS of a process that ran the samples on it
+    ram_measured: Mapped[bool] = mapped_column(default=False)
 
 
 class Job(Base):

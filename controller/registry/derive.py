@@ -1,18 +1,29 @@
-"""The derive worker: completes a version's smoke test and builds its quantised variants.
+"""The derive worker: completes a version's smoke test and builds its derived variants.
 
 Runs as a child process (``python -m controller.registry.derive``), one per job, so a
 runtime that aborts (llama.cpp does, on some bad input) or eats memory takes down only
 the job. It reads a JSON spec from the file named by its argument::
 
-    {"format": "onnx" | "gguf", "source": path, "workdir": path, "smoke_test": {...}}
+    {"format": "onnx" | "gguf", "quantization": ..., "source": path, "workdir": path,
+     "smoke_test": {...} | null, "samples": path | null, "inputs": {name: spec},
+     "variants": [names] | null, "floor": {metric: minimum}, "metric": name | null}
 
-and writes JSON lines on stdout: ``{"progress": 0.4, "message": ...}`` while it works,
-then ``{"result": {...}}`` or ``{"error": "..."}``. It never touches the database or the
-blob store; ``controller.registry.jobs`` does, with what this returns.
+and writes JSON lines on stdout as it goes:
 
-ONNX sources get an ``int8`` variant (onnxruntime dynamic quantisation); f16/f32 GGUF
-sources get ``q8_0`` and ``q4_k_m`` (llama.cpp's quantiser). Each variant is compared
-with the source on the smoke inputs, and its own outputs become its expected outputs.
+- ``{"progress": 0.4, "message": ...}`` while it works;
+- ``{"source": {...}}`` once the source has run on the sample inputs: the completed
+  smoke test and the source's own figures. From then on the source is deployable,
+  whatever happens to the derived variants;
+- ``{"variant": {...}}`` for each derived variant worth offering, and
+  ``{"refused": {"name": ..., "reason": ..., "comparison": ...}}`` for each that is not;
+- ``{"result": {}}`` at the end, or ``{"error": "..."}`` if the source itself could not
+  be run (the model's or the pusher's fault, never a quantiser's).
+
+A derived variant is offered only if it is what its name says (int8: integer ops in
+the graph, smaller than the source, no slower on this machine; fp16: smaller), it
+loads, and its fidelity to the source on the sample inputs is above the version's
+floor. It never touches the database or the blob store; ``controller.registry.jobs``
+does, with what this writes.
 """
 
 import json
@@ -23,138 +34,214 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from controller.registry import fidelity, inputs, measure, quantize
 from shared import smoke
 
 Emit = Callable[..., None]
 
-#: GGUF variants to build, with llama.cpp's ``llama_ftype`` for each.
-GGUF_VARIANTS = (("q8_0", 7), ("q4_k_m", 15))
+#: GGUF variants llama.cpp can build, with its ``llama_ftype`` for each.
+GGUF_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+GGUF_DEFAULT = ("q8_0", "q4_k_m")
 GGUF_SOURCES = ("f32", "f16", "bf16")
+#: smoke tests carry at most this many of the version's samples
+SMOKE_SAMPLES = 4
 
 
 class DeriveError(Exception):
     """The job cannot be done; the message says why, for the operator."""
 
 
-def derive(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
+def known_variants(fmt: str) -> tuple[str, ...]:
+    return quantize.ONNX_VARIANTS if fmt == "onnx" else tuple(GGUF_FTYPES)
+
+
+def default_variants(fmt: str, quantization: str) -> tuple[str, ...]:
+    if fmt == "onnx":
+        return ("int8",) if quantization == "fp32" else ()
+    return GGUF_DEFAULT if quantization in GGUF_SOURCES else ()
+
+
+def derive(spec: dict[str, Any], emit: Emit) -> None:
     test = smoke.SmokeTest.model_validate(spec.get("smoke_test") or {})
     source, workdir = Path(spec["source"]), Path(spec["workdir"])
+    wanted = spec.get("variants")
+    if wanted is None:
+        wanted = default_variants(spec["format"], spec.get("quantization", ""))
+    floor = fidelity.parse_floor(spec.get("floor") or {})
     if spec["format"] == "onnx":
-        return _derive_onnx(source, workdir, test, emit,
-                            quantize=spec.get("quantization") == "fp32")
-    return _derive_gguf(source, workdir, test, emit,
-                        quantize=spec.get("quantization") in GGUF_SOURCES)
+        _OnnxJob(source, workdir, test, spec, floor, emit).run(list(wanted))
+    else:
+        _derive_gguf(source, workdir, test, emit, list(wanted), floor)
+    emit(result={})
 
 
 # -- ONNX -------------------------------------------------------------------------------
 
-def _derive_onnx(source: Path, workdir: Path, test: smoke.SmokeTest, emit: Emit, *,
-                 quantize: bool) -> dict[str, Any]:
-    import onnxruntime as ort
+class _OnnxJob:
+    def __init__(self, source: Path, workdir: Path, test: smoke.SmokeTest,
+                 spec: dict[str, Any], floor: dict[str, float], emit: Emit) -> None:
+        self.source, self.workdir, self.test, self.floor, self.emit = (
+            source, workdir, test, floor, emit)
+        self.spec = spec
+        self.samples = workdir / "samples.npz"
 
-    emit(progress=0.05, message="running the source model on the smoke inputs")
-    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
-    inputs = test.inputs if test.inputs is not None else _generated_feeds(session)
-    if not all(isinstance(i, dict) for i in inputs):
-        raise DeriveError("smoke-test inputs of an ONNX model are objects "
-                          "{input name: values}, not strings")
-    feeds = [_feed(session, i, n) for n, i in enumerate(inputs)]  # type: ignore[arg-type]
-    outputs, source_ms = _run_all(session, feeds)
-    result = _result(test, "onnx", inputs, outputs)
-    if not quantize:
-        return result
-    emit(progress=0.35, message="quantising to int8 (onnxruntime dynamic quantisation)")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    def run(self, wanted: list[str]) -> None:
+        import onnxruntime as ort
 
-    out = workdir / "int8.onnx"
-    try:
-        quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8)
-        quantized = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - the quantiser raises many types
-        raise DeriveError(f"int8 quantisation failed: {exc}") from None
-    emit(progress=0.7, message="comparing int8 with the source on the smoke inputs")
-    q_outputs, q_ms = _run_all(quantized, feeds)
-    result["variants"].append({
-        "name": "int8", "path": str(out), "quantization": "int8", "expected": q_outputs,
-        "comparison": {
-            "size_ratio": round(out.stat().st_size / source.stat().st_size, 4),
-            "max_abs_diff": _max_abs_diff(q_outputs, outputs),
-            "max_deviation": round(max(smoke.deviation(q, o)
-                                       for q, o in zip(q_outputs, outputs, strict=True)), 6),
-            "top1_agreement": _top1_agreement(q_outputs, outputs),
-            "inputs": len(feeds),
-            "latency_ms": {"source": source_ms, "variant": q_ms},
-        }})
-    return result
+        self.emit(progress=0.02, message="running the source model on the sample inputs")
+        try:
+            session = ort.InferenceSession(str(self.source), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+            raise DeriveError(f"onnxruntime cannot load the model: {exc}") from None
+        model_inputs = inputs.specs(session.get_inputs())
+        outputs = [(o.name, tuple(o.shape)) for o in session.get_outputs()]
+        del session
+        feeds = self._feeds(model_inputs)
+        self.samples.write_bytes(inputs.write_samples(feeds))
+        expected, ram = self._run(self.source)
+        self.metric = fidelity.primary_metric(outputs, self.spec.get("metric"))
+        self.expected = expected
+        smoke_in = [_jsonable(f) for f in feeds[:SMOKE_SAMPLES]]
+        smoke_out = [_jsonable(o) for o in expected[:SMOKE_SAMPLES]]
+        self.smoke_n = _fitting(smoke_in, smoke_out)
+        completed = _completed(self.test, "onnx", smoke_in[:self.smoke_n],
+                               smoke_out[:self.smoke_n],
+                               generated=self.spec.get("samples") is None
+                               and self.test.inputs is None)
+        self.emit(source={"smoke_test": completed, "source_expected": smoke_out[:self.smoke_n],
+                          "ram_bytes": ram, "metric": self.metric, "inputs": len(feeds)})
+        step = 0.9 / max(1, len(wanted))
+        prepared: Path | None = None
+        for n, name in enumerate(wanted):
+            self.emit(progress=0.1 + step * n, message=f"building {name}")
+            try:
+                if prepared is None:
+                    prepared = quantize.preprocess(self.source, self.workdir / "prepared.onnx")
+                path, comparison, got = self._variant(name, prepared, feeds)
+            except (quantize.BuildError, measure.MeasureError) as exc:
+                self.emit(refused={"name": name, "reason": str(exc), "comparison": None})
+            except _Refused as exc:
+                self.emit(refused={"name": name, "reason": exc.reason,
+                                   "comparison": exc.comparison})
+            else:
+                self.emit(variant={
+                    "name": name, "path": str(path), "quantization": name.split("_")[0],
+                    "expected": [_jsonable(o) for o in got[:self.smoke_n]],
+                    "comparison": comparison, "ram_bytes": comparison["ram_bytes"]})
+
+    def _feeds(self, model_inputs: list[inputs.TensorSpec]) -> list[dict[str, Any]]:
+        try:
+            if self.spec.get("samples"):
+                given: list[dict[str, Any]] = inputs.read_samples(
+                    Path(self.spec["samples"]).read_bytes())
+            elif self.test.inputs is not None:
+                if not all(isinstance(i, dict) for i in self.test.inputs):
+                    raise DeriveError("smoke-test inputs of an ONNX model are objects "
+                                      "{input name: values}, not strings")
+                given = list(self.test.inputs)  # type: ignore[arg-type]
+            else:
+                declared = inputs.parse_declarations(self.spec.get("inputs") or {}, model_inputs)
+                given = inputs.generate(model_inputs, declared)
+            return inputs.check_feeds(given, model_inputs)
+        except inputs.InputError as exc:
+            raise DeriveError(str(exc)) from None
+
+    def _run(self, model: Path) -> tuple[list[dict[str, Any]], int]:
+        out = self.workdir / f"{model.stem}.out.npz"
+        ram = measure.run(model, self.samples, out)
+        return inputs.read_samples(out.read_bytes()), ram
+
+    def _variant(self, name: str, prepared: Path, feeds: list[dict[str, Any]]
+                 ) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
+        """Build and check one variant: its file, comparison and outputs."""
+        out = self.workdir / f"{name}.onnx"
+        if name == "fp16":
+            return self._checked(name, quantize.fp16(prepared, out))
+        if name == "int8_dynamic":
+            return self._checked(name, quantize.int8_dynamic(prepared, out))
+        if name == "int8_static":
+            return self._checked(name, quantize.int8_static(prepared, out, feeds))
+        # "int8": the method that suits the model first (static QDQ for conv nets), the
+        # other if that one cannot be built or is not worth offering
+        methods = ["static", "dynamic"] if quantize.has_conv(prepared) else ["dynamic", "static"]
+        reasons, refused = [], None
+        for method in methods:
+            path = self.workdir / f"int8_{method}.onnx"
+            try:
+                if method == "static":
+                    quantize.int8_static(prepared, path, feeds)
+                else:
+                    quantize.int8_dynamic(prepared, path)
+                path, comparison, got = self._checked(name, path)
+            except (quantize.BuildError, measure.MeasureError) as exc:
+                reasons.append(f"{method}: {exc}")
+                continue
+            except _Refused as exc:
+                reasons.append(f"{method}: {exc.reason}")
+                refused = refused or exc  # the figures of the method that suits it
+                continue
+            comparison["method"] = method
+            return path.rename(out), comparison, got
+        if refused is not None:
+            raise _Refused("; ".join(reasons), refused.comparison)
+        raise quantize.BuildError("; ".join(reasons))
+
+    def _checked(self, name: str, path: Path
+                 ) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
+        """What the variant is worth; raises _Refused if it is not what its name says or
+        falls below the version's floor."""
+        size_ratio = round(path.stat().st_size / self.source.stat().st_size, 4)
+        got, ram = self._run(path)
+        figures = fidelity.compare(got, self.expected)
+        src_ms, var_ms = measure.latency(self.source, path, self.samples)
+        comparison: dict[str, Any] = {
+            "size_ratio": size_ratio, "fidelity": figures, "metric": self.metric,
+            "inputs": len(got), "latency_ms": {"source": src_ms, "variant": var_ms},
+            "ram_bytes": ram}
+        if name.startswith("int8"):
+            comparison["int8_ops"] = sorted(quantize.int8_ops(path))
+            if not comparison["int8_ops"]:
+                raise _Refused("it has no 8-bit integer op: not an int8 model", comparison)
+            if var_ms > src_ms:
+                raise _Refused(f"it is slower than the source on the controller ({var_ms:.3g} "
+                               f"ms vs {src_ms:.3g} ms per sample)", comparison)
+        if size_ratio >= 1.0:
+            raise _Refused(f"it is not smaller than the source ({size_ratio:.0%} of its size)",
+                           comparison)
+        if why := fidelity.below_floor(figures, self.floor):
+            raise _Refused(why, comparison)
+        if not self.floor and (warning := fidelity.poor(figures, self.metric)):
+            comparison["warning"] = warning
+        return path, comparison, got
 
 
-def _generated_feeds(session: Any) -> list[dict[str, Any]]:
-    """Seeded random inputs shaped like the model's (dynamic dimensions as 1)."""
-    import numpy as np
+class _Refused(Exception):
+    """A variant that was built but is not worth offering, with its figures."""
 
-    rng = np.random.default_rng(0)
-    feeds = []
-    for _ in range(smoke.GENERATED_INPUTS):
-        feed = {}
-        for arg in session.get_inputs():
-            shape = [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
-            dtype = smoke.ONNX_DTYPES.get(arg.type)
-            if dtype is None:
-                raise DeriveError(f"cannot generate smoke inputs for {arg.name} of type "
-                                  f"{arg.type}; give them with --smoke-test")
-            values = rng.standard_normal(shape) if dtype.startswith("float") \
-                else rng.integers(0, 2 if dtype == "bool" else 10, shape)
-            feed[arg.name] = values.astype(dtype).tolist()
-        feeds.append(feed)
-    return feeds
+    def __init__(self, reason: str, comparison: dict[str, Any]) -> None:
+        super().__init__(reason)
+        self.reason, self.comparison = reason, comparison
 
 
+def _fitting(inputs_: list[Any], outputs: list[Any]) -> int:
+    """How many of the first samples fit in a smoke test (at least one: ``_completed``
+    refuses a single sample that is too large)."""
+    used = 1024  # the test's other fields
+    for n, (i, o) in enumerate(zip(inputs_, outputs, strict=True)):
+        used += len(json.dumps(i)) + len(json.dumps(o))
+        if used > smoke.MAX_BYTES:
+            return max(1, n)
+    return len(inputs_)
 
 
-def _feed(session: Any, given: dict[str, Any], n: int) -> dict[str, Any]:
-    try:
-        return smoke.onnx_feed(session.get_inputs(), given)
-    except ValueError as exc:
-        raise DeriveError(f"smoke-test input {n}: {exc}") from None
-
-
-def _run_all(session: Any, feeds: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
-    names = [o.name for o in session.get_outputs()]
-    outputs, times = [], []
-    for feed in feeds:
-        started = time.perf_counter()
-        values = session.run(names, feed)
-        times.append((time.perf_counter() - started) * 1000)
-        outputs.append({name: v.tolist() for name, v in zip(names, values, strict=True)})
-    return outputs, round(statistics.median(times), 3)
-
-
-def _max_abs_diff(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
-    import numpy as np
-
-    return round(max(float(np.max(np.abs(np.asarray(x[k], dtype=np.float64) - np.asarray(y[k]))))
-                     for x, y in zip(a, b, strict=True) for k in x if np.asarray(y[k]).size), 6)
-
-
-def _top1_agreement(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
-    """How often the first output's arg-max (over its last axis) is the same."""
-    import numpy as np
-
-    same = total = 0
-    for x, y in zip(a, b, strict=True):
-        first = next(iter(y))
-        ax, bx = np.asarray(x[first]), np.asarray(y[first])
-        if bx.ndim == 0 or bx.size == 0:
-            continue
-        same += int(np.sum(np.argmax(ax, axis=-1) == np.argmax(bx, axis=-1)))
-        total += int(np.argmax(bx, axis=-1).size)
-    return round(same / total, 4) if total else 1.0
+def _jsonable(feed: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in feed.items()}
 
 
 # -- GGUF -------------------------------------------------------------------------------
 
-def _derive_gguf(source: Path, workdir: Path, test: smoke.SmokeTest, emit: Emit, *,
-                 quantize: bool) -> dict[str, Any]:
+def _derive_gguf(source: Path, workdir: Path, test: smoke.SmokeTest, emit: Emit,
+                 wanted: list[str], floor: dict[str, float]) -> None:
     try:
         import llama_cpp
     except ImportError:
@@ -166,31 +253,36 @@ def _derive_gguf(source: Path, workdir: Path, test: smoke.SmokeTest, emit: Emit,
         raise DeriveError("smoke-test inputs of a GGUF model are prompts (strings)")
     emit(progress=0.05, message="generating from the source model on the smoke prompts")
     tokens, source_ms = _generate(source, prompts, test.max_tokens)  # type: ignore[arg-type]
-    result = _result(test, "gguf", prompts, tokens)
-    if not quantize:
-        return result
-    for step, (name, ftype) in enumerate(GGUF_VARIANTS):
-        emit(progress=0.2 + 0.4 * step, message=f"quantising to {name} (llama.cpp)")
+    completed = _completed(test, "gguf", list(prompts), tokens, generated=test.inputs is None)
+    emit(source={"smoke_test": completed, "source_expected": tokens, "ram_bytes": None,
+                 "metric": "token_agreement", "inputs": len(prompts)})
+    for step, name in enumerate(wanted):
+        emit(progress=0.2 + 0.8 * step / max(1, len(wanted)), message=f"quantising to {name}")
         out = workdir / f"{name}.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
+        params.ftype = GGUF_FTYPES[name]
         params.nthread = 2
         rc = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
         if rc != 0 or not out.exists():
-            raise DeriveError(f"llama.cpp could not quantise to {name} (code {rc})")
-        emit(progress=0.4 + 0.4 * step, message=f"comparing {name} with the source")
+            emit(refused={"name": name, "reason": f"llama.cpp could not quantise to {name} "
+                          f"(code {rc})", "comparison": None})
+            continue
         q_tokens, q_ms = _generate(out, prompts, test.max_tokens)  # type: ignore[arg-type]
-        result["variants"].append({
-            "name": name, "path": str(out), "quantization": name, "expected": q_tokens,
-            "comparison": {
-                "size_ratio": round(out.stat().st_size / source.stat().st_size, 4),
-                "token_agreement": round(statistics.fmean(
-                    smoke.token_agreement(q, s) for q, s in zip(q_tokens, tokens, strict=True)),
-                    4),
-                "inputs": len(prompts),
-                "latency_ms": {"source": source_ms, "variant": q_ms},
-            }})
-    return result
+        agreement = round(statistics.fmean(
+            smoke.token_agreement(q, s) for q, s in zip(q_tokens, tokens, strict=True)), 4)
+        comparison: dict[str, Any] = {
+            "size_ratio": round(out.stat().st_size / source.stat().st_size, 4),
+            "fidelity": {"token_agreement": agreement}, "metric": "token_agreement",
+            "inputs": len(prompts), "latency_ms": {"source": source_ms, "variant": q_ms}}
+        why = ("it is not smaller than the source" if comparison["size_ratio"] >= 1.0
+               else fidelity.below_floor(comparison["fidelity"], floor))
+        if why:
+            emit(refused={"name": name, "reason": why, "comparison": comparison})
+            continue
+        if not floor and (warning := fidelity.poor(comparison["fidelity"], "token_agreement")):
+            comparison["warning"] = warning
+        emit(variant={"name": name, "path": str(out), "quantization": name,
+                      "expected": q_tokens, "comparison": comparison, "ram_bytes": None})
 
 
 def _generate(model: Path, prompts: list[str], max_tokens: int) -> tuple[list[list[int]], float]:
@@ -209,17 +301,18 @@ def _generate(model: Path, prompts: list[str], max_tokens: int) -> tuple[list[li
 
 # -- both -------------------------------------------------------------------------------
 
-def _result(test: smoke.SmokeTest, fmt: str, inputs: list[Any], outputs: list[Any]
-            ) -> dict[str, Any]:
+def _completed(test: smoke.SmokeTest, fmt: str, inputs_: list[Any], outputs: list[Any], *,
+               generated: bool) -> dict[str, Any]:
     """The completed smoke test; given expected outputs must match the source's."""
     tolerance = test.tolerance or smoke.DEFAULT_TOLERANCE[fmt]
-    expected = outputs if test.expected is None else test.expected
-    for n, (got, want) in enumerate(zip(outputs, expected, strict=True)):
-        off = smoke.distance(fmt, got, want)
-        if off > tolerance:
-            raise DeriveError(f"the source model does not reproduce smoke-test output {n}: "
-                              f"off by {off:.3g}, tolerance {tolerance:g}")
-    completed = {"inputs": inputs, "tolerance": tolerance, "generated_inputs": test.inputs is None,
+    expected = [_jsonable(o) if isinstance(o, dict) else o for o in outputs]
+    if test.expected is not None:
+        for n, (got, want) in enumerate(zip(expected, test.expected, strict=False)):
+            off = smoke.distance(fmt, got, want)
+            if off > tolerance:
+                raise DeriveError(f"the source model does not reproduce smoke-test output {n}: "
+                                  f"off by {off:.3g}, tolerance {tolerance:g}")
+    completed = {"inputs": inputs_, "tolerance": tolerance, "generated_inputs": generated,
                  "latency_budget_ms": test.latency_budget_ms
                  or smoke.DEFAULT_LATENCY_BUDGET_MS[fmt]}
     if fmt == "gguf":
@@ -227,7 +320,7 @@ def _result(test: smoke.SmokeTest, fmt: str, inputs: list[Any], outputs: list[An
     if len(json.dumps(completed)) + len(json.dumps(expected)) > smoke.MAX_BYTES:
         raise DeriveError(f"the smoke test is larger than {smoke.MAX_BYTES // 1024} KiB; it "
                           "travels in signed metadata, so give fewer or smaller inputs")
-    return {"smoke_test": completed, "source_expected": expected, "variants": []}
+    return completed
 
 
 def main() -> int:
@@ -236,7 +329,7 @@ def main() -> int:
         sys.stdout.flush()
 
     try:
-        emit(result=derive(json.loads(Path(sys.argv[1]).read_text()), emit))
+        derive(json.loads(Path(sys.argv[1]).read_text()), emit)
     except DeriveError as exc:
         emit(error=str(exc))
         return 1

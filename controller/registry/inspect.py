@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller.registry.inputs import TensorSpec, specs
+
 GGUF_MAGIC = b"GGUF"
 _ONNX_QUANT_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                    "QLinearMatMul", "QLinearConv", "ConvInteger"}
@@ -25,10 +27,17 @@ class ArtifactInfo:
     quantization: str  # "fp32", "fp16", "int8", "q8_0", "q4_k_m", ...
     requirements: dict[str, Any] = field(default_factory=dict)
     ram_estimate_bytes: int = 0
+    #: an ONNX model's inputs and outputs as onnxruntime describes them
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
 
 
-def inspect_artifact(path: Path, *, filename: str | None = None) -> ArtifactInfo:
-    """Validate ``path`` and describe it; raise InvalidModel with the reason."""
+def inspect_artifact(path: Path, *, filename: str | None = None,
+                     checker: bool = True) -> ArtifactInfo:
+    """Validate ``path`` and describe it; raise InvalidModel with the reason.
+    ``checker=False`` skips ``onnx.checker`` for variants the controller built itself and
+    has run: quantisers can write graphs it refuses (nodes out of topological order)
+    that onnxruntime runs correctly."""
     with path.open("rb") as f:
         head = f.read(4)
     fmt = "gguf" if head == GGUF_MAGIC else "onnx"
@@ -36,20 +45,29 @@ def inspect_artifact(path: Path, *, filename: str | None = None) -> ArtifactInfo
         suffix = Path(filename).suffix.lower().lstrip(".")
         if suffix in ("onnx", "gguf") and suffix != fmt:
             raise InvalidModel(f"{filename} is named .{suffix} but its content is {fmt}")
-    return _inspect_gguf(path) if fmt == "gguf" else _inspect_onnx(path)
+    return _inspect_gguf(path) if fmt == "gguf" else _inspect_onnx(path, checker=checker)
 
 
-def _inspect_onnx(path: Path) -> ArtifactInfo:
+def _inspect_onnx(path: Path, *, checker: bool) -> ArtifactInfo:
     import onnx
     import onnxruntime as ort
 
     try:
         model = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(str(path))
     except Exception as exc:  # noqa: BLE001 - onnx raises many types for bad input
         raise InvalidModel(f"not a valid ONNX model: {_first_line(exc)}") from None
+    if external := external_data(model):
+        raise InvalidModel(f"its weights are in external data files ({', '.join(external)}), "
+                           "which an upload cannot carry; push it with 'edgefleet model "
+                           "push', which folds them into the model, or save it with "
+                           "onnx.save(model, path, save_as_external_data=False)")
     try:
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        if checker:
+            onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidModel(f"not a valid ONNX model: {_first_line(exc)}") from None
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
         raise InvalidModel(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -67,6 +85,7 @@ def _inspect_onnx(path: Path) -> ArtifactInfo:
         requirements={"runtime": "onnxruntime", "onnx_ir_version": model.ir_version,
                       "onnx_opset": opset, "min_onnxruntime": min_onnxruntime(opset)},
         ram_estimate_bytes=2 * size + (16 << 20),
+        inputs=tuple(specs(session.get_inputs())), outputs=tuple(specs(session.get_outputs())),
     )
 
 
@@ -88,6 +107,48 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
     return ArtifactInfo(format="gguf", quantization=quant,
                         requirements={"runtime": "llama.cpp", "gguf_architecture": arch},
                         ram_estimate_bytes=size + (64 << 20))
+
+
+def external_data(model: Any) -> list[str]:
+    """The external data files an ``onnx.ModelProto`` (loaded without them) refers to."""
+    import onnx
+
+    graphs, files = [model.graph], set()
+    while graphs:
+        graph = graphs.pop()
+        tensors = list(graph.initializer) + [a.t for n in graph.node for a in n.attribute
+                                             if a.type == onnx.AttributeProto.TENSOR]
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                files |= {e.value for e in t.external_data if e.key == "location"}
+        for n in graph.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(a.graphs)
+    return sorted(files)
+
+
+def fold_external_data(path: Path, out: Path) -> bool:
+    """Write ``path`` with its external data folded in to ``out``; False if it has none.
+    Raises InvalidModel if the data files are missing or the result is over protobuf's
+    2 GiB limit."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidModel(f"not a valid ONNX model: {_first_line(exc)}") from None
+    if not external_data(model):
+        return False
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+        onnx.save(model, str(out))
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidModel(f"cannot fold the external data into the model: "
+                           f"{_first_line(exc)}") from None
+    return True
 
 
 #: The first onnxruntime release implementing each ONNX opset (onnxruntime's

@@ -132,19 +132,24 @@ class JobRunner:
                 return None
             version = session.get_one(ModelVersion, job.version_id)
             source = next(v for v in service.variants_of(session, version) if v.name == "source")
+            samples = version.samples_sha256
             return job.id, {"format": source.format, "quantization": source.quantization,
                             "source": str(self._blobs.path(source.sha256)),
-                            "smoke_test": version.smoke_test}
+                            "samples": str(self._blobs.path(samples)) if samples else None,
+                            "smoke_test": version.smoke_test, **version.derive_options}
 
     def _run_worker(self, job_id: str, spec: dict[str, Any], workdir: Path
                     ) -> tuple[dict[str, Any] | None, str]:
+        """Run the worker, storing what it reports as it goes: the source's smoke test
+        (the version is deployable from then on), each variant, each refusal."""
         result: dict[str, Any] | None = None
         error = ""
         with (workdir / "stderr.log").open("w+") as stderr:
             (workdir / "spec.json").write_text(json.dumps(spec))
             child = subprocess.Popen(  # noqa: S603 - our own module, our own file
                 [sys.executable, "-m", "controller.registry.derive", str(workdir / "spec.json")],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True)
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                cwd=workdir)  # the quantisers leave temporary files in the working directory
             self._child = child
             timed_out = threading.Event()
 
@@ -154,15 +159,17 @@ class JobRunner:
 
             watchdog = threading.Timer(self.timeout_s, expire)
             watchdog.start()
-            for line in _json_lines(child.stdout or ()):
-                if "progress" in line:
-                    self._set(job_id, progress=float(line["progress"]),
-                              message=str(line.get("message", ""))[:512])
-                result = line.get("result", result)
-                error = str(line.get("error", error))
-            code = child.wait()
-            watchdog.cancel()
-            self._child = None
+            try:
+                for line in _json_lines(child.stdout or ()):
+                    self._take(job_id, line)
+                    result = line.get("result", result)
+                    error = str(line.get("error", error))
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                code = child.wait()
+                watchdog.cancel()
+                self._child = None
             if timed_out.is_set():
                 result, error = None, f"stopped after {self.timeout_s:g} s: the job took too long"
             elif result is None and not error:
@@ -172,35 +179,47 @@ class JobRunner:
                          + (f": {tail[0]}" if tail else ""))[:512]
         return (result if code == 0 else None), error
 
-    def _finish(self, job_id: str, result: dict[str, Any]) -> None:
-        stored = [(v, self._store(Path(v["path"]))) for v in result["variants"]]
-        now = self._clock()
+    def _take(self, job_id: str, line: dict[str, Any]) -> None:
+        if "progress" in line:
+            self._set(job_id, progress=float(line["progress"]),
+                      message=str(line.get("message", ""))[:512])
+        elif "source" in line:
+            self._with_version(job_id, lambda s, v: _store_source(s, v, line["source"]))
+        elif "variant" in line:
+            built = line["variant"]
+            try:
+                blob = self._store(Path(built["path"]))
+                self._with_version(job_id, lambda s, v: _store_variant(
+                    s, v, built, blob, now=self._clock()))
+            except Exception as exc:  # noqa: BLE001 - one variant never fails the version
+                log.exception("storing variant %s of job %s failed", built["name"], job_id)
+                self._with_version(job_id, lambda s, v: _store_refusal(v, {
+                    "name": built["name"], "reason": f"could not be stored: {exc}",
+                    "comparison": built.get("comparison")}))
+        elif "refused" in line:
+            self._with_version(job_id, lambda s, v: _store_refusal(v, line["refused"]))
+
+    def _with_version(self, job_id: str, change: Callable[[Session, ModelVersion], None]
+                      ) -> None:
+        """Apply ``change`` to the job's version and re-sign the targets, in one
+        transaction; nothing if the version was deleted meanwhile."""
         with transaction(self._sessions) as session:
             job = session.get(Job, job_id)
-            if job is None:  # the version was deleted meanwhile; the blob collector cleans up
+            if job is None:  # the version was deleted; the blob collector cleans up
+                return
+            change(session, session.get_one(ModelVersion, job.version_id))
+            session.flush()
+            service.publish_targets(session, self._trust, now=self._clock())
+
+    def _finish(self, job_id: str, result: dict[str, Any]) -> None:
+        del result  # everything was stored as the worker reported it
+        with transaction(self._sessions) as session:
+            job = session.get(Job, job_id)
+            if job is None:
                 return
             version = session.get_one(ModelVersion, job.version_id)
-            version.smoke_test = result["smoke_test"]
-            variants = service.variants_of(session, version)
-            source = next(v for v in variants if v.name == "source")
-            source.expected = result["source_expected"]
-            have = {v.name for v in variants}
-            for built, blob in stored:
-                if built["name"] in have:
-                    continue
-                info = inspect_artifact(blob.path)
-                session.add(Variant(
-                    id=str(uuid.uuid4()), version_id=version.id, name=built["name"],
-                    format=source.format, quantization=built["quantization"],
-                    sha256=blob.sha256, size=blob.size, requirements=info.requirements,
-                    ram_estimate_bytes=info.ram_estimate_bytes, created_at=now,
-                    target_path=service.target_path(version, built["name"], source.format),
-                    derived_from=source.name, comparison=built["comparison"],
-                    expected=built["expected"]))
-            job.state, job.progress, job.finished_at = "succeeded", 1.0, now
-            job.message = summary(stored)
-            session.flush()
-            service.publish_targets(session, self._trust, now=now)
+            job.state, job.progress, job.finished_at = "succeeded", 1.0, self._clock()
+            job.message = summary(service.variants_of(session, version), version.refused)
 
     def _store(self, path: Path) -> Blob:
         return self._blobs.put(_chunks(path), max_bytes=path.stat().st_size)
@@ -210,17 +229,58 @@ class JobRunner:
             session.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
-def summary(stored: list[tuple[dict[str, Any], Blob]]) -> str:
-    """One line for the job: what was built and how it compares with the source."""
-    if not stored:
-        return "smoke test completed; no variants to build from this source"
+def _store_source(session: Session, version: ModelVersion, done: dict[str, Any]) -> None:
+    source = next(v for v in service.variants_of(session, version) if v.name == "source")
+    if source.expected is not None:  # run again after a restart: keep what was signed
+        return
+    version.smoke_test = done["smoke_test"]
+    source.expected = done["source_expected"]
+    source.comparison = {"metric": done["metric"], "inputs": done["inputs"]}
+    if done.get("ram_bytes"):
+        source.ram_estimate_bytes, source.ram_measured = int(done["ram_bytes"]), True
+
+
+def _store_variant(session: Session, version: ModelVersion, built: dict[str, Any], blob: Blob,
+                   *, now: datetime) -> None:
+    variants = service.variants_of(session, version)
+    if built["name"] in {v.name for v in variants}:
+        return
+    source = variants[0]
+    info = inspect_artifact(blob.path, checker=False)  # built and run by the worker
+    measured = built.get("ram_bytes")
+    session.add(Variant(
+        id=str(uuid.uuid4()), version_id=version.id, name=built["name"],
+        format=source.format, quantization=built["quantization"],
+        sha256=blob.sha256, size=blob.size, requirements=info.requirements,
+        ram_estimate_bytes=int(measured) if measured else info.ram_estimate_bytes,
+        ram_measured=bool(measured), created_at=now,
+        target_path=service.target_path(version, built["name"], source.format),
+        derived_from=source.name, comparison=built["comparison"], expected=built["expected"]))
+    version.refused = [r for r in version.refused if r["name"] != built["name"]]
+
+
+def _store_refusal(version: ModelVersion, refused: dict[str, Any]) -> None:
+    version.refused = [r for r in version.refused if r["name"] != refused["name"]] + [{
+        "name": refused["name"], "reason": str(refused["reason"])[:1024],
+        "comparison": refused.get("comparison")}]
+
+
+def summary(variants: list[Variant], refused: list[dict[str, Any]]) -> str:
+    """One line for the job: what was built, how it compares with the source, what was
+    refused."""
     parts = []
-    for built, _ in stored:
-        c = built["comparison"]
-        figure = (f"top-1 agreement {c['top1_agreement']:.0%}" if "top1_agreement" in c
-                  else f"token agreement {c['token_agreement']:.0%}")
-        parts.append(f"{built['name']} at {c['size_ratio']:.0%} of the source size, {figure}")
-    return ("built " + "; ".join(parts))[:512]
+    for v in variants:
+        c = v.comparison or {}
+        if v.derived_from is None:
+            continue
+        metric = c.get("metric", "")
+        figure = c.get("fidelity", {}).get(metric)
+        parts.append(f"{v.name} at {c.get('size_ratio', 0):.0%} of the source size"
+                     + (f", {metric} {figure:.3f}" if figure is not None else ""))
+    parts += [f"{r['name']} refused: {r['reason']}" for r in refused]
+    if not parts:
+        return "smoke test completed; no variants to build from this source"
+    return ("; ".join(parts))[:512]
 
 
 def _json_lines(stream: Any) -> Iterator[dict[str, Any]]:

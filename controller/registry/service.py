@@ -57,15 +57,19 @@ def find_version(session: Session, *, name: str, version: str) -> ModelVersion |
 def register_version(session: Session, *, name: str, version: str, blob: Blob,
                      info: ArtifactInfo, now: datetime, actor: str,
                      labels: dict[str, str] | None = None,
-                     smoke_test: dict[str, Any] | None = None) -> ModelVersion:
+                     smoke_test: dict[str, Any] | None = None,
+                     samples: str | None = None,
+                     derive_options: dict[str, Any] | None = None) -> ModelVersion:
     """Add the version and its source variant (validated, stored) to the registry.
-    ``smoke_test`` is the operator's, to be completed by the version's derive job."""
+    ``smoke_test`` is the operator's, to be completed by the version's derive job;
+    ``samples`` (a blob's sha256) and ``derive_options`` say how that job runs."""
     check_new_version(session, name=name, version=version)
     if session.get(Model, name) is None:
         session.add(Model(name=name, created_at=now))
     row = ModelVersion(id=str(uuid.uuid4()), model_name=name, version=version,
                        created_at=now, created_by=actor, labels=labels or {},
-                       smoke_test=smoke_test)
+                       smoke_test=smoke_test, samples_sha256=samples,
+                       derive_options=derive_options or {}, refused=[])
     session.add(row)
     session.add(Variant(
         id=str(uuid.uuid4()), version_id=row.id, name="source", format=info.format,
@@ -87,7 +91,10 @@ def variants_of(session: Session, version: ModelVersion) -> list[Variant]:
 
 
 def referenced_blobs(session: Session) -> set[str]:
-    return set(session.scalars(select(Variant.sha256)))
+    """Blobs the registry uses: variants' files and versions' sample inputs."""
+    samples = session.scalars(select(ModelVersion.samples_sha256)
+                              .where(ModelVersion.samples_sha256.is_not(None)))
+    return set(session.scalars(select(Variant.sha256))) | {s for s in samples if s}
 
 
 @dataclass(frozen=True)
@@ -98,9 +105,11 @@ class VersionView:
     created_by: str
     labels: dict[str, str]
     status: str  # processing | ready | failed
+    deployable: bool
     job: dict[str, Any] | None
     smoke_test: dict[str, Any] | None
     variants: list[dict[str, Any]]
+    refused: list[dict[str, Any]]
 
 
 def describe(session: Session, version: ModelVersion, signed: Collection[str]) -> VersionView:
@@ -111,6 +120,7 @@ def describe(session: Session, version: ModelVersion, signed: Collection[str]) -
     return VersionView(
         name=version.model_name, version=version.version, created_at=version.created_at,
         created_by=version.created_by, labels=version.labels, status=status,
+        deployable=deployable(session, version),
         job=None if job is None else {"id": job.id, "state": job.state,
                                       "progress": job.progress, "message": job.message},
         smoke_test=None if test is None else {
@@ -119,17 +129,40 @@ def describe(session: Session, version: ModelVersion, signed: Collection[str]) -
             "generated_inputs": test.get("generated_inputs", False)},
         variants=[{"name": v.name, "format": v.format, "quantization": v.quantization,
                    "size": v.size, "sha256": v.sha256, "requirements": v.requirements,
-                   "ram_estimate_bytes": v.ram_estimate_bytes, "target": v.target_path,
-                   "derived_from": v.derived_from, "comparison": v.comparison,
-                   "signed": v.target_path in signed} for v in variants_of(session, version)])
+                   "ram_estimate_bytes": v.ram_estimate_bytes, "ram_measured": v.ram_measured,
+                   "target": v.target_path, "derived_from": v.derived_from,
+                   "comparison": v.comparison, "signed": v.target_path in signed}
+                  for v in variants_of(session, version)],
+        refused=list(version.refused or []))
 
 
 def version_status(session: Session, version: ModelVersion) -> tuple[str, Job | None]:
-    """``processing``, ``ready`` or ``failed``, from the version's latest job (and that job)."""
+    """``processing``, ``ready`` or ``failed``, and the version's latest job.
+
+    ``processing`` while the job runs; ``ready`` once it has finished, or once the
+    source ran even if the job then died; ``failed`` only if the source itself could not
+    be run (a derived variant that fails is refused on its own, see ``refused``). A
+    version can be deployed before it is ready: see ``deployable``."""
     job = latest_job(session, version.id)
-    status = "ready" if job is None or job.state == "succeeded" else \
-        "failed" if job.state == "failed" else "processing"
-    return status, job
+    if job is None or job.state == "succeeded":
+        return "ready", job
+    if job.state != "failed":
+        return "processing", job
+    return ("ready" if _source_ran(session, version) else "failed"), job
+
+
+def deployable(session: Session, version: ModelVersion) -> bool:
+    """Whether devices can be given the version: its source is validated, signed and
+    has run on the sample inputs (its smoke test is complete), whatever becomes of the
+    derived variants still being built."""
+    status, _ = version_status(session, version)
+    return status == "ready" or (status == "processing" and _source_ran(session, version))
+
+
+def _source_ran(session: Session, version: ModelVersion) -> bool:
+    expected = session.scalar(select(Variant.expected).where(Variant.version_id == version.id,
+                                                             Variant.name == "source"))
+    return expected is not None
 
 
 def latest_job(session: Session, version_id: str) -> Job | None:

@@ -24,7 +24,7 @@ def test_upgrade_and_downgrade_round_trip(db_url: str) -> None:
         assert _tables(engine) == TABLES
         with engine.connect() as conn:
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-        assert version == "0005"
+        assert version == "0006"
     finally:
         engine.dispose()
 

@@ -1,0 +1,169 @@
+"""The registry on the corpus of real-world model shapes (``tests.support.corpus``).
+
+Every model registers and its source is deployable; every derived variant is either
+offered with fidelity figures measured on the pusher's samples, or refused with a
+reason; no version fails because a derivation did. One controller (embedded defaults)
+serves the whole module: the decisions here are the derive worker's, and the database
+side of the same code is covered on both databases in ``test_push``.
+"""
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from controller.api.app import create_app
+from controller.registry.inputs import write_samples
+from controller.registry.inspect import fold_external_data
+from controller.runtime import Runtime
+from controller.settings import Settings
+from tests.conftest import Backend
+from tests.controller.registry.test_push import ready
+from tests.support import corpus
+
+CORPUS = list(corpus.BUILDERS)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory):
+    settings = Backend("embedded", None, None).settings(
+        tmp_path_factory.mktemp("corpus") / "data", max_upload_bytes=256 << 20)
+    with TestClient(create_app(settings, runtime=Runtime(settings))) as c:
+        token = (settings.data_dir / "admin-token").read_text().strip()
+        c.headers["Authorization"] = f"Bearer {token}"
+        yield c
+
+
+def upload(client: TestClient, data: bytes, **params: str) -> dict:
+    r = client.post("/api/v1/uploads", params=params, content=data,
+                    headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def push(client: TestClient, entry: corpus.Entry, version: str, tmp_path: Path, **body):
+    """Push a corpus model as its user would: its samples, its own metric if it names
+    one, external data folded in as ``edgefleet model push`` does."""
+    path = entry.path
+    if fold_external_data(path, tmp_path / path.name):
+        path = tmp_path / path.name
+    model = upload(client, path.read_bytes(), filename=path.name)
+    if entry.samples and "inputs" not in body:
+        body["samples"] = upload(client, write_samples(entry.samples), kind="samples")["sha256"]
+    if entry.push_metric:
+        body.setdefault("metric", entry.push_metric)
+    return client.post(f"/api/v1/models/{entry.name.replace('_', '-')}/versions/{version}",
+                       json={"upload": model["sha256"], **body})
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_every_corpus_model_registers_and_each_variant_is_offered_or_refused(
+        client, tmp_path, name) -> None:
+    entry = corpus.build(name)
+    fp16_source = name == "fp16"
+    r = push(client, entry, "1.0.0", tmp_path,
+             **({} if fp16_source else {"variants": ["int8", "fp16"]}))
+    assert r.status_code == 201, r.text
+    shown = ready(client, r.json()["name"], "1.0.0")
+    assert (shown["status"], shown["deployable"], shown["job"]["state"]) == (
+        "ready", True, "succeeded"), shown["job"]
+    source, *derived = shown["variants"]
+    assert source["signed"]
+    assert source["ram_measured"]
+    assert source["comparison"]["metric"] == entry.metric
+    assert source["comparison"]["inputs"] == len(entry.samples)
+    assert {v["name"] for v in derived} | {r["name"] for r in shown["refused"]} == (
+        set() if fp16_source else {"int8", "fp16"})
+    for v in derived:
+        c = v["comparison"]
+        assert v["signed"]
+        assert c["metric"] == entry.metric
+        assert 0.0 <= c["fidelity"][entry.metric] <= 1.0
+        assert c["size_ratio"] < 1.0
+        assert v["ram_measured"]
+        if v["name"] == "int8":
+            assert c["int8_ops"]
+            assert c["latency_ms"]["variant"] <= c["latency_ms"]["source"]
+    for refused in shown["refused"]:
+        assert len(refused["reason"]) > 10, refused
+
+
+def test_minilm_int8_is_a_quarter_of_the_size_at_cosine_0_99_on_real_sentences(
+        client, tmp_path) -> None:
+    entry = corpus.build("minilm")
+    assert len(entry.samples) >= 50
+    r = push(client, entry, "2.0.0", tmp_path, min_fidelity="cosine>=0.99")
+    assert r.status_code == 201, r.text
+    shown = ready(client, "minilm", "2.0.0")
+    variants = {v["name"]: v for v in shown["variants"]}
+    assert shown["refused"] == []
+    c = variants["int8"]["comparison"]
+    assert c["size_ratio"] <= 0.30
+    assert c["fidelity"]["cosine"] >= 0.99
+    assert c["inputs"] == len(entry.samples)
+    # the measured memory replaces the size-based guess, and int8 needs less
+    assert variants["int8"]["ram_estimate_bytes"] < variants["source"]["ram_estimate_bytes"]
+
+
+def test_a_conv_net_gets_static_int8_no_slower_and_never_a_slower_dynamic_one(
+        client, tmp_path) -> None:
+    entry = corpus.build("convnet")
+    r = push(client, entry, "2.0.0", tmp_path, variants=["int8", "int8_dynamic"])
+    assert r.status_code == 201, r.text
+    shown = ready(client, "convnet", "2.0.0")
+    (int8,) = (v for v in shown["variants"] if v["name"] == "int8")
+    c = int8["comparison"]
+    assert c["method"] == "static"
+    assert "QuantizeLinear" in c["int8_ops"]
+    assert c["latency_ms"]["variant"] <= c["latency_ms"]["source"]
+    assert c["fidelity"]["top1"] >= 0.9
+    (dynamic,) = shown["refused"]
+    assert dynamic["name"] == "int8_dynamic"
+    assert "slower than the source" in dynamic["reason"]
+    ms = dynamic["comparison"]["latency_ms"]
+    assert ms["variant"] > ms["source"]
+
+
+def test_a_variant_below_the_quality_floor_is_refused_before_it_is_signed(
+        client, tmp_path) -> None:
+    entry = corpus.build("minilm")
+    r = push(client, entry, "3.0.0", tmp_path, variants=["int8"],
+             min_fidelity="cosine>=0.9999")
+    assert r.status_code == 201, r.text
+    shown = ready(client, "minilm", "3.0.0")
+    assert [v["name"] for v in shown["variants"]] == ["source"]
+    (refused,) = shown["refused"]
+    assert "below the version's floor of 0.9999" in refused["reason"]
+    assert 0.99 <= refused["comparison"]["fidelity"]["cosine"] < 0.9999
+    targets = client.app.state.runtime.trust.targets()
+    assert "models/minilm/3.0.0/int8.onnx" not in targets
+    assert "models/minilm/3.0.0/source.onnx" in targets
+
+
+def test_a_stateful_model_needs_its_inputs_declared_and_runs_on_the_declarations(
+        client, tmp_path) -> None:
+    entry = corpus.build("gru")
+    model = upload(client, entry.path.read_bytes(), filename="gru.onnx")
+    refused = client.post("/api/v1/models/gru-declared/versions/1.0.0",
+                          json={"upload": model["sha256"]})
+    assert refused.status_code == 422
+    problem = refused.json()
+    assert problem["code"] == "inputs_needed"
+    for what in ("frames: [1,?,64] has dynamic dimensions", "sr: int64 values",
+                 "state: looks like a recurrent state"):
+        assert what in problem["detail"]
+    r = push(client, entry, "1.0.0", tmp_path, inputs=entry.declared, metric="cosine")
+    assert r.status_code == 201, r.text
+    shown = ready(client, "gru", "1.0.0")
+    assert shown["status"] == "ready"
+    assert shown["smoke_test"]["generated_inputs"]
+
+
+def test_a_model_with_external_data_is_refused_as_an_upload_with_what_to_do(client) -> None:
+    entry = corpus.build("external_data")
+    r = client.post("/api/v1/uploads", params={"filename": entry.path.name},
+                    content=entry.path.read_bytes(),
+                    headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 422
+    assert "external data files (external.onnx.data)" in r.json()["detail"]
+    assert "edgefleet model push" in r.json()["detail"]
