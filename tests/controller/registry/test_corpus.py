@@ -167,3 +167,10 @@ def test_a_model_with_external_data_is_refused_as_an_upload_with_what_to_do(clie
     assert r.status_code == 422
     assert "external data files (external.onnx.data)" in r.json()["detail"]
     assert "edgefleet model push" in r.json()["detail"]
+
+
+def test_derivation_leaves_no_file_in_the_controllers_working_directory(client) -> None:
+    # onnxruntime's pre-processing writes sym_shape_infer_temp.onnx and *.data files into
+    # the working directory; the derive worker runs in the job's own directory
+    assert not [p.name for p in Path.cwd().iterdir()
+                if p.suffix == ".data" or p.name.startswith("sym_shape_infer")]
