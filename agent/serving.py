@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.metrics import AgentMetrics
 from agent.runtime import BadRequest, ModelWorker, RuntimeCrashed
-from agent.update.installer import run_smoke_test
+from agent.update.installer import SMOKE_FILE, run_smoke_test
 from shared import smoke
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,12 @@ class Serving:
 
     def smoke_test(self, model_dir: Path) -> str | None:
         meta = json.loads((model_dir / "meta.json").read_text())
-        encoded = meta.get("smoke_test")
-        if not encoded:
+        test = model_dir / SMOKE_FILE
+        if not test.exists():
             return None  # a version pushed without one has nothing to check
         try:
-            return run_smoke_test(self.call, meta.get("format", "onnx"), smoke.decode(encoded),
-                                  self._clock)
+            return run_smoke_test(self.call, meta.get("format", "onnx"),
+                                  smoke.decode(test.read_bytes()), self._clock)
         except (BadRequest, RuntimeCrashed, RuntimeError, ValueError) as exc:
             return f"the smoke test could not run: {exc}"
 

@@ -2,9 +2,11 @@
 
 A smoke test is a few golden inputs with the outputs they must produce, a tolerance and a
 latency budget. The controller completes it (fills in what was left out, computes each
-variant's own expected outputs) and ships it inside the variant's TUF target; the agent
-runs it before it reports an install as good. Both judge results with the functions
-here, so "passes" means the same on either side.
+variant's own expected outputs) and ships it as a signed TUF target of its own, pinned by
+hash from the variant's target (``SmokeRef`` in its ``custom``), so a smoke test of any
+size (a 640x640 image) costs ``targets.json`` one entry; the agent downloads and verifies
+it with the model and runs it before it reports an install as good. Both judge results
+with the functions here, so "passes" means the same on either side.
 
 - ONNX: ``inputs`` is a list of feeds ``{input name: nested list}``; ``expected`` the
   matching ``{output name: nested list}``; ``tolerance`` the largest allowed
@@ -12,8 +14,8 @@ here, so "passes" means the same on either side.
 - GGUF: ``inputs`` is a list of prompts; ``expected`` the greedy token ids each must
   produce (``max_tokens`` of them); ``tolerance`` the fraction of tokens that may differ.
 
-In a TUF target the completed test travels as a JSON *string* (``encode``/``decode``):
-TUF's canonical JSON, which is what gets signed, has no floating-point numbers.
+The completed test is a JSON file (``encode``/``decode``): inputs, expected, tolerance,
+latency budget (and ``max_tokens`` for GGUF).
 
 This module does not load models; ``controller.registry.derive`` and the agent do.
 """
@@ -24,7 +26,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_BYTES = 256 * 1024
+#: the largest smoke-test file the agent accepts (its signed length is checked first)
+MAX_BYTES = 256 << 20
 DEFAULT_TOLERANCE = {"onnx": 1e-3, "gguf": 0.25}
 DEFAULT_LATENCY_BUDGET_MS = {"onnx": 1000.0, "gguf": 30000.0}
 DEFAULT_PROMPTS = ["The quick brown fox", "Edge devices run models"]
@@ -33,6 +36,24 @@ GENERATED_INPUTS = 8
 ONNX_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
                "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32",
                "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+class SmokeRef(BaseModel):
+    """Where a variant's smoke test is: a signed target, pinned by its hash and length
+    (the ``smoke_test`` field of the variant's TUF ``custom``)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    target: Annotated[str, Field(max_length=512)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    length: Annotated[int, Field(ge=0, le=MAX_BYTES)]
+
+    @classmethod
+    def of(cls, custom: dict[str, Any]) -> "SmokeRef | None":
+        """The reference in a variant's ``custom``, or None if it has no smoke test;
+        raises ValueError if it is malformed."""
+        value = custom.get("smoke_test")
+        return None if value is None else cls.model_validate(value)
 
 
 class SmokeTest(BaseModel):
@@ -128,14 +149,15 @@ def token_agreement(actual: list[int], expected: list[int]) -> float:
     return sum(a == e for a, e in zip(actual, expected, strict=False)) / n
 
 
-def encode(completed: dict[str, Any]) -> str:
-    """A completed smoke test (with ``expected``) as the string a TUF target carries."""
-    return json.dumps(completed, separators=(",", ":"), sort_keys=True, allow_nan=False)
+def encode(completed: dict[str, Any]) -> bytes:
+    """A completed smoke test (with ``expected``) as its file's bytes."""
+    return json.dumps(completed, separators=(",", ":"), sort_keys=True,
+                      allow_nan=False).encode()
 
 
-def decode(text: str) -> dict[str, Any]:
+def decode(data: bytes | str) -> dict[str, Any]:
     """The inverse of ``encode``; raises ValueError on anything else."""
-    value = json.loads(text)
+    value = json.loads(data)
     if not isinstance(value, dict) or "inputs" not in value or "expected" not in value:
         raise ValueError("not a completed smoke test")
     return value

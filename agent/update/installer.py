@@ -4,7 +4,8 @@ smoke test, probation, commit; or roll back to the previous model.
 On disk, under the agent's state dir::
 
     install.json            the install in progress or last finished (atomic writes)
-    models/<sha256>/        a staged, verified model: model.<onnx|gguf> + meta.json
+    models/<sha256>/        a staged, verified model: model.<onnx|gguf> + meta.json, and
+                            smoke.json (its smoke test, a signed target of its own)
     current -> models/<sha> the active model (a symlink, swapped atomically)
     tuf/metadata, tuf/download
 
@@ -35,6 +36,8 @@ from shared.files import fsync_dir, write_atomic
 from shared.messages import DesiredState
 
 log = logging.getLogger(__name__)
+
+SMOKE_FILE = "smoke.json"
 
 
 @dataclass(frozen=True)
@@ -220,33 +223,60 @@ class Installer:
                                 f"bytes of RAM to load beside the running model; "
                                 f"{available} are available")
         if not (staged / "meta.json").exists():
-            needed = 2 * info.length
+            test = self._smoke_target(updater, info)
+            needed = 2 * info.length + (test.length if test else 0)
             free = self._disk_free(self.dir)
             if free < needed:
                 raise InstallFailed("insufficient_disk", f"needs {needed} bytes free for "
                                     f"{install.target}, has {free}")
-            try:
-                path = self._fetch(info) if self._fetch else Path(
-                    updater.download_target(info))
-            except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
-                raise InstallFailed("download_refused", f"{type(exc).__name__}: {exc}") from None
-            except OSError as exc:
-                reason = "insufficient_disk" if exc.errno == 28 else "io_error"
-                raise InstallFailed(reason, str(exc)) from None
+            path = self._download_one(updater, info)
+            test_path = self._download_one(updater, test) if test else None
             install = self._step(install, Event.DOWNLOADED)
             if _sha256(path) != sha:
                 path.unlink(missing_ok=True)
                 raise InstallFailed("hash_mismatch", f"{install.target} changed on disk")
             install = self._step(install, Event.VERIFIED)
-            self._stage(path, staged, info.custom)
+            self._stage(path, staged, info.custom, test_path)
         else:
             install = self._step(self._step(install, Event.DOWNLOADED), Event.VERIFIED)
         return self._step(install, Event.STAGED)
 
-    def _stage(self, path: Path, staged: Path, custom: dict[str, Any]) -> None:
+    def _smoke_target(self, updater: Any, info: Any) -> Any:
+        """The signed target of the variant's smoke test, checked against the hash and
+        length the variant's own target pins; None if it has none."""
+        try:
+            ref = smoke.SmokeRef.of(info.custom)
+        except ValueError as exc:
+            raise InstallFailed("not_signed", f"the smoke-test reference is malformed: "
+                                f"{exc}") from None
+        if ref is None:
+            return None
+        try:
+            test = updater.get_targetinfo(ref.target)
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
+            raise InstallFailed("metadata_refused", f"{type(exc).__name__}: {exc}") from None
+        if test is None or test.hashes.get("sha256") != ref.sha256 or test.length != ref.length:
+            raise InstallFailed("not_signed", f"the smoke test {ref.target} is not signed as "
+                                "the variant's target pins it")
+        return test
+
+    def _download_one(self, updater: Any, info: Any) -> Path:
+        """``info``'s file, downloaded and checked against its signed length and hashes."""
+        try:
+            return self._fetch(info) if self._fetch else Path(updater.download_target(info))
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
+            raise InstallFailed("download_refused", f"{type(exc).__name__}: {exc}") from None
+        except OSError as exc:
+            reason = "insufficient_disk" if exc.errno == 28 else "io_error"
+            raise InstallFailed(reason, str(exc)) from None
+
+    def _stage(self, path: Path, staged: Path, custom: dict[str, Any],
+               test: Path | None) -> None:
         work = staged.with_name(staged.name + ".tmp")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
+        if test is not None:
+            os.replace(test, work / SMOKE_FILE)
         os.replace(path, work / f"model.{custom.get('format', 'onnx')}")
         write_atomic(work / "meta.json", json.dumps(custom).encode())
         fsync_dir(work)

@@ -101,14 +101,16 @@ class _OnnxJob:
         expected, ram = self._run(self.source)
         self.metric = fidelity.primary_metric(outputs, self.spec.get("metric"))
         self.expected = expected
-        smoke_in = [_jsonable(f) for f in feeds[:SMOKE_SAMPLES]]
-        smoke_out = [_jsonable(o) for o in expected[:SMOKE_SAMPLES]]
-        self.smoke_n = _fitting(smoke_in, smoke_out)
-        completed = _completed(self.test, "onnx", smoke_in[:self.smoke_n],
-                               smoke_out[:self.smoke_n],
-                               generated=self.spec.get("samples") is None
-                               and self.test.inputs is None)
-        self.emit(source={"smoke_test": completed, "source_expected": smoke_out[:self.smoke_n],
+        # the operator's smoke test whole; else the first of the samples
+        self.smoke_n = len(self.test.inputs) if self.test.inputs is not None else SMOKE_SAMPLES
+        self.completed = _completed(self.test, "onnx",
+                                    [_jsonable(f) for f in feeds[:self.smoke_n]],
+                                    [_jsonable(o) for o in expected[:self.smoke_n]],
+                                    generated=self.spec.get("samples") is None
+                                    and self.test.inputs is None)
+        self.emit(source={"smoke_test": _summary(self.completed),
+                          "smoke_path": _write_smoke(self.workdir, "source", self.completed,
+                                                     expected[:self.smoke_n]),
                           "ram_bytes": ram, "metric": self.metric, "inputs": len(feeds)})
         step = 0.9 / max(1, len(wanted))
         prepared: Path | None = None
@@ -126,7 +128,8 @@ class _OnnxJob:
             else:
                 self.emit(variant={
                     "name": name, "path": str(path), "quantization": name.split("_")[0],
-                    "expected": [_jsonable(o) for o in got[:self.smoke_n]],
+                    "smoke_path": _write_smoke(self.workdir, name, self.completed,
+                                               got[:self.smoke_n]),
                     "comparison": comparison, "ram_bytes": comparison["ram_bytes"]})
 
     def _feeds(self, model_inputs: list[inputs.TensorSpec]) -> list[dict[str, Any]]:
@@ -223,17 +226,6 @@ class _Refused(Exception):
         self.reason, self.comparison = reason, comparison
 
 
-def _fitting(inputs_: list[Any], outputs: list[Any]) -> int:
-    """How many of the first samples fit in a smoke test (at least one: ``_completed``
-    refuses a single sample that is too large)."""
-    used = 1024  # the test's other fields
-    for n, (i, o) in enumerate(zip(inputs_, outputs, strict=True)):
-        used += len(json.dumps(i)) + len(json.dumps(o))
-        if used > smoke.MAX_BYTES:
-            return max(1, n)
-    return len(inputs_)
-
-
 def _jsonable(feed: dict[str, Any]) -> dict[str, Any]:
     return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in feed.items()}
 
@@ -254,8 +246,9 @@ def _derive_gguf(source: Path, workdir: Path, test: smoke.SmokeTest, emit: Emit,
     emit(progress=0.05, message="generating from the source model on the smoke prompts")
     tokens, source_ms = _generate(source, prompts, test.max_tokens)  # type: ignore[arg-type]
     completed = _completed(test, "gguf", list(prompts), tokens, generated=test.inputs is None)
-    emit(source={"smoke_test": completed, "source_expected": tokens, "ram_bytes": None,
-                 "metric": "token_agreement", "inputs": len(prompts)})
+    emit(source={"smoke_test": _summary(completed),
+                 "smoke_path": _write_smoke(workdir, "source", completed, tokens),
+                 "ram_bytes": None, "metric": "token_agreement", "inputs": len(prompts)})
     for step, name in enumerate(wanted):
         emit(progress=0.2 + 0.8 * step / max(1, len(wanted)), message=f"quantising to {name}")
         out = workdir / f"{name}.gguf"
@@ -282,7 +275,8 @@ def _derive_gguf(source: Path, workdir: Path, test: smoke.SmokeTest, emit: Emit,
         if not floor and (warning := fidelity.poor(comparison["fidelity"], "token_agreement")):
             comparison["warning"] = warning
         emit(variant={"name": name, "path": str(out), "quantization": name,
-                      "expected": q_tokens, "comparison": comparison, "ram_bytes": None})
+                      "smoke_path": _write_smoke(workdir, name, completed, q_tokens),
+                      "comparison": comparison, "ram_bytes": None})
 
 
 def _generate(model: Path, prompts: list[str], max_tokens: int) -> tuple[list[list[int]], float]:
@@ -303,11 +297,11 @@ def _generate(model: Path, prompts: list[str], max_tokens: int) -> tuple[list[li
 
 def _completed(test: smoke.SmokeTest, fmt: str, inputs_: list[Any], outputs: list[Any], *,
                generated: bool) -> dict[str, Any]:
-    """The completed smoke test; given expected outputs must match the source's."""
+    """The completed smoke test (without expected outputs: each variant has its own);
+    given expected outputs must match the source's."""
     tolerance = test.tolerance or smoke.DEFAULT_TOLERANCE[fmt]
-    expected = [_jsonable(o) if isinstance(o, dict) else o for o in outputs]
     if test.expected is not None:
-        for n, (got, want) in enumerate(zip(expected, test.expected, strict=False)):
+        for n, (got, want) in enumerate(zip(outputs, test.expected, strict=False)):
             off = smoke.distance(fmt, got, want)
             if off > tolerance:
                 raise DeriveError(f"the source model does not reproduce smoke-test output {n}: "
@@ -317,10 +311,27 @@ def _completed(test: smoke.SmokeTest, fmt: str, inputs_: list[Any], outputs: lis
                  or smoke.DEFAULT_LATENCY_BUDGET_MS[fmt]}
     if fmt == "gguf":
         completed["max_tokens"] = test.max_tokens
-    if len(json.dumps(completed)) + len(json.dumps(expected)) > smoke.MAX_BYTES:
-        raise DeriveError(f"the smoke test is larger than {smoke.MAX_BYTES // 1024} KiB; it "
-                          "travels in signed metadata, so give fewer or smaller inputs")
     return completed
+
+
+def _summary(completed: dict[str, Any]) -> dict[str, Any]:
+    """What the version records of its smoke test (the inputs live in its files)."""
+    return {k: v for k, v in completed.items() if k != "inputs"} | {
+        "inputs": len(completed["inputs"])}
+
+
+def _write_smoke(workdir: Path, name: str, completed: dict[str, Any], expected: list[Any]
+                 ) -> str:
+    """One variant's smoke-test file: the inputs and what that variant answers."""
+    data = smoke.encode({k: v for k, v in completed.items() if k != "generated_inputs"}
+                        | {"expected": [_jsonable(o) if isinstance(o, dict) else o
+                                        for o in expected]})
+    if len(data) > smoke.MAX_BYTES:
+        raise DeriveError(f"the smoke test is {len(data) >> 20} MiB, over the "
+                          f"{smoke.MAX_BYTES >> 20} MiB devices accept; give smaller samples")
+    path = workdir / f"{name}.smoke.json"
+    path.write_bytes(data)
+    return str(path)
 
 
 def main() -> int:

@@ -184,18 +184,20 @@ class JobRunner:
             self._set(job_id, progress=float(line["progress"]),
                       message=str(line.get("message", ""))[:512])
         elif "source" in line:
-            self._with_version(job_id, lambda s, v: _store_source(s, v, line["source"]))
+            blob = self._store(Path(line["source"]["smoke_path"]))
+            self._with_version(job_id, lambda s, v: _store_source(s, v, line["source"], blob))
         elif "variant" in line:
             built = line["variant"]
             try:
                 blob = self._store(Path(built["path"]))
+                test = self._store(Path(built["smoke_path"]))
                 self._with_version(job_id, lambda s, v: _store_variant(
-                    s, v, built, blob, now=self._clock()))
-            except Exception as exc:  # noqa: BLE001 - one variant never fails the version
+                    s, v, built, blob, test, now=self._clock()))
+            except Exception as exc:  # one variant that cannot be stored never fails the version
                 log.exception("storing variant %s of job %s failed", built["name"], job_id)
-                self._with_version(job_id, lambda s, v: _store_refusal(v, {
-                    "name": built["name"], "reason": f"could not be stored: {exc}",
-                    "comparison": built.get("comparison")}))
+                refusal = {"name": built["name"], "reason": f"could not be stored: {exc}",
+                           "comparison": built.get("comparison")}
+                self._with_version(job_id, lambda s, v: _store_refusal(v, refusal))
         elif "refused" in line:
             self._with_version(job_id, lambda s, v: _store_refusal(v, line["refused"]))
 
@@ -229,19 +231,20 @@ class JobRunner:
             session.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
-def _store_source(session: Session, version: ModelVersion, done: dict[str, Any]) -> None:
+def _store_source(session: Session, version: ModelVersion, done: dict[str, Any],
+                  test: Blob) -> None:
     source = next(v for v in service.variants_of(session, version) if v.name == "source")
-    if source.expected is not None:  # run again after a restart: keep what was signed
+    if source.smoke_sha256 is not None:  # run again after a restart: keep what was signed
         return
     version.smoke_test = done["smoke_test"]
-    source.expected = done["source_expected"]
+    source.smoke_sha256, source.smoke_size = test.sha256, test.size
     source.comparison = {"metric": done["metric"], "inputs": done["inputs"]}
     if done.get("ram_bytes"):
         source.ram_estimate_bytes, source.ram_measured = int(done["ram_bytes"]), True
 
 
 def _store_variant(session: Session, version: ModelVersion, built: dict[str, Any], blob: Blob,
-                   *, now: datetime) -> None:
+                   test: Blob, *, now: datetime) -> None:
     variants = service.variants_of(session, version)
     if built["name"] in {v.name for v in variants}:
         return
@@ -255,7 +258,8 @@ def _store_variant(session: Session, version: ModelVersion, built: dict[str, Any
         ram_estimate_bytes=int(measured) if measured else info.ram_estimate_bytes,
         ram_measured=bool(measured), created_at=now,
         target_path=service.target_path(version, built["name"], source.format),
-        derived_from=source.name, comparison=built["comparison"], expected=built["expected"]))
+        derived_from=source.name, comparison=built["comparison"],
+        smoke_sha256=test.sha256, smoke_size=test.size))
     version.refused = [r for r in version.refused if r["name"] != built["name"]]
 
 

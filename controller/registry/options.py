@@ -34,17 +34,7 @@ def derive_options(info: ArtifactInfo, *, declared: Mapping[str, str],
         if name not in known:
             raise RegistryError(422, "unknown_variant", f"{info.format} versions cannot have "
                                 f"a {name!r} variant; known: {', '.join(known)}")
-    try:
-        parsed_floor = fidelity.parse_floor(floor or "")
-    except fidelity.UnknownMetric as exc:
-        raise RegistryError(422, "unknown_metric", str(exc)) from None
-    except ValueError as exc:
-        raise RegistryError(422, "invalid_floor", str(exc)) from None
-    allowed = fidelity.ONNX_METRICS if info.format == "onnx" else ("token_agreement",)
-    for name in [*parsed_floor, *([metric] if metric else [])]:
-        if name not in allowed:
-            raise RegistryError(422, "unknown_metric", f"{name!r} is not a fidelity metric of "
-                                f"{info.format} models; use one of {', '.join(allowed)}")
+    parsed_floor = _floor(info, floor, metric)
     if info.format == "onnx":
         _check_inputs(info, declared, samples, smoke_inputs)
     elif declared or samples:
@@ -58,6 +48,21 @@ def derive_options(info: ArtifactInfo, *, declared: Mapping[str, str],
     elif not default_variants(info.format, info.quantization):
         out["variants"] = []
     return out
+
+
+def _floor(info: ArtifactInfo, floor: str | None, metric: str | None) -> dict[str, float]:
+    try:
+        parsed = fidelity.parse_floor(floor or "")
+    except fidelity.UnknownMetric as exc:
+        raise RegistryError(422, "unknown_metric", str(exc)) from None
+    except ValueError as exc:
+        raise RegistryError(422, "invalid_floor", str(exc)) from None
+    allowed = fidelity.ONNX_METRICS if info.format == "onnx" else ("token_agreement",)
+    for name in [*parsed, *([metric] if metric else [])]:
+        if name not in allowed:
+            raise RegistryError(422, "unknown_metric", f"{name!r} is not a fidelity metric of "
+                                f"{info.format} models; use one of {', '.join(allowed)}")
+    return parsed
 
 
 def _check_inputs(info: ArtifactInfo, declared: Mapping[str, str],

@@ -94,7 +94,9 @@ def referenced_blobs(session: Session) -> set[str]:
     """Blobs the registry uses: variants' files and versions' sample inputs."""
     samples = session.scalars(select(ModelVersion.samples_sha256)
                               .where(ModelVersion.samples_sha256.is_not(None)))
-    return set(session.scalars(select(Variant.sha256))) | {s for s in samples if s}
+    tests = session.scalars(select(Variant.smoke_sha256)
+                            .where(Variant.smoke_sha256.is_not(None)))
+    return set(session.scalars(select(Variant.sha256))) | {s for s in [*samples, *tests] if s}
 
 
 @dataclass(frozen=True)
@@ -124,13 +126,15 @@ def describe(session: Session, version: ModelVersion, signed: Collection[str]) -
         job=None if job is None else {"id": job.id, "state": job.state,
                                       "progress": job.progress, "message": job.message},
         smoke_test=None if test is None else {
-            "inputs": len(test.get("inputs") or []), "tolerance": test.get("tolerance"),
+            "inputs": test["inputs"] if isinstance(test.get("inputs"), int)
+            else len(test.get("inputs") or []), "tolerance": test.get("tolerance"),
             "latency_budget_ms": test.get("latency_budget_ms"),
             "generated_inputs": test.get("generated_inputs", False)},
         variants=[{"name": v.name, "format": v.format, "quantization": v.quantization,
                    "size": v.size, "sha256": v.sha256, "requirements": v.requirements,
                    "ram_estimate_bytes": v.ram_estimate_bytes, "ram_measured": v.ram_measured,
-                   "target": v.target_path, "derived_from": v.derived_from,
+                   "target": v.target_path, "smoke_test_bytes": v.smoke_size,
+                   "derived_from": v.derived_from,
                    "comparison": v.comparison, "signed": v.target_path in signed}
                   for v in variants_of(session, version)],
         refused=list(version.refused or []))
@@ -160,9 +164,9 @@ def deployable(session: Session, version: ModelVersion) -> bool:
 
 
 def _source_ran(session: Session, version: ModelVersion) -> bool:
-    expected = session.scalar(select(Variant.expected).where(Variant.version_id == version.id,
+    test = session.scalar(select(Variant.smoke_sha256).where(Variant.version_id == version.id,
                                                              Variant.name == "source"))
-    return expected is not None
+    return test is not None
 
 
 def latest_job(session: Session, version_id: str) -> Job | None:
@@ -197,24 +201,34 @@ def list_versions(session: Session, *, name: str | None = None) -> list[ModelVer
 
 
 def publish_targets(session: Session, trust: TrustRepository, *, now: datetime) -> int:
-    """Make the signed targets exactly the variants in the database; return their count."""
+    """Make the signed targets exactly the variants (and their smoke tests) in the
+    database; return their count."""
     rows = session.execute(select(Variant, ModelVersion).join(
         ModelVersion, Variant.version_id == ModelVersion.id)).all()
-    targets = {v.target_path: TargetFile(v.size, {"sha256": v.sha256}, v.target_path,
-                                         unrecognized_fields={"custom": _custom(v, mv)})
-               for v, mv in rows}
+    targets = {}
+    for v, mv in rows:
+        custom = _custom(v, mv)
+        if v.smoke_sha256 is not None and v.smoke_size is not None:
+            path = smoke_target_path(v)
+            ref = smoke.SmokeRef(target=path, sha256=v.smoke_sha256, length=v.smoke_size)
+            custom["smoke_test"] = ref.model_dump()
+            targets[path] = TargetFile(v.smoke_size, {"sha256": v.smoke_sha256}, path,
+                                       unrecognized_fields={"custom": {
+                                           "model": mv.model_name, "version": mv.version,
+                                           "variant": v.name, "kind": "smoke_test"}})
+        targets[v.target_path] = TargetFile(v.size, {"sha256": v.sha256}, v.target_path,
+                                            unrecognized_fields={"custom": custom})
     if targets != trust.targets():
         trust.set_targets(targets, now=now)
     return len(targets)
 
 
+def smoke_target_path(variant: Variant) -> str:
+    return f"{variant.target_path}.smoke.json"
+
+
 def _custom(v: Variant, mv: ModelVersion) -> dict[str, Any]:
     """What a device learns about a variant from its signed target."""
-    custom: dict[str, Any] = {
-        "model": mv.model_name, "version": mv.version, "variant": v.name, "format": v.format,
-        "quantization": v.quantization, "requirements": v.requirements,
-        "ram_estimate_bytes": v.ram_estimate_bytes}
-    if mv.smoke_test is not None and v.expected is not None:
-        custom["smoke_test"] = smoke.encode({k: val for k, val in mv.smoke_test.items()
-                                             if k != "generated_inputs"} | {"expected": v.expected})
-    return custom
+    return {"model": mv.model_name, "version": mv.version, "variant": v.name,
+            "format": v.format, "quantization": v.quantization, "requirements": v.requirements,
+            "ram_estimate_bytes": v.ram_estimate_bytes}

@@ -1,5 +1,6 @@
 """Derivation as the pusher asked for it: samples, declared inputs, variants, a quality
-floor; the variants that were refused and why; memory measured per variant.
+floor; the variants that were refused and why; memory measured per variant; smoke tests
+as blobs of their own (signed as targets of their own).
 
 Revision ID: 0006
 Revises: 0005
@@ -26,10 +27,14 @@ def upgrade() -> None:
     with op.batch_alter_table("variants") as t:
         t.add_column(sa.Column("ram_measured", sa.Boolean(), nullable=False,
                                server_default=sa.false()))
+        t.add_column(sa.Column("smoke_sha256", sa.String(64), nullable=True))
+        t.add_column(sa.Column("smoke_size", sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("variants") as t:
+        t.drop_column("smoke_size")
+        t.drop_column("smoke_sha256")
         t.drop_column("ram_measured")
     with op.batch_alter_table("model_versions") as t:
         t.drop_column("refused")

@@ -16,7 +16,6 @@ from controller.api.app import create_app
 from controller.registry.inputs import write_samples
 from controller.registry.inspect import fold_external_data
 from controller.runtime import Runtime
-from controller.settings import Settings
 from tests.conftest import Backend
 from tests.controller.registry.test_push import ready
 from tests.support import corpus
