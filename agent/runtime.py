@@ -74,6 +74,45 @@ class _OnnxModel:
         values = self.session.run(self.outputs, feed)
         return {name: v.tolist() for name, v in zip(self.outputs, values, strict=True)}
 
+    def infer_raw(self, inputs: dict[str, tuple[str, list[int], Any]]
+                  ) -> dict[str, tuple[str, list[int], bytes]]:
+        """Tensors as (numpy dtype name, shape, raw little-endian bytes) both ways: what
+        the binary API carries, with no conversion to lists. An input's bytes may also be
+        ``(shared memory name, offset, length)``: ``ModelWorker`` passes large inputs so."""
+        import numpy as np
+
+        given = {}
+        for name, (dtype, shape, data) in inputs.items():
+            try:
+                buffer = self._shared(data) if isinstance(data, tuple) else data
+                given[name] = np.frombuffer(buffer, dtype=np.dtype(dtype).newbyteorder("<")
+                                            ).reshape(shape)
+            except (TypeError, ValueError) as exc:
+                raise BadRequest(f"{name}: {exc}") from None
+        try:
+            feed = smoke.onnx_feed(self.inputs.values(), given)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        values = self.session.run(self.outputs, feed)
+        del feed, given  # views of the shared memory, which must not outlive this call
+        return {name: (v.dtype.name, list(v.shape), np.ascontiguousarray(v).tobytes())
+                for name, v in zip(self.outputs, values, strict=True)}
+
+    def _shared(self, where: tuple[str, int, int]) -> memoryview:
+        """A view of the parent's request buffer (attached once; again if it grew)."""
+        from multiprocessing import shared_memory
+
+        name, offset, length = where
+        current = getattr(self, "_shm", None)
+        if current is None or current.name != name:
+            if current is not None:
+                current.close()
+            # the parent owns and unlinks it (a spawned worker shares its resource
+            # tracker, so this attach registers nothing new)
+            current = shared_memory.SharedMemory(name=name)
+            self._shm = current
+        return current.buf[offset:offset + length]  # type: ignore[index]
+
 
 class _LlamaModel:
     def __init__(self, path: str) -> None:
@@ -99,6 +138,11 @@ class _LlamaModel:
         return dict(out)
 
 
+#: request tensors larger than this go to the worker through shared memory, not the pipe
+#: (a 1.2 MB image: 1 ms through the pipe, 0.05 ms through shared memory)
+SHARED_MIN_BYTES = 64 << 10
+
+
 class ModelWorker:
     """The parent's handle on one model's worker process (thread-safe, one call at a time)."""
 
@@ -110,6 +154,7 @@ class ModelWorker:
         self._process: mp.process.BaseProcess | None = None
         self.description: dict[str, Any] = {}
         self.crashes = 0
+        self._shm: Any = None  # the request buffer shared with the worker, grown as needed
 
     def start(self) -> None:
         """Start the worker and wait until the model is loaded; raise if it cannot be."""
@@ -146,6 +191,8 @@ class ModelWorker:
             if self._conn is None:
                 self._start()
             assert self._conn is not None  # noqa: S101 - set by _start
+            if op == "infer_raw":
+                args = {"inputs": self._share(args["inputs"])}
             try:
                 self._conn.send({"op": op, "args": args})
                 answer = self._conn.recv()
@@ -168,6 +215,31 @@ class ModelWorker:
                     code)
         raise RuntimeCrashed(f"the model runtime died (exit code {code})")
 
+    def _share(self, inputs: dict[str, tuple[str, list[int], bytes]]) -> dict[str, Any]:
+        """Large input bytes copied into the shared request buffer, passed by reference."""
+        from multiprocessing import shared_memory
+
+        large = {n: t for n, t in inputs.items() if len(t[2]) >= SHARED_MIN_BYTES}
+        total = sum(len(t[2]) for t in large.values())
+        if not large:
+            return inputs
+        if self._shm is None or self._shm.size < total:
+            self._release()
+            self._shm = shared_memory.SharedMemory(create=True, size=max(total, 1 << 20))
+        out: dict[str, Any] = dict(inputs)
+        offset = 0
+        for name, (dtype, shape, data) in large.items():
+            self._shm.buf[offset:offset + len(data)] = data
+            out[name] = (dtype, shape, (self._shm.name, offset, len(data)))
+            offset += len(data)
+        return out
+
+    def _release(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm.unlink()
+            self._shm = None
+
     def stop(self) -> None:
         with self._lock:
             if self._conn is not None:
@@ -177,6 +249,7 @@ class ModelWorker:
                 if self._process.is_alive():
                     self._process.kill()
             self._conn = self._process = None
+            self._release()
 
     @property
     def pid(self) -> int | None:

@@ -9,6 +9,7 @@ of the active model since it was activated, so a rollout compares models, not up
     GET  /v1/models                         what is loaded
     GET  /metrics                           Prometheus (agent.metrics)
     POST /v1/models/{name}/infer            ONNX: {"inputs": {name: nested list}}
+    POST /v2/models/{name}/infer            ONNX, KServe v2 (JSON or binary tensors)
     POST /v1/completions                    GGUF, OpenAI-compatible
     POST /v1/chat/completions               GGUF, OpenAI-compatible
 """
@@ -27,6 +28,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent import kserve
 from agent.metrics import AgentMetrics
 from agent.runtime import BadRequest, ModelWorker, RuntimeCrashed
 from agent.update.installer import SMOKE_FILE, run_smoke_test
@@ -35,7 +37,11 @@ from shared import smoke
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024 * 1024
+#: request bodies for models with dynamic input sizes (a fixed-size model's cap follows
+#: its inputs: their bytes, or 24 characters a value as JSON)
+MAX_DYNAMIC_BODY = {"binary": 256 << 20, "json": 64 << 20}
 _INFER = re.compile(r"^/v1/models/([^/]+)/infer$")
+_INFER_V2 = re.compile(r"^/v2/models/([^/]+)/infer$")
 
 
 class Serving:
@@ -125,6 +131,15 @@ class Serving:
             return f"{errors} of {calls} requests failed during probation"
         return None
 
+    def body_cap(self, *, binary: bool) -> int:
+        """The largest request body the active model's inputs can need."""
+        worker = self.worker
+        declared = kserve.declared_bytes(worker.description.get("inputs", {})) \
+            if worker is not None else None
+        if declared is None:
+            return MAX_DYNAMIC_BODY["binary" if binary else "json"] if worker else MAX_BODY
+        return max(MAX_BODY, (declared if binary else 24 * declared) + (1 << 20))
+
     def health(self) -> dict[str, Any]:
         with self._lock:
             ordered = sorted(self._latencies)
@@ -186,10 +201,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            return self._send(413, {"error": f"request body over {MAX_BODY} bytes"})
+        binary = self.headers.get(kserve.HEADER) is not None
+        cap = self.serving.body_cap(binary=binary)
+        if length > cap:
+            return self._send(413, {"error": f"request body over {cap} bytes"})
+        raw = self.rfile.read(length)
+        if _INFER_V2.match(self.path):
+            return self._infer_v2(raw)
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
+            body = json.loads(raw or b"{}")
         except ValueError as exc:
             return self._send(400, {"error": f"invalid JSON: {exc}"})
         if not isinstance(body, dict):
@@ -208,10 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
         meta = self.serving.meta
         match = _INFER.match(self.path)
         if match:
-            if not meta or match.group(1) != meta["model"]:
-                raise LookupError(f"model {match.group(1)!r} is not loaded")
-            if meta["format"] != "onnx":
-                raise BadRequest("this is a GGUF model: use /v1/completions")
+            meta = self._onnx_model(match.group(1))
             inputs = body.get("inputs")
             if not isinstance(inputs, dict):
                 raise BadRequest('the body must be {"inputs": {name: values}}')
@@ -231,10 +248,44 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, self.serving.call("chat", messages=body["messages"], **args)
         raise LookupError(f"no route {self.path}")
 
+    def _onnx_model(self, name: str) -> dict[str, Any]:
+        """The active model's description if it is the ONNX model ``name``."""
+        meta = self.serving.meta
+        if not meta or name != meta["model"]:
+            raise LookupError(f"model {name!r} is not loaded")
+        if meta["format"] != "onnx":
+            raise BadRequest("this is a GGUF model: use /v1/completions")
+        return meta
+
+    def _infer_v2(self, raw: bytes) -> None:
+        match = _INFER_V2.match(self.path)
+        assert match is not None  # noqa: S101 - routed here by it
+        try:
+            meta = self._onnx_model(match.group(1))
+            request = kserve.parse(raw, self.headers.get(kserve.HEADER))
+            outputs = self.serving.call("infer_raw", inputs=request.inputs)
+            data, header = kserve.response(meta["model"], meta["version"], outputs,
+                                           binary=request.binary_outputs,
+                                           request_id=request.id)
+        except (kserve.ProtocolError, BadRequest) as exc:
+            return self._send(400, {"error": str(exc)})
+        except LookupError as exc:
+            return self._send(404, {"error": str(exc)})
+        except (RuntimeCrashed, RuntimeError) as exc:
+            return self._send(500, {"error": str(exc)})
+        extra = {} if header is None else {kserve.HEADER: str(header)}
+        content_type = "application/json" if header is None else "application/octet-stream"
+        return self._send_bytes(200, data, content_type, extra)
+
     def _send(self, status: int, body: Any) -> None:
-        data = json.dumps(body).encode()
+        self._send_bytes(status, json.dumps(body).encode(), "application/json", {})
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str,
+                    headers: dict[str, str]) -> None:
         self.send_response(status, HTTPStatus(status).phrase)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for key, value in headers.items():
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)

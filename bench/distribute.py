@@ -10,7 +10,9 @@
     onnxruntime, smoke-tested, through probation), and the controller's published
     bytes / (devices x model size);
 (c) the agent's local inference API (HTTP -> model worker process) vs a bare
-    onnxruntime ``InferenceSession.run`` on the same model and input, p50.
+    onnxruntime ``InferenceSession.run`` on the same model and input, p50: a small MLP
+    through the JSON API, and a 3x320x320 float32 image through the KServe v2 binary API
+    and through the JSON API.
 
     python bench/distribute.py [--mqtt mqtt://127.0.0.1:1883] [--size-mib 50]
         [--fleet 200 --fleet-size-mib 20] [--trials 3]
@@ -361,19 +363,44 @@ def fleet(client: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 # -- (c) local inference vs bare onnxruntime -----------------------------------------------
 
 def inference(tmp: Path, n: int) -> dict[str, Any]:
+    """The small MLP through the JSON API, and a 3x320x320 float32 image through the
+    KServe v2 binary API and the JSON API, each beside bare onnxruntime, interleaved."""
     import numpy as np
+
+    from tests.models import image_onnx, tiny_onnx
+
+    x = np.random.default_rng(0).standard_normal((1, 128)).astype(np.float32)
+    small = _served(tmp / "small", tiny_onnx(), "mlp", {"x": x}, n, {
+        "json": ("/v1/models/mlp/infer", json.dumps({"inputs": {"x": x.tolist()}}).encode(),
+                 {"Content-Type": "application/json"})})
+    img = np.random.default_rng(1).uniform(0, 1, (1, 3, 320, 320)).astype(np.float32)
+    head = json.dumps({"inputs": [{"name": "image", "shape": list(img.shape),
+                                   "datatype": "FP32",
+                                   "parameters": {"binary_data_size": img.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    image = _served(tmp / "image", image_onnx(), "conv", {"image": img}, max(50, n // 20), {
+        "binary": ("/v2/models/conv/infer", head + img.tobytes(),
+                   {"Content-Type": "application/octet-stream",
+                    "Inference-Header-Content-Length": str(len(head))}),
+        "json": ("/v1/models/conv/infer", json.dumps({"inputs": {"image": img.tolist()}})
+                 .encode(), {"Content-Type": "application/json"})})
+    return {"requests": n, "agent_p50_ms": small["json_p50_ms"],
+            "bare_ort_p50_ms": small["bare_ort_p50_ms"],
+            "overhead_p50_ms": small["json_overhead_p50_ms"], "image_3x320x320": image}
+
+
+def _served(model_dir: Path, model: bytes, name: str, feed: dict[str, Any], n: int,
+            paths: dict[str, tuple[str, bytes, dict[str, str]]]) -> dict[str, Any]:
+    """p50 of bare onnxruntime and of each API path on ``model``, interleaved."""
     import onnxruntime as ort
 
     from agent.serving import LocalApi, Serving
-    from tests.models import tiny_onnx
 
-    model_dir = tmp / "model"
     model_dir.mkdir()
-    (model_dir / "model.onnx").write_bytes(tiny_onnx())
+    (model_dir / "model.onnx").write_bytes(model)
     (model_dir / "meta.json").write_text(json.dumps({
-        "model": "mlp", "version": "1.0.0", "variant": "source", "format": "onnx",
+        "model": name, "version": "1.0.0", "variant": "source", "format": "onnx",
         "quantization": "fp32"}))
-    x = np.random.default_rng(0).standard_normal((1, 128)).astype(np.float32)
     session = ort.InferenceSession(str(model_dir / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     serving = Serving()
@@ -381,22 +408,28 @@ def inference(tmp: Path, n: int) -> dict[str, Any]:
     api = LocalApi(serving, "127.0.0.1", 0)
     api.start()
     conn = http.client.HTTPConnection("127.0.0.1", api.port)
-    body = json.dumps({"inputs": {"x": x.tolist()}})
-    bare, ours = [], []
-    for _ in range(n):  # interleaved, so both see the same machine state
+    times: dict[str, list[float]] = {"bare_ort": [], **{k: [] for k in paths}}
+    for _ in range(n):  # interleaved, so every path sees the same machine state
         started = time.perf_counter()
-        session.run(["y"], {"x": x})
-        bare.append((time.perf_counter() - started) * 1000)
-        started = time.perf_counter()
-        conn.request("POST", "/v1/models/mlp/infer", body,
-                     {"Content-Type": "application/json"})
-        conn.getresponse().read()
-        ours.append((time.perf_counter() - started) * 1000)
+        session.run(None, feed)
+        times["bare_ort"].append((time.perf_counter() - started) * 1000)
+        for kind, (path, body, headers) in paths.items():
+            started = time.perf_counter()
+            conn.request("POST", path, body, headers)
+            resp = conn.getresponse()
+            resp.read()
+            times[kind].append((time.perf_counter() - started) * 1000)
+            if resp.status != 200:
+                raise RuntimeError(f"{path} answered {resp.status}")
     api.stop()
     serving.activate(None)
-    p50_ours, p50_bare = statistics.median(ours), statistics.median(bare)
-    return {"requests": n, "agent_p50_ms": round(p50_ours, 3), "bare_ort_p50_ms":
-            round(p50_bare, 3), "overhead_p50_ms": round(p50_ours - p50_bare, 3)}
+    p50 = {k: statistics.median(v) for k, v in times.items()}
+    out: dict[str, Any] = {"requests": n, "bare_ort_p50_ms": round(p50["bare_ort"], 3)}
+    for kind in paths:
+        over = p50[kind] - p50["bare_ort"]
+        out |= {f"{kind}_p50_ms": round(p50[kind], 3), f"{kind}_overhead_p50_ms": round(over, 3),
+                f"{kind}_overhead_over_inference": round(over / p50["bare_ort"], 3)}
+    return out
 
 
 def private_broker(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:

@@ -1,4 +1,5 @@
-"""Tiny real models built in the tests: an fp32 ONNX MLP and a llama GGUF that loads."""
+"""Tiny real models built in the tests: an fp32 ONNX MLP, a fixed-size image model and a
+llama GGUF that loads."""
 
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,31 @@ def llama_cpp() -> Any:
 def tiny_onnx(hidden: int = 2048, inputs: int = 128, classes: int = 10) -> bytes:
     """An fp32 MLP (x[1, inputs] -> relu -> y[1, classes]), as the demo pushes."""
     return mlp_onnx(hidden, inputs, classes)
+
+
+def image_onnx() -> bytes:
+    """A fixed-size image classifier: image[1, 3, 320, 320] -> three 3x3 stride-2 convs
+    (16, 32, 64 channels) with ReLU -> global average pool -> scores[1, 64]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, weights, last = [], [], "image"
+    for i, (cin, cout) in enumerate([(3, 16), (16, 32), (32, 64)]):
+        w = (rng.standard_normal((cout, cin, 3, 3)) / (3 * cin) ** 0.5).astype(np.float32)
+        weights.append(numpy_helper.from_array(w, f"W{i}"))
+        nodes += [helper.make_node("Conv", [last, f"W{i}"], [f"c{i}"], strides=[2, 2],
+                                   pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        last = f"r{i}"
+    nodes += [helper.make_node("GlobalAveragePool", [last], ["pooled"]),
+              helper.make_node("Flatten", ["pooled"], ["scores"])]
+    graph = helper.make_graph(
+        nodes, "classifier",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 320, 320])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 64])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return bytes(model.SerializeToString())
 
 
 def tiny_gguf(path: Path, *, width: int = 256, layers: int = 1) -> bytes:

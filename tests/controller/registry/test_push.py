@@ -1,6 +1,7 @@
 """Pushing model versions through the API: validation, limits, nothing left behind."""
 
 import hashlib
+import itertools
 from pathlib import Path
 
 import pytest
@@ -185,7 +186,7 @@ def test_an_f16_gguf_push_gets_q8_0_and_q4_k_m_that_llama_cpp_runs(client, tmp_p
     variants = {v["name"]: v for v in shown["variants"]}
     assert list(variants) == ["source", "q8_0", "q4_k_m"]
     runtime = client.app.state.runtime
-    targets = runtime.trust.targets()
+    runtime.trust.targets()
     for name in ("q8_0", "q4_k_m"):
         v = variants[name]
         assert (v["quantization"], v["requirements"]["gguf_architecture"]) == (name, "llama")
@@ -379,5 +380,5 @@ def test_targets_json_grows_by_less_than_2_kib_per_version(client, settings) -> 
         shown = ready(client, "mlp", f"1.0.{n}")
         assert len(shown["variants"]) == 2  # source and int8, each with its smoke test
         sizes.append(targets.stat().st_size)
-    growth = [b - a for a, b in zip(sizes, sizes[1:], strict=False)]
+    growth = [b - a for a, b in itertools.pairwise(sizes)]
     assert all(0 < g < 2048 for g in growth), growth
