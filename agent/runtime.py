@@ -29,7 +29,8 @@ class BadRequest(Exception):
 
 
 def _load(path: str, fmt: str) -> Any:
-    return _OnnxModel(path) if fmt == "onnx" else _LlamaModel(path)
+    """``fmt``: "onnx", "gguf" (a model that generates) or "gguf-embed" (an encoder)."""
+    return _OnnxModel(path) if fmt == "onnx" else _LlamaModel(path, embedding=fmt == "gguf-embed")
 
 
 def _serve(conn: Connection, path: str, fmt: str) -> None:
@@ -115,10 +116,15 @@ class _OnnxModel:
 
 
 class _LlamaModel:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, embedding: bool = False) -> None:
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=path, n_ctx=512, n_threads=2, seed=0, verbose=False)
+        self.llm = Llama(model_path=path, n_ctx=512, n_threads=2, seed=0, verbose=False,
+                         embedding=embedding)
+
+    def embed(self, text: str) -> list[float]:
+        """The pooled embedding of ``text`` (an encoder GGUF)."""
+        return [float(v) for v in self.llm.embed(text)]
 
     def describe(self) -> dict[str, Any]:
         return {"context": self.llm.n_ctx()}

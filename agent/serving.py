@@ -44,6 +44,14 @@ _INFER = re.compile(r"^/v1/models/([^/]+)/infer$")
 _INFER_V2 = re.compile(r"^/v2/models/([^/]+)/infer$")
 
 
+def runtime_format(meta: dict[str, Any]) -> str:
+    """What the model worker loads a staged model as (``runtime._load``)."""
+    fmt = str(meta.get("format", "onnx"))
+    if fmt == "gguf" and (meta.get("requirements") or {}).get("gguf_embedding"):
+        return "gguf-embed"
+    return fmt
+
+
 class Serving:
     """The loaded model and its counters (thread-safe)."""
 
@@ -65,7 +73,7 @@ class Serving:
         new = meta = None
         if model_dir is not None:
             meta = json.loads((model_dir / "meta.json").read_text())
-            new = self._worker(next(model_dir.glob("model.*")), meta.get("format", "onnx"))
+            new = self._worker(next(model_dir.glob("model.*")), runtime_format(meta))
             new.start()
         with self._lock:  # the figures in health reports are the active model's own
             old, self.worker, self.meta = self.worker, new, meta or {}

@@ -13,6 +13,8 @@ with the functions here, so "passes" means the same on either side.
   ``|actual - expected| / (1 + |expected|)`` over every element.
 - GGUF: ``inputs`` is a list of prompts; ``expected`` the greedy token ids each must
   produce (``max_tokens`` of them); ``tolerance`` the fraction of tokens that may differ.
+  An embedding GGUF (``"kind": "embed"``): ``expected`` the embedding of each text;
+  ``tolerance`` the largest allowed ``1 - cosine similarity``.
 
 The completed test is a JSON file (``encode``/``decode``): inputs, expected, tolerance,
 latency budget (and ``max_tokens`` for GGUF).
@@ -28,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: the largest smoke-test file the agent accepts (its signed length is checked first)
 MAX_BYTES = 256 << 20
-DEFAULT_TOLERANCE = {"onnx": 1e-3, "gguf": 0.25}
+DEFAULT_TOLERANCE = {"onnx": 1e-3, "gguf": 0.25, "embed": 1e-3}
 DEFAULT_LATENCY_BUDGET_MS = {"onnx": 1000.0, "gguf": 30000.0}
 DEFAULT_PROMPTS = ["The quick brown fox", "Edge devices run models"]
 GENERATED_INPUTS = 8
@@ -134,11 +136,25 @@ def greedy_tokens(llm: Any, prompt: str, max_tokens: int) -> list[int]:
     return ids
 
 
-def distance(fmt: str, actual: Any, expected: Any) -> float:
+def distance(fmt: str, actual: Any, expected: Any, kind: str = "generate") -> float:
     """How far one result is from its expected value, in the unit ``tolerance`` uses."""
+    if fmt == "gguf" and kind == "embed":
+        return 1.0 - cosine(actual, expected)
     if fmt == "gguf":
         return 1.0 - token_agreement(actual, expected)
     return deviation(actual, expected)
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    """Cosine similarity of two vectors (0.0 if either is zero or they differ in length)."""
+    import math
+
+    if len(a) != len(b):
+        return 0.0
+    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return sum(x * y for x, y in zip(a, b, strict=True)) / (na * nb)
 
 
 def token_agreement(actual: list[int], expected: list[int]) -> float:

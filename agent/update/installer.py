@@ -381,14 +381,17 @@ def run_smoke_test(call: Callable[..., Any], fmt: str, test: dict[str, Any],
                    clock: Callable[[], float]) -> str | None:
     """Run a completed smoke test through ``call`` (a ModelWorker's); None if it passes."""
     tolerance, budget = float(test["tolerance"]), float(test["latency_budget_ms"])
+    kind = str(test.get("kind", "generate"))
     for n, (given, expected) in enumerate(zip(test["inputs"], test["expected"], strict=True)):
         started = clock()
-        if fmt == "gguf":
+        if fmt == "gguf" and kind == "embed":
+            got = call("embed", text=given)
+        elif fmt == "gguf":
             got = call("generate", prompt=given, max_tokens=int(test.get("max_tokens", 16)))
         else:
             got = call("infer", inputs=given)
         took_ms = (clock() - started) * 1000
-        off = smoke.distance(fmt, got, expected)
+        off = smoke.distance(fmt, got, expected, kind)
         if off > tolerance:
             return f"input {n}: off by {off:.3g}, tolerance {tolerance:g}"
         if took_ms > budget:

@@ -71,7 +71,8 @@ def derive(spec: dict[str, Any], emit: Emit) -> None:
     if spec["format"] == "onnx":
         _OnnxJob(source, workdir, test, spec, floor, emit).run(list(wanted))
     else:
-        _derive_gguf(source, workdir, test, emit, list(wanted), floor)
+        _derive_gguf(source, workdir, test, emit, list(wanted), floor,
+                     embedding=bool(spec.get("embedding")))
     emit(result={})
 
 
@@ -233,7 +234,9 @@ def _jsonable(feed: dict[str, Any]) -> dict[str, Any]:
 # -- GGUF -------------------------------------------------------------------------------
 
 def _derive_gguf(source: Path, workdir: Path, test: smoke.SmokeTest, emit: Emit,
-                 wanted: list[str], floor: dict[str, float]) -> None:
+                 wanted: list[str], floor: dict[str, float], *, embedding: bool) -> None:
+    """Quantise with llama.cpp; compare generated tokens (or, for an encoder, embeddings)
+    with the source's on the smoke prompts."""
     try:
         import llama_cpp
     except ImportError:
@@ -243,12 +246,15 @@ def _derive_gguf(source: Path, workdir: Path, test: smoke.SmokeTest, emit: Emit,
     prompts = test.inputs if test.inputs is not None else list(smoke.DEFAULT_PROMPTS)
     if not all(isinstance(p, str) for p in prompts):
         raise DeriveError("smoke-test inputs of a GGUF model are prompts (strings)")
-    emit(progress=0.05, message="generating from the source model on the smoke prompts")
-    tokens, source_ms = _generate(source, prompts, test.max_tokens)  # type: ignore[arg-type]
-    completed = _completed(test, "gguf", list(prompts), tokens, generated=test.inputs is None)
+    kind, metric = ("embed", "cosine") if embedding else ("generate", "token_agreement")
+    emit(progress=0.05, message=f"running the source model on {len(prompts)} prompts")
+    outputs, source_ms = _run_gguf(source, prompts, test.max_tokens,  # type: ignore[arg-type]
+                                   embedding=embedding)
+    completed = _completed(test, "gguf", list(prompts), outputs, generated=test.inputs is None,
+                           kind=kind)
     emit(source={"smoke_test": _summary(completed),
-                 "smoke_path": _write_smoke(workdir, "source", completed, tokens),
-                 "ram_bytes": None, "metric": "token_agreement", "inputs": len(prompts)})
+                 "smoke_path": _write_smoke(workdir, "source", completed, outputs),
+                 "ram_bytes": None, "metric": metric, "inputs": len(prompts)})
     for step, name in enumerate(wanted):
         emit(progress=0.2 + 0.8 * step / max(1, len(wanted)), message=f"quantising to {name}")
         out = workdir / f"{name}.gguf"
@@ -260,34 +266,40 @@ def _derive_gguf(source: Path, workdir: Path, test: smoke.SmokeTest, emit: Emit,
             emit(refused={"name": name, "reason": f"llama.cpp could not quantise to {name} "
                           f"(code {rc})", "comparison": None})
             continue
-        q_tokens, q_ms = _generate(out, prompts, test.max_tokens)  # type: ignore[arg-type]
-        agreement = round(statistics.fmean(
-            smoke.token_agreement(q, s) for q, s in zip(q_tokens, tokens, strict=True)), 4)
+        got, q_ms = _run_gguf(out, prompts, test.max_tokens,  # type: ignore[arg-type]
+                              embedding=embedding)
+        similar = smoke.cosine if embedding else smoke.token_agreement
+        figure = round(statistics.fmean(similar(q, s) for q, s in zip(got, outputs,
+                                                                      strict=True)), 6)
         comparison: dict[str, Any] = {
             "size_ratio": round(out.stat().st_size / source.stat().st_size, 4),
-            "fidelity": {"token_agreement": agreement}, "metric": "token_agreement",
-            "inputs": len(prompts), "latency_ms": {"source": source_ms, "variant": q_ms}}
+            "fidelity": {metric: figure}, "metric": metric, "inputs": len(prompts),
+            "latency_ms": {"source": source_ms, "variant": q_ms}}
         why = ("it is not smaller than the source" if comparison["size_ratio"] >= 1.0
                else fidelity.below_floor(comparison["fidelity"], floor))
         if why:
             emit(refused={"name": name, "reason": why, "comparison": comparison})
             continue
-        if not floor and (warning := fidelity.poor(comparison["fidelity"], "token_agreement")):
+        if not floor and (warning := fidelity.poor(comparison["fidelity"], metric)):
             comparison["warning"] = warning
         emit(variant={"name": name, "path": str(out), "quantization": name,
-                      "smoke_path": _write_smoke(workdir, name, completed, q_tokens),
+                      "smoke_path": _write_smoke(workdir, name, completed, got),
                       "comparison": comparison, "ram_bytes": None})
 
 
-def _generate(model: Path, prompts: list[str], max_tokens: int) -> tuple[list[list[int]], float]:
-    """Greedy token ids for each prompt, and the median time per prompt in ms."""
+def _run_gguf(model: Path, prompts: list[str], max_tokens: int, *, embedding: bool
+              ) -> tuple[list[Any], float]:
+    """Greedy token ids (or embeddings) for each prompt, and the median ms per prompt."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(model), n_ctx=512, n_threads=2, seed=0, verbose=False)
-    out, times = [], []
+    llm = Llama(model_path=str(model), n_ctx=512, n_threads=2, seed=0, verbose=False,
+                embedding=embedding)
+    out: list[Any] = []
+    times = []
     for prompt in prompts:
         started = time.perf_counter()
-        out.append(smoke.greedy_tokens(llm, prompt, max_tokens))
+        out.append([float(v) for v in llm.embed(prompt)] if embedding
+                   else smoke.greedy_tokens(llm, prompt, max_tokens))
         times.append((time.perf_counter() - started) * 1000)
     llm.close()
     return out, round(statistics.median(times), 3)
@@ -296,13 +308,13 @@ def _generate(model: Path, prompts: list[str], max_tokens: int) -> tuple[list[li
 # -- both -------------------------------------------------------------------------------
 
 def _completed(test: smoke.SmokeTest, fmt: str, inputs_: list[Any], outputs: list[Any], *,
-               generated: bool) -> dict[str, Any]:
+               generated: bool, kind: str = "generate") -> dict[str, Any]:
     """The completed smoke test (without expected outputs: each variant has its own);
     given expected outputs must match the source's."""
-    tolerance = test.tolerance or smoke.DEFAULT_TOLERANCE[fmt]
+    tolerance = test.tolerance or smoke.DEFAULT_TOLERANCE["embed" if kind == "embed" else fmt]
     if test.expected is not None:
         for n, (got, want) in enumerate(zip(outputs, test.expected, strict=False)):
-            off = smoke.distance(fmt, got, want)
+            off = smoke.distance(fmt, got, want, kind)
             if off > tolerance:
                 raise DeriveError(f"the source model does not reproduce smoke-test output {n}: "
                                   f"off by {off:.3g}, tolerance {tolerance:g}")
@@ -311,6 +323,7 @@ def _completed(test: smoke.SmokeTest, fmt: str, inputs_: list[Any], outputs: lis
                  or smoke.DEFAULT_LATENCY_BUDGET_MS[fmt]}
     if fmt == "gguf":
         completed["max_tokens"] = test.max_tokens
+        completed["kind"] = kind
     return completed
 
 

@@ -104,8 +104,10 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
     quant = _GGUF_FILE_TYPES.get(file_type, f"type{file_type}") if file_type is not None \
         else _dominant_tensor_type(reader)
     size = path.stat().st_size
-    return ArtifactInfo(format="gguf", quantization=quant,
-                        requirements={"runtime": "llama.cpp", "gguf_architecture": arch},
+    requirements: dict[str, Any] = {"runtime": "llama.cpp", "gguf_architecture": arch}
+    if f"{arch}.pooling_type" in reader.fields:  # an encoder: it embeds, it does not generate
+        requirements["gguf_embedding"] = True
+    return ArtifactInfo(format="gguf", quantization=quant, requirements=requirements,
                         ram_estimate_bytes=size + (64 << 20))
 
 
@@ -131,15 +133,16 @@ def external_data(model: Any) -> list[str]:
 
 
 def fold_external_data(path: Path, out: Path) -> bool:
-    """Write ``path`` with its external data folded in to ``out``; False if it has none.
-    Raises InvalidModel if the data files are missing or the result is over protobuf's
-    2 GiB limit."""
+    """Write ``path`` with its external data folded in to ``out``; False if it has none
+    (or is not ONNX at all: the controller says what is wrong with it). Raises
+    InvalidModel if the data files are missing or the result is over protobuf's 2 GiB
+    limit."""
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001
-        raise InvalidModel(f"not a valid ONNX model: {_first_line(exc)}") from None
+    except Exception:  # noqa: BLE001 - not ONNX: left for the controller to refuse
+        return False
     if not external_data(model):
         return False
     try:

@@ -134,6 +134,7 @@ class JobRunner:
             source = next(v for v in service.variants_of(session, version) if v.name == "source")
             samples = version.samples_sha256
             return job.id, {"format": source.format, "quantization": source.quantization,
+                            "embedding": bool(source.requirements.get("gguf_embedding")),
                             "source": str(self._blobs.path(source.sha256)),
                             "samples": str(self._blobs.path(samples)) if samples else None,
                             "smoke_test": version.smoke_test, **version.derive_options}

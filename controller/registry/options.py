@@ -57,7 +57,8 @@ def _floor(info: ArtifactInfo, floor: str | None, metric: str | None) -> dict[st
         raise RegistryError(422, "unknown_metric", str(exc)) from None
     except ValueError as exc:
         raise RegistryError(422, "invalid_floor", str(exc)) from None
-    allowed = fidelity.ONNX_METRICS if info.format == "onnx" else ("token_agreement",)
+    allowed = fidelity.ONNX_METRICS if info.format == "onnx" else (
+        ("cosine",) if info.requirements.get("gguf_embedding") else ("token_agreement",))
     for name in [*parsed, *([metric] if metric else [])]:
         if name not in allowed:
             raise RegistryError(422, "unknown_metric", f"{name!r} is not a fidelity metric of "

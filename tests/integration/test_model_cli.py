@@ -22,7 +22,7 @@ def test_push_list_and_show_a_model_from_the_command_line(start_controller, tmp_
     pushed = run(controller, "model", "push", str(model), "--name", "mlp", "--version", "1.0.0")
     assert pushed.returncode == 0, pushed.stderr
     assert "int8" in pushed.stdout  # waited for the variants, shows them with their figures
-    assert "top-1" in pushed.stdout
+    assert "top1 " in pushed.stdout  # the fidelity metric chosen from the outputs
     listed = json.loads(run(controller, "model", "list", "--json").stdout)
     assert [(v["name"], v["version"], v["status"]) for v in listed] == [("mlp", "1.0.0",
                                                                        "ready")]
@@ -46,3 +46,35 @@ def test_push_list_and_show_a_model_from_the_command_line(start_controller, tmp_
     refused = run(controller, "model", "push", str(broken), "--name", "mlp", "--version", "2.0.0")
     assert refused.returncode == 1
     assert "invalid_model" in refused.stderr
+
+
+def test_push_folds_external_data_and_takes_samples_variants_and_a_floor(
+        start_controller, tmp_path) -> None:
+    import numpy as np
+
+    from tests.support import corpus
+
+    controller = start_controller()
+    entry = corpus.build("external_data")
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, x=np.stack([f["x"] for f in entry.samples]))  # by input, stacked
+    pushed = run(controller, "model", "push", str(entry.path), "--name", "mlp", "--version",
+                 "1.0.0", "--samples", str(samples), "--variants", "int8,fp16",
+                 "--min-fidelity", "top1>=1.01")
+    assert pushed.returncode == 1, pushed.stdout  # a floor above 1 is refused at once
+    assert "must be between 0 and 1" in pushed.stderr
+    pushed = run(controller, "model", "push", str(entry.path), "--name", "mlp", "--version",
+                 "1.0.0", "--samples", str(samples), "--variants", "int8,fp16",
+                 "--min-fidelity", "cosine>=0.99999999")
+    assert pushed.returncode == 0, pushed.stderr
+    assert "folded external.onnx's external data into the upload" in pushed.stdout
+    assert "not offered: " in pushed.stdout  # int8 falls below a floor that high
+    shown = json.loads(run(controller, "model", "show", "mlp@1.0.0", "--json").stdout)
+    assert shown["variants"][0]["comparison"]["inputs"] == len(entry.samples)
+    refused = {r["name"]: r["reason"] for r in shown["refused"]}
+    assert "below the version's floor" in refused["int8"]
+    bare = run(controller, "model", "push", str(entry.path), "--name", "mlp", "--version",
+               "1.1.0", "--no-derive", "--samples", str(samples), "--json")
+    assert bare.returncode == 0, bare.stderr
+    out = json.loads(bare.stdout[bare.stdout.index("{"):])
+    assert [v["name"] for v in out["variants"]] == ["source"]

