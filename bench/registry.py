@@ -41,8 +41,10 @@ def bench_model(client: Any, name: str, variants: list[str], tmp: Path) -> dict[
     up = client.post("/api/v1/uploads", params={"filename": path.name},
                      content=path.read_bytes()).json()
     body: dict[str, Any] = {"upload": up["sha256"]}
-    if name != "fp16":
+    if entry.path.suffix == ".onnx" and name != "fp16":  # GGUF and fp16: their defaults
         body["variants"] = variants
+    if entry.prompts:
+        body["smoke_test"] = {"inputs": list(entry.prompts)}
     if entry.samples:
         body["samples"] = client.post("/api/v1/uploads", params={"kind": "samples"},
                                       content=write_samples(entry.samples)).json()["sha256"]
@@ -54,13 +56,15 @@ def bench_model(client: Any, name: str, variants: list[str], tmp: Path) -> dict[
         raise RuntimeError(f"{name}: {created.text}")
     pushed = time.perf_counter()
 
-    def done() -> dict[str, Any] | None:
-        v = client.get(f"/api/v1/models/{ref}/versions/1.0.0").json()
-        return v if v["status"] != "processing" else None
+    shown: dict[str, Any] = {}
 
-    version = wait_until(done, 1800)
-    if not version:
+    def done() -> bool:
+        shown.update(client.get(f"/api/v1/models/{ref}/versions/1.0.0").json())
+        return shown["status"] != "processing"
+
+    if not wait_until(done, 1800):
         raise RuntimeError(f"{name}: the derive job did not finish")
+    version = shown
     derived = time.perf_counter()
     source = version["variants"][0]
     rows = [{"variant": v["name"], "bytes": v["size"],

@@ -20,7 +20,7 @@ def llama_cpp() -> Any:
     return llama_cpp
 
 
-def tiny_onnx(hidden: int = 2048, inputs: int = 128, classes: int = 10) -> bytes:
+def tiny_onnx(hidden: int = 4096, inputs: int = 128, classes: int = 10) -> bytes:
     """An fp32 MLP (x[1, inputs] -> relu -> y[1, classes]), as the demo pushes."""
     return mlp_onnx(hidden, inputs, classes)
 

@@ -162,6 +162,44 @@ function devicesView() {
   return { el, refresh };
 }
 
+function fidelityText(c) {
+  if (!c || !c.fidelity) return "-";
+  const f = c.fidelity[c.metric];
+  return f === undefined ? "-" : `${c.metric} ${f.toFixed(4)}`;
+}
+
+function modelsView() {
+  const el = h("div", { id: "models" });
+  async function refresh() {
+    const versions = await api("GET", "/models");
+    el.replaceChildren(...(versions.length ? versions.map((v) => {
+      const rows = v.variants.map((x) => {
+        const c = x.comparison || {};
+        const ms = c.latency_ms;
+        return h("tr", { "data-variant": x.name },
+          h("td", {}, x.name), h("td", {}, `${x.format} ${x.quantization}`),
+          h("td", { class: "num" }, x.size.toLocaleString()),
+          h("td", {}, c.size_ratio !== undefined ? `${Math.round(100 * c.size_ratio)}%` : "-"),
+          h("td", {}, fidelityText(c)),
+          h("td", {}, ms ? `${ms.variant} ms (source ${ms.source})` : "-"),
+          h("td", { class: "num" }, `${Math.round(x.ram_estimate_bytes / 1048576)} MiB${x.ram_measured ? "" : " (estimate)"}`),
+          h("td", { class: c.warning ? "warning" : "" }, x.signed ? (c.warning || "offered") : "not signed"));
+      });
+      const refused = (v.refused || []).map((r) => h("tr", { "data-refused": r.name, class: "refused" },
+        h("td", {}, r.name), h("td", { colspan: 4 }, fidelityText(r.comparison)),
+        h("td", { colspan: 3, class: "reason" }, `refused: ${r.reason}`)));
+      const job = v.job || {};
+      return h("section", { class: "version", "data-version": `${v.name}@${v.version}` },
+        h("h2", {}, `${v.name}@${v.version} `, h("span", { class: `state ${v.status}` }, v.status)),
+        v.status === "processing" || v.status === "failed"
+          ? h("p", { class: "muted" }, `${Math.round(100 * (job.progress || 0))}% ${job.message || ""}`) : null,
+        table(["variant", "kind", "bytes", "size", "fidelity", "latency", "RAM", ""],
+              [...rows, ...refused]));
+    }) : [h("p", { class: "muted" }, "No models yet.")]));
+  }
+  return { el, refresh };
+}
+
 function chart(title, points, unit) {
   const w = 420, hgt = 120, pad = 24;
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
@@ -255,7 +293,7 @@ function route() {
   const hash = location.hash.replace(/^#\/?/, "");
   const [page, id] = hash.split("/").map(decodeURIComponent);
   view = page === "devices" && id ? deviceView(id) : page === "devices" ? devicesView()
-    : page === "rollouts" && id ? rolloutView(id) : fleetView();
+    : page === "rollouts" && id ? rolloutView(id) : page === "models" ? modelsView() : fleetView();
   document.getElementById("app").replaceChildren(view.el);
   tick();
 }

@@ -103,3 +103,31 @@ def test_dashboard_shows_the_fleet_live_and_acts_by_role(
     audited = c.admin.call("GET", "/audit?action=rollout")
     assert [(e["actor"], e["action"]) for e in audited] == [
         ("test-operator", "rollout.rollback"), ("bootstrap-admin", "rollout.create")]
+
+
+def test_the_models_page_shows_each_variants_worth_and_why_one_was_refused(
+        start_controller: Callable[..., ControllerProcess], browser: Any,
+        tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    from tests.models import tiny_onnx
+
+    c = start_controller()
+    model = tmp_path / "m.onnx"
+    model.write_bytes(tiny_onnx())
+    for version, extra in (("1.0.0", {}), ("1.1.0", {"variants": ["int8"],
+                                                      "min_fidelity": "iou>=0.5"})):
+        up = c.admin.upload("/uploads", model, params={"filename": "m.onnx"})
+        c.admin.call("POST", f"/models/m/versions/{version}", {"upload": up["sha256"], **extra})
+        wait_for(lambda v=version: c.admin.call("GET", f"/models/m/versions/{v}")["status"]
+                 == "ready", 120, f"m@{version} built")
+    page = signed_in(browser, c, c.token("viewer"))
+    page.click("nav a[href='#/models']")
+    offered = page.locator("section[data-version='m@1.0.0'] tr[data-variant='int8']")
+    expect(offered).to_contain_text("top1 1.0000")
+    expect(offered).to_contain_text("offered")
+    refused = page.locator("section[data-version='m@1.1.0'] tr[data-refused='int8']")
+    expect(refused).to_contain_text("refused: ")
+    expect(refused).to_contain_text("iou does not apply to this model's outputs")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "models.png"), full_page=True)
