@@ -54,11 +54,24 @@ def _serve(conn: Connection, path: str, fmt: str) -> None:
             conn.send({"error": f"{type(exc).__name__}: {exc}"})
 
 
+def session_options() -> Any:
+    """onnxruntime options of the worker's sessions: its threads sleep between requests
+    instead of spinning (onnxruntime's default spins them after each run, which on a
+    small device burns a core and slows every other process, the agent's included)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
 class _OnnxModel:
     def __init__(self, path: str) -> None:
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(path, providers=ort.get_available_providers())
+        self.session = ort.InferenceSession(path, session_options(),
+                                            providers=ort.get_available_providers())
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 

@@ -394,6 +394,7 @@ def _served(model_dir: Path, model: bytes, name: str, feed: dict[str, Any], n: i
     """p50 of bare onnxruntime and of each API path on ``model``, interleaved."""
     import onnxruntime as ort
 
+    from agent.runtime import session_options
     from agent.serving import LocalApi, Serving
 
     model_dir.mkdir()
@@ -401,7 +402,9 @@ def _served(model_dir: Path, model: bytes, name: str, feed: dict[str, Any], n: i
     (model_dir / "meta.json").write_text(json.dumps({
         "model": name, "version": "1.0.0", "variant": "source", "format": "onnx",
         "quantization": "fp32"}))
-    session = ort.InferenceSession(str(model_dir / "model.onnx"),
+    # the bare session gets the worker's options (threads that sleep between runs): with
+    # onnxruntime's default, its spinning threads steal the worker's two cores in turn
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), session_options(),
                                    providers=["CPUExecutionProvider"])
     serving = Serving()
     serving.activate(model_dir)

@@ -528,6 +528,82 @@ def _minilm_gguf(out: Path) -> dict[str, Any]:
     return {"file": path.name, "metric": "cosine", "prompts": SENTENCES}
 
 
+def _training_text() -> str:
+    """Real English prose that every machine has: the docstrings of some of Python's own
+    modules, and the corpus sentences."""
+    import argparse
+    import collections
+    import email
+    import http.server
+    import json as json_module
+    import logging
+    import pathlib
+    import subprocess
+    import textwrap
+    import threading
+    import unittest
+
+    modules = (argparse, collections, email, http.server, json_module, logging, pathlib,
+               subprocess, textwrap, threading, unittest)
+    docs = [m.__doc__ or "" for m in modules]
+    docs += [obj.__doc__ or "" for m in modules for obj in vars(m).values()
+             if callable(obj) and getattr(obj, "__module__", None) == m.__name__]
+    return "\n".join(SENTENCES + [d.strip() for d in docs if len(d) > 80])
+
+
+def _tiny_llama(out: Path) -> dict[str, Any]:
+    """A small llama trained here on real prose for a few hundred steps (so greedy tokens
+    mean something), with a sentencepiece tokenizer that has all 256 byte tokens, saved
+    as a Hugging Face model and converted to an f16 GGUF by convert_hf_to_gguf.py."""
+    import subprocess
+    import sys
+
+    torch = torch_mod()
+    try:
+        import sentencepiece as spm
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        unavailable("sentencepiece and transformers (the dev extra)")
+    hf = out / "hf"
+    hf.mkdir()
+    text = _training_text()
+    (out / "text.txt").write_text(text)
+    spm.SentencePieceTrainer.train(
+        input=str(out / "text.txt"), model_prefix=str(hf / "tokenizer"), vocab_size=768,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, num_threads=2, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(hf / "tokenizer.model"))
+    ids = torch.tensor(sp.encode(text), dtype=torch.long)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=sp.get_piece_size(), hidden_size=256,
+                         intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
+                         eos_token_id=2)
+    model = LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(300):
+        starts = torch.randint(0, len(ids) - 65, (16,), generator=gen)
+        batch = torch.stack([ids[int(i):int(i) + 65] for i in starts])
+        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(str(hf), safe_serialization=True)
+    tree = llama_cpp_source()
+    path = out / "tiny-llama-f16.gguf"
+    subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(hf),
+                    "--outfile", str(path), "--outtype", "f16"], check=True, timeout=600,
+                   capture_output=True, env=os.environ | {"PYTHONPATH": str(tree / "gguf-py")})
+    prompts = ["The logging module", "Return a new", "Create a new thread", "The train to",
+               "This module provides", "An update was"]
+    return {"file": path.name, "metric": "token_agreement", "prompts": prompts,
+            "final_loss": round(float(loss.detach()), 3)}
+
+
 BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "minilm": _minilm,
     "convnet": _convnet,
@@ -539,4 +615,5 @@ BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "opset21": _opset21,
     "control_flow": _control_flow,
     "minilm_gguf": _minilm_gguf,
+    "tiny_llama": _tiny_llama,
 }

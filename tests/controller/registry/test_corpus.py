@@ -63,9 +63,10 @@ def test_every_corpus_model_registers_and_each_variant_is_offered_or_refused(
     entry = corpus.build(name)
     gguf = entry.path.suffix == ".gguf"
     # ask for every ONNX variant; an fp16 source and GGUF sources get their defaults
-    wanted = {"fp16": set(), "minilm_gguf": {"q8_0", "q4_k_m"}}.get(name, {"int8", "fp16"})
+    defaults = gguf or name == "fp16"
+    wanted = {"q8_0", "q4_k_m"} if gguf else set() if name == "fp16" else {"int8", "fp16"}
     r = push(client, entry, "1.0.0", tmp_path,
-             **({} if name in ("fp16", "minilm_gguf") else {"variants": sorted(wanted)}))
+             **({} if defaults else {"variants": sorted(wanted)}))
     assert r.status_code == 201, r.text
     shown = ready(client, r.json()["name"], "1.0.0")
     assert (shown["status"], shown["deployable"], shown["job"]["state"]) == (

@@ -91,7 +91,7 @@ def test_a_pushed_onnx_version_is_stored_described_and_signed(client, settings) 
     assert target.custom["model"] == "mlp"
     assert target.custom["version"] == "1.0.0"
     shown = ready(client, "mlp", "1.0.0")
-    measured = {"ram_estimate_bytes", "ram_measured", "comparison"}
+    measured = {"ram_estimate_bytes", "ram_measured", "comparison", "smoke_test_bytes"}
     assert ({k: v for k, v in shown["variants"][0].items() if k not in measured}
             == {k: v for k, v in variant.items() if k not in measured})
     # the source's memory is measured by running it, not guessed from its size
