@@ -30,7 +30,9 @@ ONNX_TYPES = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16
               "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(int8)": "INT8",
               "tensor(uint8)": "UINT8", "tensor(bool)": "BOOL"}
 
-Tensor = tuple[str, list[int], bytes]  # numpy dtype name, shape, raw little-endian bytes
+#: numpy dtype name, shape, raw little-endian bytes (a view into the request body when
+#: parsed from one: the worker copies it once, into its shared buffer)
+Tensor = tuple[str, list[int], bytes | memoryview]
 
 
 class ProtocolError(ValueError):
@@ -59,9 +61,9 @@ def parse(body: bytes, header_length: str | None) -> Request:
     if not isinstance(head, dict) or not isinstance(head.get("inputs"), list):
         raise ProtocolError('the header must be {"inputs": [{"name", "shape", "datatype", '
                             '"data" | "parameters": {"binary_data_size"}}]}')
-    offset, inputs = size, {}
+    offset, inputs, view = size, {}, memoryview(body)
     for item in head["inputs"]:
-        name, tensor, used = _input(item, body, offset)
+        name, tensor, used = _input(item, view, offset)
         inputs[name] = tensor
         offset += used
     if offset != len(body):
@@ -74,7 +76,7 @@ def parse(body: bytes, header_length: str | None) -> Request:
     return Request(inputs, binary, rid if isinstance(rid, str) else None)
 
 
-def _input(item: Any, body: bytes, offset: int) -> tuple[str, Tensor, int]:
+def _input(item: Any, body: memoryview, offset: int) -> tuple[str, Tensor, int]:
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         raise ProtocolError("each input needs a name")
     name, datatype, shape = item["name"], item.get("datatype"), item.get("shape")

@@ -54,24 +54,11 @@ def _serve(conn: Connection, path: str, fmt: str) -> None:
             conn.send({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def session_options() -> Any:
-    """onnxruntime options of the worker's sessions: its threads sleep between requests
-    instead of spinning (onnxruntime's default spins them after each run, which on a
-    small device burns a core and slows every other process, the agent's included)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return options
-
-
 class _OnnxModel:
     def __init__(self, path: str) -> None:
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(path, session_options(),
-                                            providers=ort.get_available_providers())
+        self.session = ort.InferenceSession(path, providers=ort.get_available_providers())
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -234,18 +221,21 @@ class ModelWorker:
                     code)
         raise RuntimeCrashed(f"the model runtime died (exit code {code})")
 
-    def _share(self, inputs: dict[str, tuple[str, list[int], bytes]]) -> dict[str, Any]:
-        """Large input bytes copied into the shared request buffer, passed by reference."""
+    def _share(self, inputs: dict[str, tuple[str, list[int], Any]]) -> dict[str, Any]:
+        """Large input bytes (any buffer) copied into the shared request buffer, passed by
+        reference; small ones as bytes through the pipe."""
         from multiprocessing import shared_memory
 
         large = {n: t for n, t in inputs.items() if len(t[2]) >= SHARED_MIN_BYTES}
         total = sum(len(t[2]) for t in large.values())
+        small = {n: (d, shape, bytes(data)) for n, (d, shape, data) in inputs.items()
+                 if n not in large}
         if not large:
-            return inputs
+            return small
         if self._shm is None or self._shm.size < total:
             self._release()
             self._shm = shared_memory.SharedMemory(create=True, size=max(total, 1 << 20))
-        out: dict[str, Any] = dict(inputs)
+        out: dict[str, Any] = dict(small)
         offset = 0
         for name, (dtype, shape, data) in large.items():
             self._shm.buf[offset:offset + len(data)] = data

@@ -391,39 +391,42 @@ def inference(tmp: Path, n: int) -> dict[str, Any]:
 
 def _served(model_dir: Path, model: bytes, name: str, feed: dict[str, Any], n: int,
             paths: dict[str, tuple[str, bytes, dict[str, str]]]) -> dict[str, Any]:
-    """p50 of bare onnxruntime and of each API path on ``model``, interleaved."""
-    import onnxruntime as ort
+    """p50 of bare onnxruntime and of each API path on ``model``, in blocks of turns.
 
-    from agent.runtime import session_options
+    Bare onnxruntime runs in a process of its own, as the model worker does: a session
+    in the process that times the API (even one with idle threads) slowed the worker
+    by several milliseconds on 2 cores, which no device has. Blocks alternate (bare,
+    then each path, three times) so drifts in the machine fall on all alike."""
     from agent.serving import LocalApi, Serving
+    from controller.registry.inputs import write_samples
 
     model_dir.mkdir()
     (model_dir / "model.onnx").write_bytes(model)
     (model_dir / "meta.json").write_text(json.dumps({
         "model": name, "version": "1.0.0", "variant": "source", "format": "onnx",
         "quantization": "fp32"}))
-    # the bare session gets the worker's options (threads that sleep between runs): with
-    # onnxruntime's default, its spinning threads steal the worker's two cores in turn
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), session_options(),
-                                   providers=["CPUExecutionProvider"])
+    (model_dir / "feed.npz").write_bytes(write_samples([feed]))
     serving = Serving()
     serving.activate(model_dir)
     api = LocalApi(serving, "127.0.0.1", 0)
     api.start()
     conn = http.client.HTTPConnection("127.0.0.1", api.port)
     times: dict[str, list[float]] = {"bare_ort": [], **{k: [] for k in paths}}
-    for _ in range(n):  # interleaved, so every path sees the same machine state
-        started = time.perf_counter()
-        session.run(None, feed)
-        times["bare_ort"].append((time.perf_counter() - started) * 1000)
+    for _ in range(3):
+        bare = subprocess.run([sys.executable, __file__, "--role", "bare-ort", "--model",
+                               str(model_dir / "model.onnx"), "--feed",
+                               str(model_dir / "feed.npz"), "--requests", str(n // 3)],
+                              capture_output=True, text=True, check=True, timeout=600)
+        times["bare_ort"] += json.loads(bare.stdout.splitlines()[-1])
         for kind, (path, body, headers) in paths.items():
-            started = time.perf_counter()
-            conn.request("POST", path, body, headers)
-            resp = conn.getresponse()
-            resp.read()
-            times[kind].append((time.perf_counter() - started) * 1000)
-            if resp.status != 200:
-                raise RuntimeError(f"{path} answered {resp.status}")
+            for _ in range(n // 3):
+                started = time.perf_counter()
+                conn.request("POST", path, body, headers)
+                resp = conn.getresponse()
+                resp.read()
+                times[kind].append((time.perf_counter() - started) * 1000)
+                if resp.status != 200:
+                    raise RuntimeError(f"{path} answered {resp.status}")
     api.stop()
     serving.activate(None)
     p50 = {k: statistics.median(v) for k, v in times.items()}
@@ -433,6 +436,24 @@ def _served(model_dir: Path, model: bytes, name: str, feed: dict[str, Any], n: i
         out |= {f"{kind}_p50_ms": round(p50[kind], 3), f"{kind}_overhead_p50_ms": round(over, 3),
                 f"{kind}_overhead_over_inference": round(over / p50["bare_ort"], 3)}
     return out
+
+
+def bare_ort(model: Path, feed: Path, n: int) -> None:
+    """Time ``n`` runs of a bare onnxruntime session and print the milliseconds of each
+    as JSON."""
+    import onnxruntime as ort
+
+    from controller.registry.inputs import read_samples
+
+    (given,) = read_samples(feed.read_bytes())
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    session.run(None, given)
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        session.run(None, given)
+        times.append((time.perf_counter() - started) * 1000)
+    print(json.dumps(times))
 
 
 def private_broker(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -484,9 +505,12 @@ def main() -> None:
                         help="processes the fleet's devices are spread over")
     parser.add_argument("--probation", type=float, default=1.0,
                         help="each fleet device's probation, seconds")
-    parser.add_argument("--role", choices=["harness", "device", "fleet", "bare-sub"],
+    parser.add_argument("--role", choices=["harness", "device", "fleet", "bare-sub",
+                                           "bare-ort"],
                         default="harness")
     parser.add_argument("--enrolment", type=Path)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--feed", type=Path)
     parser.add_argument("--state-dir", type=Path)
     parser.add_argument("--topic")
     parser.add_argument("--bytes", type=int)
@@ -496,6 +520,9 @@ def main() -> None:
         return
     if args.role == "fleet":
         fleet_devices(args.enrolment, args.state_dir, args.chunk_kib * 1024, args.probation)
+        return
+    if args.role == "bare-ort":
+        bare_ort(args.model, args.feed, args.requests)
         return
     if args.role == "bare-sub":
         bare_subscriber(args.mqtt, args.topic, args.bytes)

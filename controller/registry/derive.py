@@ -99,7 +99,10 @@ class _OnnxJob:
         del session
         feeds = self._feeds(model_inputs)
         self.samples.write_bytes(inputs.write_samples(feeds))
-        expected, ram = self._run(self.source)
+        try:
+            expected, ram = self._run(self.source)
+        except measure.MeasureError as exc:
+            raise DeriveError(f"the model cannot run on its sample inputs: {exc}") from None
         self.metric = fidelity.primary_metric(outputs, self.spec.get("metric"))
         self.expected = expected
         # the operator's smoke test whole; else the first of the samples

@@ -382,3 +382,20 @@ def test_targets_json_grows_by_less_than_2_kib_per_version(client, settings) -> 
         sizes.append(targets.stat().st_size)
     growth = [b - a for a, b in itertools.pairwise(sizes)]
     assert all(0 < g < 2048 for g in growth), growth
+
+
+def test_a_model_that_fails_on_its_samples_fails_the_version_and_says_why(client) -> None:
+    from onnx import TensorProto, helper
+
+    # loads, but Reshape to [7] fails on any real input of 128 values
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7])],
+        [helper.make_tensor("shape", TensorProto.INT64, [1], [7])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    push(client, "bad", "1.0.0", model.SerializeToString(), "bad.onnx")
+    shown = ready(client, "bad", "1.0.0")
+    assert (shown["status"], shown["deployable"]) == ("failed", False)
+    assert "the model cannot run on its sample inputs" in shown["job"]["message"]
