@@ -18,6 +18,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from shared import smoke
+
 HEADER = "Inference-Header-Content-Length"
 #: v2 datatype -> (numpy dtype name, struct code)
 DATATYPES = {"BOOL": ("bool", "?"), "UINT8": ("uint8", "B"), "INT8": ("int8", "b"),
@@ -25,10 +27,6 @@ DATATYPES = {"BOOL": ("bool", "?"), "UINT8": ("uint8", "B"), "INT8": ("int8", "b
              "INT32": ("int32", "i"), "UINT64": ("uint64", "Q"), "INT64": ("int64", "q"),
              "FP16": ("float16", "e"), "FP32": ("float32", "f"), "FP64": ("float64", "d")}
 _BY_NUMPY = {numpy: v2 for v2, (numpy, _) in DATATYPES.items()}
-#: ONNX input types (onnxruntime's spelling) -> v2 datatype
-ONNX_TYPES = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
-              "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(int8)": "INT8",
-              "tensor(uint8)": "UINT8", "tensor(bool)": "BOOL"}
 
 #: numpy dtype name, shape, raw little-endian bytes (a view into the request body when
 #: parsed from one: the worker copies it once, into its shared buffer)
@@ -150,7 +148,7 @@ def declared_bytes(inputs: dict[str, dict[str, Any]]) -> int | None:
     (``{name: {"type", "shape"}}``); None when a dimension is dynamic."""
     total = 0
     for spec in inputs.values():
-        v2 = ONNX_TYPES.get(spec.get("type", ""))
+        v2 = _BY_NUMPY.get(smoke.ONNX_DTYPES.get(spec.get("type", ""), ""))
         shape = spec.get("shape") or []
         if v2 is None or not all(isinstance(d, int) and d > 0 for d in shape):
             return None

@@ -29,31 +29,17 @@ from cli.demo import free_port, wait_until  # noqa: E402
 
 
 def bench_model(client: Any, name: str, variants: list[str], tmp: Path) -> dict[str, Any]:
-    from controller.registry.inputs import write_samples
-    from controller.registry.inspect import fold_external_data
     from tests.support import corpus
 
     entry = corpus.build(name)
-    path = entry.path
-    if path.suffix == ".onnx" and fold_external_data(path, tmp / path.name):
-        path = tmp / path.name
     started = time.perf_counter()
-    up = client.post("/api/v1/uploads", params={"filename": path.name},
-                     content=path.read_bytes()).json()
-    body: dict[str, Any] = {"upload": up["sha256"]}
-    if entry.path.suffix == ".onnx" and name != "fp16":  # GGUF and fp16: their defaults
-        body["variants"] = variants
-    if entry.prompts:
-        body["smoke_test"] = {"inputs": list(entry.prompts)}
-    if entry.samples:
-        body["samples"] = client.post("/api/v1/uploads", params={"kind": "samples"},
-                                      content=write_samples(entry.samples)).json()["sha256"]
-    if entry.push_metric:
-        body["metric"] = entry.push_metric
-    ref = name.replace("_", "-")
-    created = client.post(f"/api/v1/models/{ref}/versions/1.0.0", json=body)
+    # GGUF and fp16 sources get their defaults; other ONNX models every variant asked for
+    body: dict[str, Any] = {} if entry.path.suffix != ".onnx" or name == "fp16" else {
+        "variants": variants}
+    created = corpus.push(client, entry, "1.0.0", tmp, **body)
     if created.status_code != 201:
         raise RuntimeError(f"{name}: {created.text}")
+    ref = corpus.ref(entry)
     pushed = time.perf_counter()
 
     shown: dict[str, Any] = {}

@@ -192,7 +192,6 @@ class Variant(Base):
     created_at: Mapped[datetime]
     derived_from: Mapped[str | None] = mapped_column(String(64))  # the source variant's name
     comparison: Mapped[dict[str, Any] | None]  # against the source, on the smoke inputs
-    expected: Mapped[list[Any] | None] = mapped_column(JsonType)  # (unused since 0006)
     #: the variant's smoke test (``shared.smoke``'s file: inputs and its expected outputs)
     smoke_sha256: Mapped[str | None] = mapped_column(String(64))
     smoke_size: Mapped[int | None] = mapped_column(BigInteger)

@@ -6,6 +6,7 @@ The format is taken from the content (GGUF files start with ``GGUF``), and a fil
 whose name says otherwise is refused as mislabelled.
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ def _inspect_onnx(path: Path, *, checker: bool) -> ArtifactInfo:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - onnx raises many types for bad input
-        raise InvalidModel(f"not a valid ONNX model: {_first_line(exc)}") from None
+        raise InvalidModel(f"not a valid ONNX model: {first_line(exc)}") from None
     if external := external_data(model):
         raise InvalidModel(f"its weights are in external data files ({', '.join(external)}), "
                            "which an upload cannot carry; push it with 'edgefleet model "
@@ -65,12 +66,12 @@ def _inspect_onnx(path: Path, *, checker: bool) -> ArtifactInfo:
         if checker:
             onnx.checker.check_model(str(path))
     except Exception as exc:  # noqa: BLE001
-        raise InvalidModel(f"not a valid ONNX model: {_first_line(exc)}") from None
+        raise InvalidModel(f"not a valid ONNX model: {first_line(exc)}") from None
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        raise InvalidModel(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        raise InvalidModel(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+    opset = opset_of(model)
     ops = {node.op_type for node in model.graph.node}
     dtypes = [init.data_type for init in model.graph.initializer]
     if ops & _ONNX_QUANT_OPS:
@@ -96,7 +97,7 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
         reader = gguf.GGUFReader(str(path))
         arch = _field_str(reader, "general.architecture")
     except Exception as exc:  # noqa: BLE001 - a truncated file fails in many ways
-        raise InvalidModel(f"not a valid GGUF file: {_first_line(exc)}") from None
+        raise InvalidModel(f"not a valid GGUF file: {first_line(exc)}") from None
     known = set(gguf.MODEL_ARCH_NAMES.values())
     if arch not in known:
         raise InvalidModel(f"GGUF architecture {arch!r} is not one llama.cpp knows")
@@ -115,21 +116,35 @@ def external_data(model: Any) -> list[str]:
     """The external data files an ``onnx.ModelProto`` (loaded without them) refers to."""
     import onnx
 
-    graphs, files = [model.graph], set()
-    while graphs:
-        graph = graphs.pop()
+    files: set[str] = set()
+    for graph in graphs(model):
         tensors = list(graph.initializer) + [a.t for n in graph.node for a in n.attribute
                                              if a.type == onnx.AttributeProto.TENSOR]
         for t in tensors:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 files |= {e.value for e in t.external_data if e.key == "location"}
-        for n in graph.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    graphs.append(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    graphs.extend(a.graphs)
     return sorted(files)
+
+
+def graphs(model: Any) -> Iterator[Any]:
+    """An ``onnx.ModelProto``'s main graph and every subgraph (``If``, ``Loop``, ...)."""
+    import onnx
+
+    pending = [model.graph]
+    while pending:
+        graph = pending.pop()
+        yield graph
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    pending.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    pending.extend(a.graphs)
+
+
+def opset_of(model: Any) -> int:
+    """The default-domain opset an ``onnx.ModelProto`` is stamped with (0 if none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def fold_external_data(path: Path, out: Path) -> bool:
@@ -150,7 +165,7 @@ def fold_external_data(path: Path, out: Path) -> bool:
         onnx.save(model, str(out))
     except Exception as exc:  # noqa: BLE001
         raise InvalidModel(f"cannot fold the external data into the model: "
-                           f"{_first_line(exc)}") from None
+                           f"{first_line(exc)}") from None
     return True
 
 
@@ -196,6 +211,7 @@ def _dominant_tensor_type(reader: Any) -> str:
     return max(counts, key=lambda k: counts[k]) if counts else "unknown"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), for operators."""
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__

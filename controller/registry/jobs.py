@@ -108,7 +108,7 @@ class JobRunner:
         try:
             result, error = self._run_worker(job_id, dict(spec, workdir=str(workdir)), workdir)
             if result is not None:
-                self._finish(job_id, result)
+                self._finish(job_id)
             else:
                 self._set(job_id, state="failed", message=error, finished_at=self._clock())
         except Exception as exc:
@@ -214,8 +214,8 @@ class JobRunner:
             session.flush()
             service.publish_targets(session, self._trust, now=self._clock())
 
-    def _finish(self, job_id: str, result: dict[str, Any]) -> None:
-        del result  # everything was stored as the worker reported it
+    def _finish(self, job_id: str) -> None:
+        """Mark the job done (everything was stored as the worker reported it)."""
         with transaction(self._sessions) as session:
             job = session.get(Job, job_id)
             if job is None:

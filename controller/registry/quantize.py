@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from controller.registry.inspect import first_line, graphs, opset_of
+
 #: ops that show a model computes (or stores weights) in 8-bit integers
 INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
                       "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv",
@@ -36,15 +38,14 @@ def preprocess(source: Path, out: Path) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     _quiet()
-    last: Exception | None = None
-    for symbolic in (False, True):  # symbolic shape inference fails on some graphs
+    try:
+        quant_pre_process(str(source), str(out))
+    except Exception:  # noqa: BLE001 - symbolic shape inference fails on some graphs
         try:
-            quant_pre_process(str(source), str(out), skip_symbolic_shape=symbolic)
+            quant_pre_process(str(source), str(out), skip_symbolic_shape=True)
         except Exception as exc:  # noqa: BLE001 - the tools raise many types
-            last = exc
-            continue
-        return out
-    raise BuildError(f"pre-processing failed: {_first_line(last)}")
+            raise BuildError(f"pre-processing failed: {first_line(exc)}") from None
+    return out
 
 
 def int8_dynamic(prepared: Path, out: Path) -> Path:
@@ -57,7 +58,7 @@ def int8_dynamic(prepared: Path, out: Path) -> Path:
         quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8,
                          per_channel=True, extra_options={"MatMulConstBOnly": True})
     except Exception as exc:  # noqa: BLE001
-        raise BuildError(f"dynamic int8 quantisation failed: {_first_line(exc)}") from None
+        raise BuildError(f"dynamic int8 quantisation failed: {first_line(exc)}") from None
     return out
 
 
@@ -81,10 +82,11 @@ def int8_static(prepared: Path, out: Path, feeds: list[dict[str, Any]]) -> Path:
     try:
         # per-channel scales need DequantizeLinear's axis, which opset 13 introduced
         quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=_opset(prepared) >= 13, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                        per_channel=opset_of(_load(prepared)) >= 13,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
     except Exception as exc:  # noqa: BLE001
-        raise BuildError(f"static int8 quantisation failed: {_first_line(exc)}") from None
+        raise BuildError(f"static int8 quantisation failed: {first_line(exc)}") from None
     return out
 
 
@@ -97,15 +99,14 @@ def fp16(prepared: Path, out: Path) -> Path:
         model = convert_float_to_float16(onnx.load(str(prepared)), keep_io_types=True)
         onnx.save(model, str(out))
     except Exception as exc:  # noqa: BLE001
-        raise BuildError(f"fp16 conversion failed: {_first_line(exc)}") from None
+        raise BuildError(f"fp16 conversion failed: {first_line(exc)}") from None
     return out
 
 
-def _opset(model_path: Path) -> int:
+def _load(model_path: Path) -> Any:
     import onnx
 
-    model = onnx.load(str(model_path), load_external_data=False)
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return onnx.load(str(model_path), load_external_data=False)
 
 
 def has_conv(model_path: Path) -> bool:
@@ -118,29 +119,10 @@ def int8_ops(model_path: Path) -> set[str]:
 
 
 def _ops(model_path: Path) -> set[str]:
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    found: set[str] = set()
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        for node in graph.node:
-            found.add(node.op_type)
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    graphs.append(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    graphs.extend(a.graphs)
-    return found
+    return {node.op_type for graph in graphs(_load(model_path)) for node in graph.node}
 
 
 def _quiet() -> None:
     # the quantisers log each node they skip at WARNING; the job's messages say enough
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
-
-
-def _first_line(exc: BaseException | None) -> str:
-    lines = str(exc).strip().splitlines() if exc is not None else []
-    return lines[0][:300] if lines else type(exc).__name__

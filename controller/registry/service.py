@@ -122,7 +122,7 @@ def describe(session: Session, version: ModelVersion, signed: Collection[str]) -
     return VersionView(
         name=version.model_name, version=version.version, created_at=version.created_at,
         created_by=version.created_by, labels=version.labels, status=status,
-        deployable=deployable(session, version),
+        deployable=_deployable(session, version, status),
         job=None if job is None else {"id": job.id, "state": job.state,
                                       "progress": job.progress, "message": job.message},
         smoke_test=None if test is None else {
@@ -159,7 +159,10 @@ def deployable(session: Session, version: ModelVersion) -> bool:
     """Whether devices can be given the version: its source is validated, signed and
     has run on the sample inputs (its smoke test is complete), whatever becomes of the
     derived variants still being built."""
-    status, _ = version_status(session, version)
+    return _deployable(session, version, version_status(session, version)[0])
+
+
+def _deployable(session: Session, version: ModelVersion, status: str) -> bool:
     return status == "ready" or (status == "processing" and _source_ran(session, version))
 
 

@@ -1,6 +1,8 @@
 """Derivation as the pusher asked for it: samples, declared inputs, variants, a quality
 floor; the variants that were refused and why; memory measured per variant; smoke tests
-as blobs of their own (signed as targets of their own).
+as blobs of their own (signed as targets of their own), which replace the expected
+outputs kept inline on each variant. Versions pushed before this revision keep their
+variants but no longer carry a smoke test to devices; push them again to get one.
 
 Revision ID: 0006
 Revises: 0005
@@ -29,10 +31,12 @@ def upgrade() -> None:
                                server_default=sa.false()))
         t.add_column(sa.Column("smoke_sha256", sa.String(64), nullable=True))
         t.add_column(sa.Column("smoke_size", sa.BigInteger(), nullable=True))
+        t.drop_column("expected")
 
 
 def downgrade() -> None:
     with op.batch_alter_table("variants") as t:
+        t.add_column(sa.Column("expected", JSON, nullable=True))
         t.drop_column("smoke_size")
         t.drop_column("smoke_sha256")
         t.drop_column("ram_measured")

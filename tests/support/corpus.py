@@ -96,6 +96,40 @@ def build(name: str) -> Entry:
                  extra=tuple(out / f for f in info.get("extra", [])))
 
 
+def push(client: Any, entry: Entry, version: str, tmp: Path, **body: Any) -> Any:
+    """Push ``entry`` through the API (a FastAPI TestClient) as its user would: its
+    samples (unless inputs are declared), its prompts as the smoke test, its own metric
+    if it names one, external data folded in as ``edgefleet model push`` does. Returns
+    the registration's response; raises if an upload is refused."""
+    from controller.registry.inputs import write_samples
+    from controller.registry.inspect import fold_external_data
+
+    def upload(data: bytes, **params: str) -> str:
+        r = client.post("/api/v1/uploads", params=params, content=data,
+                        headers={"Content-Type": "application/octet-stream"})
+        if r.status_code != 201:
+            raise RuntimeError(f"{entry.name}: upload refused: {r.text}")
+        return str(r.json()["sha256"])
+
+    path = entry.path
+    if path.suffix == ".onnx" and fold_external_data(path, tmp / path.name):
+        path = tmp / path.name
+    model = upload(path.read_bytes(), filename=path.name)
+    if entry.prompts:
+        body.setdefault("smoke_test", {"inputs": list(entry.prompts)})
+    if entry.samples and "inputs" not in body:
+        body["samples"] = upload(write_samples(entry.samples), kind="samples")
+    if entry.push_metric:
+        body.setdefault("metric", entry.push_metric)
+    return client.post(f"/api/v1/models/{ref(entry)}/versions/{version}",
+                       json={"upload": model, **body})
+
+
+def ref(entry: Entry) -> str:
+    """The model name an entry is registered under."""
+    return entry.name.replace("_", "-")
+
+
 def _save_samples(out: Path, feeds: list[dict[str, Any]]) -> None:
     from controller.registry.inputs import write_samples
 

@@ -13,8 +13,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from controller.api.app import create_app
-from controller.registry.inputs import write_samples
-from controller.registry.inspect import fold_external_data
 from controller.runtime import Runtime
 from tests.conftest import Backend
 from tests.controller.registry.test_push import ready
@@ -40,21 +38,7 @@ def upload(client: TestClient, data: bytes, **params: str) -> dict:
     return r.json()
 
 
-def push(client: TestClient, entry: corpus.Entry, version: str, tmp_path: Path, **body):
-    """Push a corpus model as its user would: its samples, its own metric if it names
-    one, external data folded in as ``edgefleet model push`` does."""
-    path = entry.path
-    if path.suffix == ".onnx" and fold_external_data(path, tmp_path / path.name):
-        path = tmp_path / path.name
-    model = upload(client, path.read_bytes(), filename=path.name)
-    if entry.prompts:
-        body.setdefault("smoke_test", {"inputs": list(entry.prompts)})
-    if entry.samples and "inputs" not in body:
-        body["samples"] = upload(client, write_samples(entry.samples), kind="samples")["sha256"]
-    if entry.push_metric:
-        body.setdefault("metric", entry.push_metric)
-    return client.post(f"/api/v1/models/{entry.name.replace('_', '-')}/versions/{version}",
-                       json={"upload": model["sha256"], **body})
+push = corpus.push
 
 
 @pytest.mark.parametrize("name", CORPUS)
