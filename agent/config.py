@@ -31,6 +31,10 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     probation_s: float = 30.0  # how long a new model is watched before it is committed
     fetch_chunk_bytes: int = 256 * 1024  # per MQTT fetch request (the controller caps 1 MiB)
+    #: the memory models may use on this box, where that is less than the host has (a box
+    #: shared with other work, a container limit): reported as the device's RAM, so the
+    #: registry picks a variant that fits it, and checked before a model is installed
+    memory_limit_bytes: int | None = None
 
     @classmethod
     def load(cls, path: Path, *, env: dict[str, str] | None = None) -> "AgentConfig":
@@ -52,6 +56,7 @@ class AgentConfig:
             "health_interval_s": env.get("EDGEFLEET_AGENT_HEALTH_INTERVAL"),
             "probation_s": env.get("EDGEFLEET_AGENT_PROBATION"),
             "fetch_chunk_bytes": env.get("EDGEFLEET_AGENT_FETCH_CHUNK"),
+            "memory_limit_bytes": env.get("EDGEFLEET_AGENT_MEMORY_LIMIT"),
         }
         raw.update({k: v for k, v in overrides.items() if v is not None})
         try:
@@ -65,6 +70,8 @@ class AgentConfig:
                 labels={str(k): str(v) for k, v in dict(raw.get("labels", {})).items()},
                 probation_s=float(raw.get("probation_s", 30.0)),
                 fetch_chunk_bytes=int(raw.get("fetch_chunk_bytes", 256 * 1024)),
+                memory_limit_bytes=(int(raw["memory_limit_bytes"])
+                                    if raw.get("memory_limit_bytes") is not None else None),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
@@ -78,6 +85,8 @@ class AgentConfig:
             lines.append(f"health_interval_s = {self.health_interval_s}")
         if self.mqtt_url:
             lines.append(f"mqtt_url = {_toml_str(self.mqtt_url)}")
+        if self.memory_limit_bytes is not None:
+            lines.append(f"memory_limit_bytes = {self.memory_limit_bytes}")
         lines.append("\n[labels]")
         lines += [f"{_toml_str(k)} = {_toml_str(v)}" for k, v in sorted(self.labels.items())]
         return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -31,7 +32,7 @@ def run(config_path: Path) -> None:
     serving = Serving()
     session = DeviceSession(
         identity,
-        capabilities=lambda: probe.capabilities(config.state_dir),
+        capabilities=lambda: probe.capabilities(config.state_dir, config.memory_limit_bytes),
         health=lambda seq, now: probe.health(seq, now, config.state_dir,
                                              serving.health() | installer.health()),
         labels=config.labels,
@@ -43,7 +44,8 @@ def run(config_path: Path) -> None:
     installer = Installer(config.state_dir, updater=link.updater,
                           reporter=SessionReporter(session, client, serving.metrics),
                           serving=serving, download=link.download,
-                          probation_s=config.probation_s)
+                          probation_s=config.probation_s,
+                          ram_free=_ram_free(serving, config.memory_limit_bytes))
     link.progress = installer.progress  # download progress events
     session.generation = installer.install.generation
     session.on_desired = installer.want
@@ -83,6 +85,21 @@ def run(config_path: Path) -> None:
         link.close()
 
 
+def _ram_free(serving: Serving, limit: int | None) -> Callable[[], int] | None:
+    """What a new model may take: the host's available memory, and within a memory
+    limit, what the running model leaves of it (None: the installer's default)."""
+    if limit is None:
+        return None
+
+    def free() -> int:
+        import psutil
+
+        used = serving.worker_rss() or 0
+        return max(0, min(int(psutil.virtual_memory().available), limit - used))
+
+    return free
+
+
 class SessionReporter:
     """Install news to the controller: an event per step, the reported state at the end."""
 
@@ -97,4 +114,4 @@ class SessionReporter:
         self._metrics.installs.labels(install.state.value).inc()
         self._session.send_reported(self._client, ReportedState(
             generation=install.generation, model=install.model, version=install.version,
-            variant=install.variant, state=install.state.value, detail=install.reason[:2048]))
+            variant=install.variant, state=install.state, detail=install.reason[:2048]))

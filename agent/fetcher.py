@@ -12,7 +12,9 @@ Updater's signed target info.
 """
 
 import hashlib
+import json
 import logging
+import os
 import secrets
 import tempfile
 import threading
@@ -26,6 +28,7 @@ from tuf.api import exceptions
 from tuf.api.metadata import TargetFile
 from tuf.ngclient.fetcher import FetcherInterface
 
+from agent.faults import crash_point
 from shared.errors import ProtocolError
 from shared.fetch import (
     DEFAULT_CHUNK,
@@ -35,8 +38,14 @@ from shared.fetch import (
     encode_request,
     target_digest,
 )
+from shared.files import write_atomic
 
 log = logging.getLogger(__name__)
+
+#: how often a growing download is synced and its length recorded (its resume points)
+CHECKPOINT = 4 << 20
+#: where in a download the ``download_half`` crash point fires (the resume tests)
+RESUME_TEST_CRASH = 0.5
 
 META_URL = "mqtt:meta/"
 TARGETS_URL = "mqtt:targets/"
@@ -223,24 +232,41 @@ class MqttFetcher(FetcherInterface):
         check its length and every hash it lists, as python-tuf's
         ``TargetFile.verify_length_and_hashes`` does, hashing each chunk as it arrives.
         ``Updater.download_target`` spools the file, then reads it again to hash it and a
-        third time to copy it: a third of a 50 MiB download's time here. A file that fails
-        the check is removed."""
+        third time to copy it: a third of a 50 MiB download's time here.
+
+        The file grows as ``<dest>.part``; every ``CHECKPOINT`` bytes it is synced and
+        its length recorded in ``<dest>.part.json``. A download cut short (the agent
+        killed, the power lost, the link down past every retry) keeps both, and the next
+        one re-hashes that prefix and asks only for what follows it. A file that fails
+        the check is removed, prefix and all."""
         directory, sep, name = info.path.rpartition("/")
         # consistent snapshots, as the controller signs them: the digest prefixes the name
         url = f"{TARGETS_URL}{directory}{sep}{info.hashes['sha256']}.{name}"
         digests = {algo: _hasher(algo) for algo in info.hashes}
+        part, mark = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.json")
+        start = _kept_prefix(part, mark, info.length, digests.values())
+        if start:
+            log.info("resuming %s at byte %d of %d (re-hashed what was kept)", info.path,
+                     start, info.length)
         try:
-            with dest.open("wb") as out:
-                received = self._write(url, info.length, out, digests.values())
+            with part.open("r+b" if start else "wb") as out:
+                out.seek(start)
+                out.truncate()
+                received = self._write(url, info.length, out, digests.values(), start=start,
+                                       checkpoint=lambda n: _checkpoint(out, mark, n))
             _check_length_and_hashes(info, received, digests)
-        except BaseException:
-            dest.unlink(missing_ok=True)
+        except exceptions.LengthOrHashMismatchError:
+            _forget(part, mark)
             raise
+        os.replace(part, dest)
+        mark.unlink(missing_ok=True)
 
     def _write(self, url: str, max_length: int, out: IO[bytes],
-               digests: Iterable[Any] = ()) -> int:
-        received = 0
-        for chunk in self.fetch(url):
+               digests: Iterable[Any] = (), *, start: int = 0,
+               checkpoint: Callable[[int], None] | None = None) -> int:
+        received, synced = start, start
+        chunks = self.fetch(url) if not start else self._fetch_from(url, start)
+        for chunk in chunks:
             received += len(chunk)
             if received > max_length:
                 raise exceptions.DownloadLengthMismatchError(
@@ -249,9 +275,18 @@ class MqttFetcher(FetcherInterface):
             out.write(chunk)
             for digest in digests:
                 digest.update(chunk)
+            if checkpoint is not None and received - synced >= CHECKPOINT:
+                checkpoint(received)
+                synced = received
+            if received >= max_length * RESUME_TEST_CRASH and received - len(chunk) < \
+                    max_length * RESUME_TEST_CRASH:
+                crash_point("download_half")
         return received
 
     def _fetch(self, url: str) -> Iterator[bytes]:
+        return self._fetch_from(url, 0)
+
+    def _fetch_from(self, url: str, start: int) -> Iterator[bytes]:
         if not url.startswith("mqtt:"):
             raise exceptions.DownloadError(f"not an MQTT URL: {url}")
         path = url.removeprefix("mqtt:")
@@ -261,7 +296,7 @@ class MqttFetcher(FetcherInterface):
             return
         self._channel.watch(sha)
         try:
-            yield from self._windowed(path)
+            yield from self._windowed(path, start)
         finally:
             self._channel.unwatch(sha)
 
@@ -281,7 +316,7 @@ class MqttFetcher(FetcherInterface):
             offset += len(data)
             yield data
 
-    def _windowed(self, path: str) -> Iterator[bytes]:
+    def _windowed(self, path: str, start: int = 0) -> Iterator[bytes]:
         """Keep up to ``window`` chunks asked for ahead, in runs of half a window.
 
         A device that joins while the blob is being broadcast for others keeps what flows
@@ -289,15 +324,15 @@ class MqttFetcher(FetcherInterface):
         other late joiners, so one republication serves them all. After a miss it asks
         again for a few chunks, to itself alone; it gives up only when nothing has
         arrived for ``stall_s``."""
-        offset, total, asked_to, misses = 0, None, 0, 0
+        offset, total, asked_to, misses = start, None, start, 0
         run = max(1, self._window // 2)
         progress_at = time.monotonic()
         while total is None or offset < total:
             waiting = False
             if total is None:
-                if asked_to == 0:
-                    self._channel.ask(path, 0, self._chunk, retry=misses > 0)
-                    asked_to = self._chunk
+                if asked_to == offset:  # nothing asked yet, or asking again after a miss
+                    self._channel.ask(path, offset, self._chunk, retry=misses > 0)
+                    asked_to = offset + self._chunk
             elif asked_to - offset <= run * self._chunk and asked_to < total:
                 waiting = self._others_flowing(asked_to + run * self._chunk)
                 if not waiting:
@@ -350,6 +385,43 @@ class MqttFetcher(FetcherInterface):
         log.info("no answer for %s at %d (attempt %d of %d); asking again in %.1fs", path,
                  offset, attempt + 1, self._attempts, delay)
         time.sleep(delay)  # backoff between retries, not synchronisation
+
+
+def _kept_prefix(part: Path, mark: Path, length: int, digests: Iterable[Any]) -> int:
+    """The length of the synced prefix of an earlier attempt (0: none), fed to
+    ``digests``; the file is cut back to it (beyond it, a power loss may have left
+    anything)."""
+    try:
+        kept = int(json.loads(mark.read_bytes())["length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        _forget(part, mark)
+        return 0
+    if not 0 < kept < length or not part.exists() or part.stat().st_size < kept:
+        _forget(part, mark)
+        return 0
+    digests = list(digests)
+    with part.open("rb") as f:
+        left = kept
+        while left:
+            block = f.read(min(left, 1 << 20))
+            if not block:
+                _forget(part, mark)
+                return 0
+            left -= len(block)
+            for digest in digests:
+                digest.update(block)
+    return kept
+
+
+def _checkpoint(out: IO[bytes], mark: Path, length: int) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+    write_atomic(mark, json.dumps({"length": length}).encode())
+
+
+def _forget(part: Path, mark: Path) -> None:
+    part.unlink(missing_ok=True)
+    mark.unlink(missing_ok=True)
 
 
 def _check(path: str, offset: int, answer: Answer) -> tuple[int, bytes]:

@@ -63,7 +63,11 @@ class DeviceLink:
     def download(self, info: TargetFile) -> Path:
         """The signed target ``info`` (from a refreshed ``updater()``), downloaded and
         verified, in the download directory (``MqttFetcher.download_verified``)."""
-        path = self._download_dir() / info.hashes["sha256"]
+        sha = info.hashes["sha256"]
+        path = self._download_dir() / sha
+        for other in self._download_dir().glob("*.part*"):  # a model no longer wanted
+            if not other.name.startswith(sha):
+                other.unlink(missing_ok=True)
         self._fetcher().download_verified(info, path)
         return path
 

@@ -61,13 +61,14 @@ def _onnx_providers() -> tuple[str, ...]:
         return ()
 
 
-def capabilities(state_dir: Path) -> Capabilities:
+def capabilities(state_dir: Path, memory_limit: int | None = None) -> Capabilities:
+    total = psutil.virtual_memory().total
     return Capabilities(
         arch=arch(),
         os=platform.system().lower(),
         cpu_count=os.cpu_count() or 1,
         cpu_flags=cpu_flags(),
-        ram_bytes=psutil.virtual_memory().total,
+        ram_bytes=min(total, memory_limit) if memory_limit else total,
         disk_free_bytes=shutil.disk_usage(state_dir).free,
         runtimes=runtimes(),
     )
@@ -90,6 +91,7 @@ def health(seq: int, now: datetime, state_dir: Path, serving: dict[str, Any] | N
     return Health(
         seq=seq, sent_at=now, cpu_percent=psutil.cpu_percent(interval=None),
         mem_used_bytes=mem.total - mem.available, mem_total_bytes=mem.total,
+        agent_rss_bytes=psutil.Process().memory_info().rss,
         disk_free_bytes=shutil.disk_usage(state_dir).free, temperature_c=temperature_c(),
         **(serving or {}),
     )

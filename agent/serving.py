@@ -31,8 +31,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agent import kserve
 from agent.metrics import AgentMetrics
 from agent.runtime import BadRequest, ModelWorker, RuntimeCrashed
-from agent.update.installer import SMOKE_FILE, run_smoke_test
+from agent.update.installer import META_FILE, SMOKE_FILE, run_smoke_test
 from shared import smoke
+from shared.targets import TargetInfo
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,9 @@ _INFER = re.compile(r"^/v1/models/([^/]+)/infer$")
 _INFER_V2 = re.compile(r"^/v2/models/([^/]+)/infer$")
 
 
-def runtime_format(meta: dict[str, Any]) -> str:
-    """What the model worker loads a staged model as (``runtime._load``)."""
-    fmt = str(meta.get("format", "onnx"))
-    if fmt == "gguf" and (meta.get("requirements") or {}).get("gguf_embedding"):
-        return "gguf-embed"
-    return fmt
+def read_meta(model_dir: Path) -> TargetInfo:
+    """The staged model's signed description (``installer.META_FILE``)."""
+    return TargetInfo.model_validate_json((model_dir / META_FILE).read_bytes())
 
 
 class Serving:
@@ -63,7 +61,7 @@ class Serving:
         self.metrics = metrics or AgentMetrics()
         self._lock = threading.Lock()
         self.worker: ModelWorker | None = None
-        self.meta: dict[str, Any] = {}
+        self.meta: TargetInfo | None = None
         self.count = 0
         self.errors = 0
         self._latencies: deque[float] = deque(maxlen=1000)
@@ -72,11 +70,11 @@ class Serving:
         """Load the model in ``model_dir`` (None: serve nothing); raise if it cannot load."""
         new = meta = None
         if model_dir is not None:
-            meta = json.loads((model_dir / "meta.json").read_text())
-            new = self._worker(next(model_dir.glob("model.*")), runtime_format(meta))
+            meta = read_meta(model_dir)
+            new = self._worker(next(model_dir.glob("model.*")), meta.runtime_format)
             new.start()
         with self._lock:  # the figures in health reports are the active model's own
-            old, self.worker, self.meta = self.worker, new, meta or {}
+            old, self.worker, self.meta = self.worker, new, meta
             self.count = self.errors = 0
             self._latencies.clear()
         if old is not None:
@@ -86,7 +84,8 @@ class Serving:
         worker = self.worker
         if worker is None:
             raise LookupError("no model is active")
-        labels = (self.meta.get("model", "none"), self.meta.get("version", "none"))
+        meta = self.meta
+        labels = (meta.model, meta.version) if meta else ("none", "none")
         m = self.metrics
         started = self._clock()
         try:
@@ -109,12 +108,12 @@ class Serving:
         return out
 
     def smoke_test(self, model_dir: Path) -> str | None:
-        meta = json.loads((model_dir / "meta.json").read_text())
+        meta = read_meta(model_dir)
         test = model_dir / SMOKE_FILE
         if not test.exists():
             return None  # a version pushed without one has nothing to check
         try:
-            return run_smoke_test(self.call, meta.get("format", "onnx"),
+            return run_smoke_test(self.call, meta.format,
                                   smoke.decode(test.read_bytes()), self._clock)
         except (BadRequest, RuntimeCrashed, RuntimeError, ValueError) as exc:
             return f"the smoke test could not run: {exc}"
@@ -156,7 +155,20 @@ class Serving:
         meta = self.meta
         return {"inference_count": self.count, "error_count": self.errors,
                 "latency_p50_ms": pick(0.5), "latency_p95_ms": pick(0.95),
-                "active_model": f"{meta['model']}@{meta['version']}" if meta else None}
+                "active_model": meta.ref if meta else None, "model_rss_bytes": self.worker_rss()}
+
+    def worker_rss(self) -> int | None:
+        """Resident memory of the model worker process (None: none is running)."""
+        worker = self.worker
+        pid = worker.pid if worker is not None else None
+        if pid is None:
+            return None
+        import psutil
+
+        try:
+            return int(psutil.Process(pid).memory_info().rss)
+        except psutil.Error:
+            return None
 
 
 class LocalApi:
@@ -202,9 +214,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404, {"error": f"no route {self.path}"})
         meta = self.serving.meta
         models = [] if not meta else [{
-            "id": meta["model"], "object": "model", "version": meta["version"],
-            "variant": meta["variant"], "format": meta["format"],
-            "quantization": meta["quantization"]}]
+            "id": meta.model, "object": "model", "version": meta.version,
+            "variant": meta.variant, "format": meta.format,
+            "quantization": meta.quantization}]
         return self._send(200, {"object": "list", "data": models})
 
     def do_POST(self) -> None:
@@ -240,10 +252,10 @@ class _Handler(BaseHTTPRequestHandler):
             inputs = body.get("inputs")
             if not isinstance(inputs, dict):
                 raise BadRequest('the body must be {"inputs": {name: values}}')
-            return 200, {"model": meta["model"], "version": meta["version"],
+            return 200, {"model": meta.model, "version": meta.version,
                          "outputs": self.serving.call("infer", inputs=inputs)}
         if self.path in ("/v1/completions", "/v1/chat/completions"):
-            if not meta or meta["format"] != "gguf":
+            if not meta or meta.format != "gguf":
                 raise LookupError("no GGUF model is loaded")
             args = {"max_tokens": int(body.get("max_tokens", 16)),
                     "temperature": float(body.get("temperature", 0.0))}
@@ -256,12 +268,12 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, self.serving.call("chat", messages=body["messages"], **args)
         raise LookupError(f"no route {self.path}")
 
-    def _onnx_model(self, name: str) -> dict[str, Any]:
+    def _onnx_model(self, name: str) -> TargetInfo:
         """The active model's description if it is the ONNX model ``name``."""
         meta = self.serving.meta
-        if not meta or name != meta["model"]:
+        if not meta or name != meta.model:
             raise LookupError(f"model {name!r} is not loaded")
-        if meta["format"] != "onnx":
+        if meta.format != "onnx":
             raise BadRequest("this is a GGUF model: use /v1/completions")
         return meta
 
@@ -272,7 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
             meta = self._onnx_model(match.group(1))
             request = kserve.parse(raw, self.headers.get(kserve.HEADER))
             outputs = self.serving.call("infer_raw", inputs=request.inputs)
-            data, header = kserve.response(meta["model"], meta["version"], outputs,
+            data, header = kserve.response(meta.model, meta.version, outputs,
                                            binary=request.binary_outputs,
                                            request_id=request.id)
         except (kserve.ProtocolError, BadRequest) as exc:

@@ -21,6 +21,7 @@ from shared.messages import (
     Event,
     Health,
     Hello,
+    InstallState,
     Presence,
     ReportedState,
     encode,
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 HELLO_EVERY = 30  # health reports
 
 
-def install_outcome(generation: int, state: str, reason: str) -> dict[str, Any]:
+def install_outcome(generation: int, state: InstallState, reason: str) -> dict[str, Any]:
     """The install outcome as repeated in every health report (``Health.install_*``)."""
     if generation == 0:
         return {}

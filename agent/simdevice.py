@@ -17,6 +17,7 @@ from datetime import datetime
 
 from agent.session import DeviceSession, Publisher, install_outcome
 from shared.messages import DesiredState, Health, ReportedState
+from shared.messages import InstallState as S
 
 Schedule = Callable[[float, Callable[[], None]], None]  # run a callback after a delay
 
@@ -70,7 +71,7 @@ class SimDevice:
         self.active: tuple[str, str, str | None] | None = None  # model, version, variant
         self.requests = self.errors = 0
         self._counted_at: datetime | None = None
-        self.outcome: tuple[int, str, str] = (0, "idle", "")  # generation, state, reason
+        self.outcome: tuple[int, S, str] = (0, S.IDLE, "")  # generation, state, reason
 
     def bind(self, session: DeviceSession, client: Publisher) -> None:
         """Serve ``session``'s desired states, reporting over ``client``."""
@@ -85,33 +86,33 @@ class SimDevice:
     def on_desired(self, desired: DesiredState) -> None:
         """A verified desired state: play the install steps, one per ``step_s``."""
         if desired.target is None or desired.model is None:
-            self.schedule(0, lambda: self._finish(desired, "committed", ""))
+            self.schedule(0, lambda: self._finish(desired, S.COMMITTED, ""))
             return
         fault = self._fault(f"{desired.model}@{desired.version}")
         previous = self.active
-        steps = ["downloading", "verifying", "staging", "activating", "smoke_test"]
+        steps = [S.DOWNLOADING, S.VERIFYING, S.STAGING, S.ACTIVATING, S.SMOKE_TEST]
         if not desired.rollback:
-            steps.append("probation")
+            steps.append(S.PROBATION)
 
         def step(i: int) -> None:
             if not self._current(desired):
                 return  # superseded
             if i == len(steps):
-                self._finish(desired, "committed", "")
+                self._finish(desired, S.COMMITTED, "")
                 return
             kind = steps[i]
-            self._event(kind, desired.generation, desired.target or "")
-            if kind == "verifying" and fault.install:
-                self._finish(desired, "failed", "download_refused: simulated fault")
+            self._event(kind.value, desired.generation, desired.target or "")
+            if kind == S.VERIFYING and fault.install:
+                self._finish(desired, S.FAILED, "download_refused: simulated fault")
                 return
-            if kind == "activating":
+            if kind == S.ACTIVATING:
                 self._activate((desired.model or "", desired.version or "", desired.variant))
-            if kind == "smoke_test" and fault.smoke:
+            if kind == S.SMOKE_TEST and fault.smoke:
                 self._activate(previous)
-                self._finish(desired, "rolled_back", "smoke_test_failed: simulated fault on "
+                self._finish(desired, S.ROLLED_BACK, "smoke_test_failed: simulated fault on "
                              f"{self.profile}")
                 return
-            delay = self.step_s * (1 + self.rng.random()) if kind == "downloading" else \
+            delay = self.step_s * (1 + self.rng.random()) if kind == S.DOWNLOADING else \
                 self.step_s / 2
             self.schedule(delay, lambda: step(i + 1))
 
@@ -121,13 +122,13 @@ class SimDevice:
         self.active = model
         self.requests = self.errors = 0
 
-    def _finish(self, desired: DesiredState, state: str, reason: str) -> None:
+    def _finish(self, desired: DesiredState, state: S, reason: str) -> None:
         if not self._current(desired):
             return
         if desired.model is None:
             self._activate(None)
         self.outcome = (desired.generation, state, reason)
-        self._event(state, desired.generation, reason)
+        self._event(state.value, desired.generation, reason)
         if self.session is not None and self.client is not None:
             self.session.send_reported(self.client, ReportedState(
                 generation=desired.generation, model=desired.model, version=desired.version,
@@ -145,7 +146,7 @@ class SimDevice:
     def health(self, seq: int, now: datetime) -> Health:
         rng = self.rng
         used = int(self.ram_bytes * rng.uniform(0.25, 0.3))
-        p50 = p95 = None
+        p50 = p95 = model_rss = None
         if self.active is not None:
             fault = self._fault(f"{self.active[0]}@{self.active[1]}")
             elapsed = (now - self._counted_at).total_seconds() if self._counted_at else 0
@@ -156,7 +157,8 @@ class SimDevice:
             base = BASE_LATENCY_MS.get(self.profile, 20.0) * fault.latency
             p50, p95 = round(base * rng.uniform(0.95, 1.05), 2), \
                 round(base * 1.6 * rng.uniform(0.95, 1.05), 2)
-            used += int(self.ram_bytes * 0.1 * fault.memory)
+            model_rss = int(self.ram_bytes * 0.1 * fault.memory * rng.uniform(0.97, 1.03))
+            used += model_rss
         self._counted_at = now
         return Health(seq=seq, sent_at=now, cpu_percent=round(rng.uniform(2, 60), 1),
                       mem_used_bytes=used, mem_total_bytes=self.ram_bytes,
@@ -164,5 +166,6 @@ class SimDevice:
                       inference_count=self.requests, error_count=self.errors,
                       latency_p50_ms=p50, latency_p95_ms=p95,
                       active_model=f"{self.active[0]}@{self.active[1]}" if self.active else None,
+                      model_rss_bytes=model_rss,
                       **install_outcome(*self.outcome))
 

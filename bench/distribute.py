@@ -399,12 +399,13 @@ def _served(model_dir: Path, model: bytes, name: str, feed: dict[str, Any], n: i
     then each path, three times) so drifts in the machine fall on all alike."""
     from agent.serving import LocalApi, Serving
     from controller.registry.inputs import write_samples
+    from shared.targets import TargetInfo
 
     model_dir.mkdir()
     (model_dir / "model.onnx").write_bytes(model)
-    (model_dir / "meta.json").write_text(json.dumps({
-        "model": name, "version": "1.0.0", "variant": "source", "format": "onnx",
-        "quantization": "fp32"}))
+    (model_dir / "meta.json").write_text(TargetInfo(
+        model=name, version="1.0.0", variant="source", format="onnx",
+        quantization="fp32").model_dump_json())
     (model_dir / "feed.npz").write_bytes(write_samples([feed]))
     serving = Serving()
     serving.activate(model_dir)

@@ -4,8 +4,9 @@
 registry's choice picks for the device's capabilities) and returns the signed
 envelope to publish, retained, on the device's ``desired`` topic. The caller publishes
 it after the transaction commits; ``envelope`` rebuilds the same bytes from the row,
-so a controller (or an embedded broker) that restarted publishes them again. Functions
-over a session; they never commit and never touch MQTT.
+so a controller (or an embedded broker) that restarted publishes them again. The row
+holds the ``DesiredState`` itself (its JSON dump): what is stored is what is signed.
+Functions over a session; they never commit and never touch MQTT.
 """
 
 from dataclasses import dataclass
@@ -45,25 +46,29 @@ def assign(session: Session, device: Device, version: ModelVersion | None, *, no
     when assigning one version to many devices; ``rollback`` marks a return to what the
     device ran before (it skips probation).
     """
-    desired: dict[str, Any] = {"issued_at": now.isoformat()}
-    if rollback:
-        desired["rollback"] = True
+    fields: dict[str, Any] = {}
     if version is not None:
-        desired |= pick(device, version,
-                        variants if variants is not None else ready_variants(session, version))
-    device.desired_generation += 1
-    device.desired = desired
+        fields = pick(device, version,
+                      variants if variants is not None else ready_variants(session, version))
+    desired = DesiredState(device_id=device.id, generation=device.desired_generation + 1,
+                           issued_at=now, rollback=rollback, **fields)
+    device.desired_generation = desired.generation
+    device.desired = desired.model_dump(mode="json")
     session.flush()
     return Assignment(device.id, envelope(device, signer))
 
 
+def desired_state(device: Device) -> DesiredState | None:
+    """The device's desired state as stored (None: never given one)."""
+    return DesiredState.model_validate(device.desired) if device.desired else None
+
+
 def envelope(device: Device, signer: Signer) -> bytes:
     """The signed desired state of ``device`` as stored (same row, same bytes)."""
-    d = device.desired or {}
-    return seal_desired(signer, DesiredState(
-        device_id=device.id, generation=device.desired_generation, model=d.get("model"),
-        version=d.get("version"), variant=d.get("variant"), target=d.get("target"),
-        issued_at=datetime.fromisoformat(d["issued_at"])))
+    desired = desired_state(device)
+    if desired is None:
+        raise ValueError(f"{device.id} has no desired state to sign")
+    return seal_desired(signer, desired)
 
 
 def published(session: Session) -> list[Device]:

@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from controller.db.engine import transaction
 from controller.db.models import Device, DeviceEvent, HealthBatch, UTCDateTime
-from controller.rollouts.gates import FINAL_OUTCOMES
-from shared.messages import Event, Hello, Message, Presence, ReportedState
+from controller.rollouts import observe
+from shared.messages import DesiredState, Event, Hello, Message, Presence, ReportedState
 from shared.topics import Kind
 
 log = logging.getLogger(__name__)
@@ -212,14 +212,12 @@ def adopt_install_outcomes(session: Session) -> int:
                            .where(Device.desired_generation > known)).all()
     changed = 0
     for device_id, desired, generation, health in rows:
-        h, d = health or {}, desired or {}
-        if h.get("install_generation") != generation or \
-                h.get("install_state") not in FINAL_OUTCOMES:
+        seen = observe.health_outcome(health)
+        if seen is None or seen.generation != generation or not seen.final or not desired:
             continue
-        reported = ReportedState(generation=generation, model=d.get("model"),
-                                 version=d.get("version"), variant=d.get("variant"),
-                                 state=h["install_state"],
-                                 detail=str(h.get("install_reason") or "")[:2048])
+        d = DesiredState.model_validate(desired)
+        reported = ReportedState(generation=generation, model=d.model, version=d.version,
+                                 variant=d.variant, state=seen.state, detail=seen.detail)
         result = session.execute(update(Device).where(Device.id == device_id, known < generation)
                                  .values(reported=reported.model_dump(mode="json")))
         changed += int(result.rowcount)  # type: ignore[attr-defined]

@@ -1,14 +1,18 @@
-"""Every wire message: frozen, versioned, unknown fields ignored.
+"""Every wire message: frozen, versioned, built strictly, decoded leniently.
 
 Each message carries ``v`` (its schema version). A receiver accepts any ``v`` and
 ignores fields it does not know, so a newer sender can add fields without breaking
-an older receiver. Payloads are compact UTF-8 JSON. ``decode`` checks the size
-before it parses and raises only ``ProtocolError`` subclasses.
+an older receiver; a sender that names a field the message does not have is refused
+(``TypeError``) where it builds the message, so a misspelt or forgotten field is a bug
+found at once, not a value lost on the wire. Payloads are compact UTF-8 JSON.
+``decode`` checks the size before it parses and raises only ``ProtocolError``
+subclasses. ``InstallState`` is the one vocabulary of install states and outcomes.
 """
 
 import json
 from collections.abc import Sequence
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,11 +39,50 @@ Count = Annotated[int, Field(ge=0)]
 
 
 class Message(BaseModel):
-    """Base of all wire messages."""
+    """Base of all wire messages: unknown fields are refused when building (the
+    constructor), ignored when decoding (``model_validate*``)."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     v: int = SCHEMA_VERSION
+
+    def __init__(self, **data: Any) -> None:
+        unknown = data.keys() - type(self).model_fields.keys()
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field {', '.join(sorted(unknown))}")
+        super().__init__(**data)
+
+    # pydantic calls an overridden __init__ from model_validate* too, unless it is marked
+    # as the base one: then only the constructor checks, and decoding stays lenient
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+
+class InstallState(StrEnum):
+    """Where a device's install of a desired state is; the last three are its outcome."""
+
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGING = "staging"
+    ACTIVATING = "activating"
+    SMOKE_TEST = "smoke_test"
+    PROBATION = "probation"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        """An outcome: the install is over (the model it names serves, or the old one)."""
+        return self in OUTCOMES
+
+    @property
+    def bad(self) -> bool:
+        """An outcome in which the desired model does not serve."""
+        return self in (InstallState.FAILED, InstallState.ROLLED_BACK)
+
+
+OUTCOMES = frozenset({InstallState.COMMITTED, InstallState.ROLLED_BACK, InstallState.FAILED})
 
 
 class Runtime(Message):
@@ -94,10 +137,14 @@ class Health(Message):
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     active_model: Name | None = None  # "name@version" being served; the registry reads it
+    #: resident memory of the model's worker process (what the memory gate compares) and
+    #: of the agent itself; host-wide use (``mem_used_bytes``) moves with everything else
+    model_rss_bytes: Count | None = None
+    agent_rss_bytes: Count | None = None
     #: the device's install (``ReportedState``) repeated in every report, so an outcome
     #: whose one reported-state message a broker dropped under load still arrives
     install_generation: Count | None = None
-    install_state: Name | None = None
+    install_state: InstallState | None = None
     install_reason: Annotated[str, Field(max_length=256)] | None = None
 
 
@@ -111,8 +158,12 @@ class DesiredState(Message):
     variant: Name | None = None
     target: Annotated[str, Field(max_length=512)] | None = None  # the TUF target to fetch
     issued_at: datetime
+    #: the variant's file, as its signed target pins it: a rollback finds the copy it
+    #: kept by this hash and needs no metadata
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    size: Count | None = None
     #: a rollout giving back what the device ran before: a copy the device kept and had
-    #: already proven, so it skips probation after the smoke test
+    #: already proven, so it fetches nothing and skips probation after the smoke test
     rollback: bool = False
 
 
@@ -123,7 +174,7 @@ class ReportedState(Message):
     model: Name | None = None
     version: Name | None = None
     variant: Name | None = None
-    state: Name
+    state: InstallState
     detail: Annotated[str, Field(max_length=2048)] = ""
 
 

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -29,15 +28,18 @@ from typing import Any, Protocol
 
 from tuf.api import exceptions as tuf_errors
 
+from agent.faults import crash_point
 from agent.session import install_outcome
 from agent.update.machine import RESUME, TERMINAL, Event, State, next_state
-from shared import smoke
+from shared import smoke, targets
 from shared.files import fsync_dir, write_atomic
 from shared.messages import DesiredState
+from shared.targets import TargetInfo
 
 log = logging.getLogger(__name__)
 
 SMOKE_FILE = "smoke.json"
+META_FILE = "meta.json"  # the variant's TargetInfo, as signed
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ class Installer:
     def health(self) -> dict[str, Any]:
         """The last install's outcome, for every health report."""
         install = self.install
-        return install_outcome(install.generation, install.state.value, install.reason)
+        return install_outcome(install.generation, install.state, install.reason)
 
     def active_dir(self) -> Path | None:
         return self.current.resolve() if self.current.is_symlink() else None
@@ -155,7 +157,7 @@ class Installer:
         self._progress_tenth = 0
         return Install(generation=d.generation, state=next_state(State.IDLE, Event.START),
                        model=d.model, version=d.version, variant=d.variant, target=d.target,
-                       previous=self._active_sha(), rollback=d.rollback)
+                       sha256=d.sha256, previous=self._active_sha(), rollback=d.rollback)
 
     def _run(self, install: Install) -> None:
         steps: dict[State, Callable[[Install], Install]] = {
@@ -204,6 +206,14 @@ class Installer:
         and hashes), re-hash it, and stage it under models/<sha256>: downloading ->
         verifying -> staging."""
         assert install.target is not None  # noqa: S101 - checked by _run
+        if install.rollback and install.sha256 and \
+                (self.models / install.sha256 / META_FILE).exists():
+            # the copy it kept was verified when it came; activation re-hashes it against
+            # the signed desired state's hash: no metadata, no download
+            self._reporter.event("rollback", install.generation, f"to the copy of "
+                                 f"{install.target} kept as {install.sha256[:12]}")
+            install = self._step(self._step(install, Event.DOWNLOADED), Event.VERIFIED)
+            return self._step(install, Event.STAGED)
         try:
             updater = self._updater()
             updater.refresh()
@@ -212,18 +222,25 @@ class Installer:
             raise InstallFailed("metadata_refused", f"{type(exc).__name__}: {exc}") from None
         if info is None:
             raise InstallFailed("not_signed", f"{install.target} is not a signed target")
+        try:
+            about = targets.parse(info.custom)
+        except ValueError as exc:
+            raise InstallFailed("not_signed", f"{install.target}'s signed description is "
+                                f"not one this agent reads: {exc}") from None
         sha = info.hashes["sha256"]
-        install = replace(install, sha256=sha, detail={"size": info.length,
-                                                       "custom": info.custom})
+        if install.sha256 is not None and install.sha256 != sha:
+            raise InstallFailed("not_signed", f"the desired state wants {install.sha256} "
+                                f"but {install.target} is signed as {sha}")
+        install = replace(install, sha256=sha, detail={"size": info.length})
         self._save(install)
         staged = self.models / sha
-        ram = int(info.custom.get("ram_estimate_bytes") or 0)
+        ram = about.ram_estimate_bytes
         if ram > (available := self._ram_free()):
             raise InstallFailed("insufficient_memory", f"{install.target} needs about {ram} "
                                 f"bytes of RAM to load beside the running model; "
                                 f"{available} are available")
-        if not (staged / "meta.json").exists():
-            test = self._smoke_target(updater, info)
+        if not (staged / META_FILE).exists():
+            test = self._smoke_target(updater, about)
             needed = 2 * info.length + (test.length if test else 0)
             free = self._disk_free(self.dir)
             if free < needed:
@@ -236,19 +253,15 @@ class Installer:
                 path.unlink(missing_ok=True)
                 raise InstallFailed("hash_mismatch", f"{install.target} changed on disk")
             install = self._step(install, Event.VERIFIED)
-            self._stage(path, staged, info.custom, test_path)
+            self._stage(path, staged, about, test_path)
         else:
             install = self._step(self._step(install, Event.DOWNLOADED), Event.VERIFIED)
         return self._step(install, Event.STAGED)
 
-    def _smoke_target(self, updater: Any, info: Any) -> Any:
+    def _smoke_target(self, updater: Any, about: TargetInfo) -> Any:
         """The signed target of the variant's smoke test, checked against the hash and
         length the variant's own target pins; None if it has none."""
-        try:
-            ref = smoke.SmokeRef.of(info.custom)
-        except ValueError as exc:
-            raise InstallFailed("not_signed", f"the smoke-test reference is malformed: "
-                                f"{exc}") from None
+        ref = about.smoke_test
         if ref is None:
             return None
         try:
@@ -270,15 +283,15 @@ class Installer:
             reason = "insufficient_disk" if exc.errno == 28 else "io_error"
             raise InstallFailed(reason, str(exc)) from None
 
-    def _stage(self, path: Path, staged: Path, custom: dict[str, Any],
+    def _stage(self, path: Path, staged: Path, about: TargetInfo,
                test: Path | None) -> None:
         work = staged.with_name(staged.name + ".tmp")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         if test is not None:
             os.replace(test, work / SMOKE_FILE)
-        os.replace(path, work / f"model.{custom.get('format', 'onnx')}")
-        write_atomic(work / "meta.json", json.dumps(custom).encode())
+        os.replace(path, work / f"model.{about.format}")
+        write_atomic(work / META_FILE, about.model_dump_json().encode())
         fsync_dir(work)
         os.replace(work, staged)
         fsync_dir(self.models)
@@ -305,11 +318,10 @@ class Installer:
         why = self._serving.smoke_test(self.models / install.sha256)
         if why is not None:
             raise InstallFailed("smoke_test_failed", why)
-        return self._step(install, Event.PASSED)
+        # a rollback gives back the model it had before: probation proved it then
+        return self._step(install, Event.PROVEN if install.rollback else Event.PASSED)
 
     def _probation(self, install: Install) -> Install:
-        if install.rollback:  # the model it had before; probation proved it then
-            return self._step(install, Event.PASSED)
         why = self._serving.probation(self._probation_s, self._stop)
         if why is not None:
             raise InstallFailed("regression", why)
@@ -352,7 +364,11 @@ class Installer:
         return active.name if active is not None else None
 
     def _discard_partial(self) -> None:
-        shutil.rmtree(self.dir / "tuf" / "download", ignore_errors=True)
+        """Remove what a failed install left, but a download's kept prefix (``.part``):
+        the same model asked for again carries on from it."""
+        for path in (self.dir / "tuf" / "download").glob("*"):
+            if not path.name.endswith((".part", ".part.json")):
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         for work in self.models.glob("*.tmp"):
             shutil.rmtree(work, ignore_errors=True)
 
@@ -367,14 +383,6 @@ class Installer:
         self.install = install
         write_atomic(self.dir / "install.json", json.dumps(asdict(install)).encode())
         crash_point(install.state.value)
-
-
-def crash_point(name: str) -> None:
-    """Fault injection for the crash-safety tests: ``EDGEFLEET_AGENT_CRASH_AT=<name>``
-    kills the agent with SIGKILL when it gets here (a state just saved, or ``swapped``)."""
-    if os.environ.get("EDGEFLEET_AGENT_CRASH_AT") == name:
-        log.warning("crash point %s: killing myself", name)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_smoke_test(call: Callable[..., Any], fmt: str, test: dict[str, Any],

@@ -3,6 +3,7 @@
     idle --start--> downloading --downloaded--> verifying --verified--> staging
     staging --staged--> activating --activated--> smoke_test --passed--> probation
     probation --passed--> committed
+    smoke_test --proven--> committed                  (a rollback: the kept copy was proven)
     smoke_test / probation --failed--> rolled_back   (the previous model serves again)
     downloading .. activating --failed--> failed      (the previous model never stopped)
     any state --start--> downloading                  (a newer desired state wins)
@@ -11,22 +12,16 @@
 steps before activation start over (nothing they wrote is trusted); activation is redone
 (idempotent: it re-verifies the staged file and swaps a symlink); a smoke test or
 probation runs again on the model that is active.
+
+The states are ``shared.messages.InstallState``: the controller, the CLI and the
+dashboard read the same ones from reports.
 """
 
 from enum import StrEnum
 
+from shared.messages import InstallState
 
-class State(StrEnum):
-    IDLE = "idle"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    STAGING = "staging"
-    ACTIVATING = "activating"
-    SMOKE_TEST = "smoke_test"
-    PROBATION = "probation"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled_back"
-    FAILED = "failed"
+State = InstallState  # the installer's name for them
 
 
 class Event(StrEnum):
@@ -36,6 +31,7 @@ class Event(StrEnum):
     STAGED = "staged"
     ACTIVATED = "activated"
     PASSED = "passed"
+    PROVEN = "proven"  # a rollback's smoke test passed: probation proved it before
     FAILED = "failed"
 
 
@@ -52,6 +48,7 @@ _TABLE: dict[tuple[State, Event], State] = {
     (State.STAGING, Event.STAGED): State.ACTIVATING,
     (State.ACTIVATING, Event.ACTIVATED): State.SMOKE_TEST,
     (State.SMOKE_TEST, Event.PASSED): State.PROBATION,
+    (State.SMOKE_TEST, Event.PROVEN): State.COMMITTED,
     (State.PROBATION, Event.PASSED): State.COMMITTED,
     (State.SMOKE_TEST, Event.FAILED): State.ROLLED_BACK,
     (State.PROBATION, Event.FAILED): State.ROLLED_BACK,

@@ -17,6 +17,7 @@ from controller.db.models import Rollout, RolloutEvent, RolloutMember
 from controller.rollouts import service
 from controller.rollouts.machine import ACTIVE, Event, IllegalTransition, State
 from controller.rollouts.plan import PlanError, stage_size, stages_from_json
+from shared.messages import OUTCOMES, InstallState
 
 router = APIRouter(prefix="/api/v1/rollouts")
 
@@ -84,6 +85,10 @@ class RolloutOut(BaseModel):
     timeline: list[EventOut] = Field(default_factory=list)
 
 
+COMMITTED = InstallState.COMMITTED.value
+BAD = frozenset(s.value for s in OUTCOMES if s.bad)
+
+
 class CommandIn(BaseModel):
     reason: Annotated[str, Field(max_length=1024)] = ""
 
@@ -102,8 +107,8 @@ def describe(rollout: Rollout, members: list[RolloutMember],
         stages.append(StageOut(
             label=stage.label(), bake_s=stage.bake_s,
             devices=stage_size(stage, total=len(active), classes=len(classes), first=i == 0),
-            assigned=len(got), committed=sum(m.outcome == "committed" for m in got),
-            failed=sum(m.outcome in ("failed", "rolled_back") for m in got)))
+            assigned=len(got), committed=sum(m.outcome == COMMITTED for m in got),
+            failed=sum(m.outcome in BAD for m in got)))
     out = RolloutOut(
         id=rollout.id, model=rollout.model_name, version=rollout.version, state=rollout.state,
         active=State(rollout.state) in ACTIVE, stage=rollout.stage, reason=rollout.reason,
@@ -118,8 +123,8 @@ def describe(rollout: Rollout, members: list[RolloutMember],
         group = [m for m in active if m.cls == cls]
         out.by_class[cls] = ClassOut(
             devices=len(group), assigned=sum(m.assigned_at is not None for m in group),
-            committed=sum(m.outcome == "committed" for m in group),
-            failed=sum(m.outcome in ("failed", "rolled_back") for m in group),
+            committed=sum(m.outcome == COMMITTED for m in group),
+            failed=sum(m.outcome in BAD for m in group),
             figures=scopes.get(cls))
     out.timeline = [EventOut(at=e.at, kind=e.kind, state=e.state, stage=e.stage, actor=e.actor,
                              reason=e.reason, figures=e.figures) for e in events]

@@ -99,7 +99,7 @@ class Device(Base):
     health_count: Mapped[int] = mapped_column(BigInteger, default=0)
     #: the generation of the last desired state published (0: never)
     desired_generation: Mapped[int] = mapped_column(BigInteger, default=0)
-    desired: Mapped[dict[str, Any] | None]  # model, version, variant, target, sha256, size
+    desired: Mapped[dict[str, Any] | None]  # the DesiredState signed for it, as JSON
     reported: Mapped[dict[str, Any] | None]  # the device's last ReportedState
 
 

@@ -21,6 +21,7 @@ from controller.registry.blobs import Blob
 from controller.registry.inspect import ArtifactInfo
 from controller.registry.trust import TrustRepository
 from shared import smoke
+from shared.targets import SmokeTargetInfo, TargetInfo
 
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
                      r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z.-]+)?$")
@@ -210,17 +211,19 @@ def publish_targets(session: Session, trust: TrustRepository, *, now: datetime) 
         ModelVersion, Variant.version_id == ModelVersion.id)).all()
     targets = {}
     for v, mv in rows:
-        custom = _custom(v, mv)
+        ref = None
         if v.smoke_sha256 is not None and v.smoke_size is not None:
             path = smoke_target_path(v)
             ref = smoke.SmokeRef(target=path, sha256=v.smoke_sha256, length=v.smoke_size)
-            custom["smoke_test"] = ref.model_dump()
+            test = SmokeTargetInfo(model=mv.model_name, version=mv.version, variant=v.name)
             targets[path] = TargetFile(v.smoke_size, {"sha256": v.smoke_sha256}, path,
-                                       unrecognized_fields={"custom": {
-                                           "model": mv.model_name, "version": mv.version,
-                                           "variant": v.name, "kind": "smoke_test"}})
+                                       unrecognized_fields={"custom": _json(test)})
+        info = TargetInfo(model=mv.model_name, version=mv.version, variant=v.name,
+                          format=v.format, quantization=v.quantization,
+                          requirements=v.requirements, ram_estimate_bytes=v.ram_estimate_bytes,
+                          smoke_test=ref)
         targets[v.target_path] = TargetFile(v.size, {"sha256": v.sha256}, v.target_path,
-                                            unrecognized_fields={"custom": custom})
+                                            unrecognized_fields={"custom": _json(info)})
     if targets != trust.targets():
         trust.set_targets(targets, now=now)
     return len(targets)
@@ -230,8 +233,7 @@ def smoke_target_path(variant: Variant) -> str:
     return f"{variant.target_path}.smoke.json"
 
 
-def _custom(v: Variant, mv: ModelVersion) -> dict[str, Any]:
-    """What a device learns about a variant from its signed target."""
-    return {"model": mv.model_name, "version": mv.version, "variant": v.name,
-            "format": v.format, "quantization": v.quantization, "requirements": v.requirements,
-            "ram_estimate_bytes": v.ram_estimate_bytes}
+def _json(info: TargetInfo | SmokeTargetInfo) -> dict[str, Any]:
+    """A target's ``custom`` as signed: the fields set, none left as null (a smoke test
+    absent is absent, as older agents expect)."""
+    return info.model_dump(mode="json", exclude_none=True, exclude={"v"})

@@ -22,10 +22,12 @@ from datetime import datetime
 from typing import Any
 
 from controller.rollouts.plan import Gates
+from shared.messages import InstallState
+
+COMMITTED = InstallState.COMMITTED
 
 ALL = "all"
 SUCCESSFUL, FAILED, INCONCLUSIVE = "successful", "failed", "inconclusive"
-FINAL_OUTCOMES = frozenset({"committed", "failed", "rolled_back"})
 
 
 @dataclass(frozen=True)
@@ -35,14 +37,17 @@ class Figures:
     requests: int
     errors: int
     latency_p95_ms: float | None
-    mem_used_bytes: int
+    mem_used_bytes: int  # the model worker's resident memory (older agents: the host's use)
 
     @classmethod
     def of(cls, health: Mapping[str, Any] | None) -> "Figures | None":
         if not health:
             return None
+        # the model worker's own memory where the agent reports it: host-wide use moves
+        # with everything else on the box and would hide a model that needs 3x as much
+        memory = health.get("model_rss_bytes") or health.get("mem_used_bytes") or 0
         return cls(int(health.get("inference_count") or 0), int(health.get("error_count") or 0),
-                   health.get("latency_p95_ms"), int(health.get("mem_used_bytes") or 0))
+                   health.get("latency_p95_ms"), int(memory))
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ class Member:
     device_id: str
     cls: str
     assigned_at: datetime | None  # None: not given the target (yet)
-    outcome: str = "pending"  # pending | committed | failed | rolled_back
+    outcome: InstallState | None = None  # None: pending
     reason: str = ""
     health: Figures | None = None  # only while it reports running the target
 
@@ -126,8 +131,11 @@ def evaluate(members: Sequence[Member], base: Mapping[str, Aggregate], gates: Ga
         result.verdict = FAILED
     elif inconclusive:
         result.verdict = INCONCLUSIVE
-        result.reasons = [f"too few reports to judge {'the fleet' if s == ALL else 'class ' + s}"
-                          for s, f in result.figures.items() if f.get("verdict") == INCONCLUSIVE]
+        result.reasons = [f.pop("waiting") for s, f in result.figures.items()
+                          if s != ALL and f.get("verdict") == INCONCLUSIVE] or [
+            result.figures[ALL].pop("waiting")]
+        for f in result.figures.values():
+            f.pop("waiting", None)
     return result
 
 
@@ -136,11 +144,11 @@ def _judge(scope: str, group: list[Member], base: Aggregate | None, gates: Gates
            classes: Mapping[str, dict[str, Any]]) -> tuple[dict[str, Any], list[str], bool]:
     where = "the fleet" if scope == ALL else f"class {scope}"
     n = len(group)
-    failed = [m for m in group if m.outcome in ("failed", "rolled_back")]
+    failed = [m for m in group if m.outcome is not None and m.outcome.bad]
     smoke = [m for m in failed if m.reason.startswith("smoke_test_failed")]
-    missing = [m for m in group if m.outcome == "pending" and m.assigned_at is not None
+    missing = [m for m in group if m.outcome is None and m.assigned_at is not None
                and (now - m.assigned_at).total_seconds() > gates.report_timeout_s]
-    figures: dict[str, Any] = {"assigned": n, "committed": sum(m.outcome == "committed"
+    figures: dict[str, Any] = {"assigned": n, "committed": sum(m.outcome == COMMITTED
                                                                for m in group),
                                "failed": len(failed), "smoke_failed": len(smoke),
                                "missing": len(missing)}
@@ -157,13 +165,19 @@ def _judge(scope: str, group: list[Member], base: Aggregate | None, gates: Gates
                         f"{gates.max_missing_rate:.0%})")
     unsure = False
     if health:
-        on_target = [m.health for m in group if m.outcome == "committed" and m.health
+        on_target = [m.health for m in group if m.outcome == COMMITTED and m.health
                      and m.health.requests >= gates.min_requests]
         canary = Aggregate.of(on_target)
         figures["canary"] = asdict(canary)
         figures["baseline"] = asdict(base) if base else None
-        if any(m.outcome == "committed" for m in group) and canary.devices < gates.min_devices:
+        committed = sum(m.outcome == COMMITTED for m in group)
+        if committed and canary.devices < gates.min_devices:
             unsure = True
+            # what an operator of an idle fleet needs to read: the stage waits for traffic
+            figures["waiting"] = (
+                f"waiting for traffic in {where}: {canary.devices} of {committed} canaries "
+                f"served {gates.min_requests} requests on the target (the gate needs "
+                f"{gates.min_devices})")
         elif canary.devices:
             ratios = _fleet_ratios(canary, base, classes) if scope == ALL else \
                 _ratios(canary, base)

@@ -21,6 +21,7 @@ from controller import delivery
 from controller.db.models import Device, ModelVersion, Rollout, RolloutEvent, RolloutMember
 from controller.registry import service as registry
 from controller.rollouts import gates as g
+from controller.rollouts import observe
 from controller.rollouts.machine import ACTIVE, Event, State
 from controller.rollouts.plan import (
     POLICIES,
@@ -36,6 +37,9 @@ from controller.rollouts.plan import (
 )
 from controller.rollouts.tick import Decision, Plan, Target, act, decide
 from shared.envelope import Signer
+from shared.messages import InstallState
+
+PENDING = "pending"  # a member's outcome before its device reports one
 
 
 class RolloutNotFound(LookupError):
@@ -175,9 +179,9 @@ def _tick_one(session: Session, rollout: Rollout, *, now: datetime,
     out = []
     for device_id in decision.assign:
         device, member = devices[device_id], rows[device_id]
-        desired = device.desired or {}
-        member.previous = ({"model": desired["model"], "version": desired["version"]}
-                           if desired.get("model") else None)
+        desired = delivery.desired_state(device)
+        member.previous = ({"model": desired.model, "version": desired.version}
+                           if desired and desired.model else None)
         try:
             out.append(delivery.assign(session, device, version, now=now, signer=signer,
                                        variants=variants))
@@ -199,43 +203,26 @@ def _tick_one(session: Session, rollout: Rollout, *, now: datetime,
 
 def _target(m: RolloutMember, device: Device | None, target_ref: str, *,
             now: datetime) -> Target:
-    """The member as the tick sees it, after reading what its device reported."""
-    reported = _reported(device)
-    generation = int(reported.get("generation") or 0)
-    if device is None and m.left_at is None:
-        m.left_at, m.reason = now, "the device was deleted"
-    if m.generation is not None and m.outcome == "pending" and device is not None:
-        if generation == m.generation and reported.get("state") in g.FINAL_OUTCOMES:
-            m.outcome, m.reason = str(reported["state"]), str(reported.get("detail") or "")
-        elif device.desired_generation > m.generation and m.revert_generation is None \
-                and m.left_at is None:
-            # an operator pinned it meanwhile: not judged, and a rollback leaves it alone
-            m.left_at, m.reason = now, "given another desired state outside this rollout"
-            m.revert_generation, m.reverted_at = 0, now
-    if m.revert_generation and m.reverted_at is None and device is not None \
-            and generation >= m.revert_generation and reported.get("state") in g.FINAL_OUTCOMES:
-        m.reverted_at = now
-    health = None
-    if device is not None and (device.last_health or {}).get("active_model") == target_ref:
-        health = g.Figures.of(device.last_health)
-    member = g.Member(m.device_id, m.cls, m.assigned_at, m.outcome, m.reason, health)
-    return Target(member, online=device is not None and device.status == "online",
-                  left=m.left_at is not None, revert_issued=m.revert_generation is not None,
-                  reverted=m.reverted_at is not None)
+    """The member as the tick sees it, after reading what its device reported (the row
+    takes what ``observe`` found)."""
+    seen, target = observe.observe(_tracked(m), _view(device), target_ref, now=now)
+    m.outcome = seen.outcome.value if seen.outcome else PENDING
+    m.reason, m.left_at = seen.reason, seen.left_at
+    m.revert_generation, m.reverted_at = seen.revert_generation, seen.reverted_at
+    return target
 
 
-def _reported(device: Device | None) -> dict[str, Any]:
-    """The device's latest install outcome: its reported state, or the copy repeated in
-    its health reports when that is newer (the reported-state message may have been
-    dropped by a broker under load; health comes again every few seconds)."""
+def _tracked(m: RolloutMember) -> observe.Tracked:
+    return observe.Tracked(m.device_id, m.cls, m.assigned_at, m.generation,
+                           None if m.outcome == PENDING else InstallState(m.outcome), m.reason,
+                           m.left_at, m.revert_generation, m.reverted_at)
+
+
+def _view(device: Device | None) -> observe.Device | None:
     if device is None:
-        return {}
-    reported = device.reported or {}
-    health = device.last_health or {}
-    if int(health.get("install_generation") or 0) > int(reported.get("generation") or 0):
-        return {"generation": health["install_generation"], "state": health.get("install_state"),
-                "detail": health.get("install_reason") or ""}
-    return reported
+        return None
+    return observe.Device(device.id, device.status == "online", device.desired_generation,
+                          device.reported, device.last_health)
 
 
 def _baseline(rollout: Rollout, targets: list[Target], devices: dict[str, Device],
@@ -254,10 +241,7 @@ def _baseline(rollout: Rollout, targets: list[Target], devices: dict[str, Device
 
 
 def _baseline_figures(device: Device | None, target_ref: str) -> g.Figures | None:
-    """The device's health figures if it serves a model other than the target."""
-    health = (device.last_health or {}) if device is not None else {}
-    active = health.get("active_model")
-    return g.Figures.of(health) if active and active != target_ref else None
+    return observe.baseline_figures(device.last_health if device else None, target_ref)
 
 
 def _busy(session: Session, model: str, device_ids: list[str], *,
@@ -314,7 +298,7 @@ def _join(session: Session, rollout: Rollout, device: Device, variant: str,
           now: datetime) -> RolloutMember:
     member = RolloutMember(rollout_id=rollout.id, device_id=device.id, variant=variant,
                            cls=device_class(device.capabilities, variant), joined_at=now,
-                           outcome="pending", reason="")
+                           outcome=PENDING, reason="")
     session.add(member)
     return member
 
@@ -352,6 +336,8 @@ def _store(session: Session, rollout: Rollout, decision: Decision, *, now: datet
                 reason=f"{step.event.value}: {step.reason}", state=step.state, stage=step.stage,
                 figures={"verdict": judged.verdict, "scopes": judged.figures} if judged
                 else None)
+    if decision.waiting:
+        rollout.reason = decision.waiting
 
 
 def _record(session: Session, rollout: Rollout, *, now: datetime, kind: str, actor: str,

@@ -17,7 +17,7 @@ device that is away.
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from controller.rollouts.gates import (
     FAILED,
@@ -74,6 +74,9 @@ class Decision:
     assign: list[str] = field(default_factory=list)
     revert: list[str] = field(default_factory=list)
     notes: list[Evaluation] = field(default_factory=list)  # recorded, no transition
+    #: what the rollout waits for where it stopped this tick ("" if it moved or ended):
+    #: the status an operator reads
+    waiting: str = ""
 
     def move(self, event: Event, reason: str, *, now: datetime,
              evaluation: Evaluation | None = None) -> None:
@@ -147,7 +150,8 @@ def _running(d: Decision, targets: Sequence[Target], base: Mapping[str, Aggregat
         classes = len({t.member.cls for t in active})
         size = stage_size(stage, total=len(active), classes=classes, first=p.stage == 0)
         d.assign = _next_devices(p, targets, active, size=size, gates=gates, now=now)
-        if d.assign or _in_flight(targets, gates, now):
+        if flying := _in_flight(targets, gates, now) + len(d.assign):
+            d.waiting = f"{label}: waiting for {flying} install(s) to report an outcome"
             return False
         assigned = sum(t.member.assigned_at is not None for t in active)
         d.move(Event.DEPLOYED, f"{label}: {assigned} of {len(active)} devices have the target",
@@ -155,6 +159,8 @@ def _running(d: Decision, targets: Sequence[Target], base: Mapping[str, Aggregat
         return True
     if p.state == State.BAKING:
         if (now - p.entered_at).total_seconds() < stage.bake_s:
+            until = p.entered_at + timedelta(seconds=stage.bake_s)
+            d.waiting = f"{label}: baking for {stage.bake_s:g}s, until {until:%H:%M:%S}"
             return False
         d.move(Event.BAKED, f"{label} baked for {stage.bake_s:g}s", now=now)
         return True
@@ -169,6 +175,7 @@ def _evaluated(d: Decision, ev: Evaluation, gates: Gates, label: str, now: datet
         if p.inconclusive_since is None:
             d.plan = replace(p, inconclusive_since=now)
             d.notes.append(ev)
+        d.waiting = f"{label}: " + "; ".join(ev.reasons)
         if (now - since).total_seconds() >= gates.inconclusive_timeout_s:
             d.move(Event.PAUSE, f"inconclusive for {gates.inconclusive_timeout_s:g}s: "
                    + "; ".join(ev.reasons), now=now, evaluation=ev)
@@ -180,13 +187,13 @@ def _evaluated(d: Decision, ev: Evaluation, gates: Gates, label: str, now: datet
 
 
 def _missing(member: Member, gates: Gates, now: datetime) -> bool:
-    return (member.outcome == "pending" and member.assigned_at is not None
+    return (member.outcome is None and member.assigned_at is not None
             and (now - member.assigned_at).total_seconds() > gates.report_timeout_s)
 
 
 def _in_flight(targets: Sequence[Target], gates: Gates, now: datetime) -> int:
     """Installs under way: assigned, no outcome yet, not given up on as missing."""
-    return sum(t.member.assigned_at is not None and t.member.outcome == "pending"
+    return sum(t.member.assigned_at is not None and t.member.outcome is None
                and not _missing(t.member, gates, now) for t in targets)
 
 

@@ -1,5 +1,6 @@
 """The install machine's table, and the installer against real TUF metadata (local fetcher)."""
 
+import hashlib
 import json
 import threading
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ from agent.update.machine import RESUME, TERMINAL, Event, IllegalTransition, Sta
 from controller.registry.blobs import BlobStore
 from controller.registry.trust import TrustRepository
 from shared.messages import DesiredState
+from shared.targets import TargetInfo
 from tests.conftest import wait_for
 from tests.controller.registry.test_trust import META, TARGETS, LocalFetcher, publish
 
@@ -21,6 +23,7 @@ HAPPY = [(State.DOWNLOADING, Event.DOWNLOADED, State.VERIFYING),
          (State.STAGING, Event.STAGED, State.ACTIVATING),
          (State.ACTIVATING, Event.ACTIVATED, State.SMOKE_TEST),
          (State.SMOKE_TEST, Event.PASSED, State.PROBATION),
+         (State.SMOKE_TEST, Event.PROVEN, State.COMMITTED),
          (State.PROBATION, Event.PASSED, State.COMMITTED),
          (State.SMOKE_TEST, Event.FAILED, State.ROLLED_BACK),
          (State.PROBATION, Event.FAILED, State.ROLLED_BACK),
@@ -83,8 +86,9 @@ def repo(tmp_path: Path) -> tuple[TrustRepository, BlobStore]:
     repo.initialize(now=datetime.now(UTC))
     publish(repo, blobs, {"models/m/1.0.0/source.onnx": b"x" * 1000})
     targets = repo.targets()
-    targets["models/m/1.0.0/source.onnx"].unrecognized_fields["custom"] |= {
-        "ram_estimate_bytes": 5000}
+    targets["models/m/1.0.0/source.onnx"].unrecognized_fields["custom"] = TargetInfo(
+        model="m", version="1.0.0", variant="source", format="onnx", quantization="fp32",
+        ram_estimate_bytes=5000).model_dump(mode="json", exclude_none=True)
     repo.set_targets(targets, now=datetime.now(UTC))
     return repo, blobs
 
@@ -101,14 +105,25 @@ def installer(tmp_path: Path, repo, serving, reporter, free: int, ram: int = 1 <
                        TARGETS, fetcher=LocalFetcher(trust, blobs),
                        bootstrap=trust.trusted_root())
 
-    return Installer(state, updater=updater, reporter=reporter, serving=serving,
+    def counted() -> Updater:
+        updaters.append(1)
+        return updater()
+
+    updaters: list[int] = []
+    inst = Installer(state, updater=counted, reporter=reporter, serving=serving,
                      probation_s=0, disk_free=lambda _path: free, ram_free=lambda: ram)
+    inst.updaters = updaters  # type: ignore[attr-defined] - how often metadata was asked for
+    return inst
 
 
-def desired(generation: int) -> DesiredState:
+SHA = hashlib.sha256(b"x" * 1000).hexdigest()
+
+
+def desired(generation: int, **fields: object) -> DesiredState:
+    given: dict[str, object] = {"sha256": SHA, "size": 1000} | fields
     return DesiredState(device_id="d", generation=generation, model="m", version="1.0.0",
                         variant="source", target="models/m/1.0.0/source.onnx",
-                        issued_at=datetime.now(UTC))
+                        issued_at=datetime.now(UTC), **given)
 
 
 def test_a_full_disk_fails_the_install_before_downloading_and_keeps_the_model(
@@ -150,14 +165,46 @@ def test_a_rollback_to_a_kept_model_needs_no_download_and_skips_probation(
     for blob in (tmp_path / "blobs").rglob("*"):  # nothing left to download from
         if blob.is_file():
             blob.unlink()
-    inst.want(desired(2).model_copy(update={"rollback": True}))
+    first = len(reporter.events)
+    inst.want(desired(2, rollback=True))
     wait_for(lambda: len(reporter.done) == 2, 30, "the rollback")
     health = inst.health()
     inst.stop()
     assert [d.state for d in reporter.done] == [State.COMMITTED, State.COMMITTED]
     assert serving.probations == 1  # the first install's only
+    assert inst.updaters == [1]  # the rollback asked for no metadata at all
+    assert reporter.events[first:] == ["downloading", "rollback", "verifying", "staging",
+                                       "activating", "smoke_test", "committed"]
     assert health == {"install_generation": 2, "install_state": "committed",
                       "install_reason": None}
+
+
+def test_a_desired_hash_the_signed_target_does_not_have_fails_the_install(
+        tmp_path, repo) -> None:
+    serving, reporter = FakeServing(), FakeReporter()
+    inst = installer(tmp_path, repo, serving, reporter, free=10_000)
+    inst.start()
+    inst.want(desired(1, sha256="0" * 64))
+    (done,) = wait_for(lambda: reporter.done, 30, "the install to end")
+    inst.stop()
+    assert (done.state, done.reason.split(":")[0]) == (State.FAILED, "not_signed")
+    assert serving.active == [None]
+
+
+def test_a_target_whose_signed_description_is_unreadable_fails_the_install(
+        tmp_path, repo) -> None:
+    trust, _ = repo
+    targets = trust.targets()
+    targets["models/m/1.0.0/source.onnx"].unrecognized_fields["custom"] = {"model": "m"}
+    trust.set_targets(targets, now=datetime.now(UTC))
+    serving, reporter = FakeServing(), FakeReporter()
+    inst = installer(tmp_path, repo, serving, reporter, free=10_000)
+    inst.start()
+    inst.want(desired(1))
+    (done,) = wait_for(lambda: reporter.done, 30, "the install to end")
+    inst.stop()
+    assert (done.state, done.reason.split(":")[0]) == (State.FAILED, "not_signed")
+    assert "version: Field required" in done.reason
 
 
 def test_download_progress_is_reported_at_each_tenth_while_downloading(tmp_path, repo) -> None:

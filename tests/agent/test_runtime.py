@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from agent.runtime import BadRequest, InProcessWorker, ModelWorker, RuntimeCrashed
+from shared.targets import TargetInfo
 from tests.models import tiny_onnx
 
 
@@ -71,7 +72,6 @@ def test_a_file_that_is_not_a_model_fails_to_load_with_the_reason(kind, tmp_path
 
 
 def test_probation_fails_when_the_runtime_crashes_or_most_requests_fail(tmp_path) -> None:
-    import json
     import threading
 
     from agent.serving import Serving
@@ -79,8 +79,9 @@ def test_probation_fails_when_the_runtime_crashes_or_most_requests_fail(tmp_path
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     (model_dir / "model.onnx").write_bytes(tiny_onnx())
-    (model_dir / "meta.json").write_text(json.dumps({
-        "model": "mlp", "version": "1.0.0", "variant": "source", "format": "onnx"}))
+    (model_dir / "meta.json").write_text(TargetInfo(
+        model="mlp", version="1.0.0", variant="source", format="onnx",
+        quantization="fp32").model_dump_json())
     serving, stop = Serving(), threading.Event()
     serving.activate(model_dir)
     try:

@@ -14,7 +14,15 @@ from controller.ingest import (
     apply_batch,
     mark_stale_offline,
 )
-from shared.messages import Capabilities, Health, Hello, Presence, ReportedState, encode
+from shared.messages import (
+    Capabilities,
+    DesiredState,
+    Health,
+    Hello,
+    Presence,
+    ReportedState,
+    encode,
+)
 from shared.topics import Kind
 from tests.conftest import wait_for
 
@@ -207,7 +215,8 @@ def test_a_killed_ingest_worker_is_replaced_and_ingestion_goes_on(factory, db_ur
 
 
 def test_an_install_outcome_whose_report_was_lost_is_taken_from_health(factory) -> None:
-    desired = {"model": "m", "version": "2.0.0", "variant": "int8", "target": "t"}
+    desired = DesiredState(device_id="d", generation=2, model="m", version="2.0.0",
+                           variant="int8", target="t", issued_at=T0).model_dump(mode="json")
     old = {"generation": 1, "model": "m", "version": "1.0.0", "variant": "source",
            "state": "committed", "detail": ""}
 

@@ -24,7 +24,7 @@ def test_upgrade_and_downgrade_round_trip(db_url: str) -> None:
         assert _tables(engine) == TABLES
         with engine.connect() as conn:
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-        assert version == "0006"
+        assert version == "0007"
     finally:
         engine.dispose()
 
@@ -41,5 +41,31 @@ def test_migrated_schema_matches_the_models(db_url: str) -> None:
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == []
+    finally:
+        engine.dispose()
+
+
+def test_a_desired_state_stored_before_0007_is_signed_as_it_was(db_url: str) -> None:
+    from controller.db.models import Device
+    from controller.delivery import desired_state
+
+    engine = make_engine(db_url)
+    try:
+        downgrade(engine, "base")
+        upgrade(engine, "0006")
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO devices (id, name, labels, mqtt_secret_hash, enrolled_at, status, "
+                "health_count, desired_generation, desired) VALUES ('d1', 'd1', '{}', 'x', "
+                "'2026-12-01 00:00:00', 'online', 0, 3, :desired)"), {"desired": (
+                    '{"issued_at": "2026-12-01T00:00:00+00:00", "model": "m", '
+                    '"version": "1.0.0", "variant": "int8", '
+                    '"target": "models/m/1.0.0/int8.onnx"}')})
+        upgrade(engine)
+        with sa.orm.Session(engine) as session:
+            desired = desired_state(session.get(Device, "d1"))
+        assert desired is not None
+        assert (desired.device_id, desired.generation, desired.variant, desired.rollback) == (
+            "d1", 3, "int8", False)
     finally:
         engine.dispose()

@@ -42,12 +42,15 @@ def enrolled_agent(controller, spawn, tmp_path: Path, name: str = "box-1"):
     return online(controller, name), local, agent
 
 
-def push(controller, tmp_path: Path, name: str, version: str, data: bytes, filename: str):
+def push(controller, tmp_path: Path, name: str, version: str, data: bytes, filename: str,
+         **fields: object):
+    """Push a model version (``fields``: more of the version's body, e.g. derive=False)."""
     path = tmp_path / filename
     path.write_bytes(data)
     api = controller.admin
     upload = api.upload("/uploads", path, params={"filename": filename})
-    api.call("POST", f"/models/{name}/versions/{version}", {"upload": upload["sha256"]})
+    api.call("POST", f"/models/{name}/versions/{version}",
+             {"upload": upload["sha256"], **fields})
     return wait_for(lambda: (v := api.call("GET", f"/models/{name}/versions/{version}"))
                     ["status"] != "processing" and v, 120, f"{name}@{version} built")
 

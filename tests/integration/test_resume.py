@@ -1,22 +1,27 @@
-"""A download cut by a broker restart resumes where it stopped, on both brokers.
+"""A download cut by a broker restart, or by killing the agent, resumes where it stopped.
 
 Embedded broker: the controller that hosts it is restarted. Mosquitto: a private one
 (so the shared test broker stays up) is stopped and started on the same port.
 """
 
 import hashlib
+import json
 import random
 import shutil
 import subprocess
 import threading
 from pathlib import Path
 
+import pytest
+
 from agent.config import Identity
 from agent.link import DeviceLink
 from agent.sim import PROFILES, sim_session
+from shared.fetch import DEFAULT_CHUNK as CHUNK_DEFAULT
 from tests.conftest import Backend, free_port, unavailable, wait_for
-from tests.integration.test_delivery import push
+from tests.integration.test_delivery import enroll, online, push, reported
 from tests.models import tiny_onnx
+from tests.support.fleet import fetch_spy
 
 CHUNK = 32 * 1024
 
@@ -118,3 +123,37 @@ def test_a_download_cut_by_a_broker_restart_resumes_where_it_stopped(
     done = [d for d, _ in progress]
     assert done == sorted(done)  # progress never went back across the restart
     assert progress[-1] == (source["size"], source["size"])
+
+
+@pytest.mark.parametrize("backend", ["external"], indirect=True)  # the spy needs Mosquitto
+def test_an_agent_killed_half_way_through_a_download_carries_on_from_what_it_kept(
+        backend: Backend, start_controller, spawn, tmp_path: Path) -> None:
+    controller = start_controller()
+    model = tiny_onnx(hidden=51200, inputs=256)  # 50 MiB of weights
+    version = push(controller, tmp_path, "big", "1.0.0", model, "big.onnx", derive=False)
+    source = version["variants"][0]
+    sha = source["sha256"]
+    config, state, _local = enroll(controller, tmp_path, "box-1")
+    agent = spawn("agent", "run", "--config", str(config), log_name="killed",
+                  env={"EDGEFLEET_AGENT_CRASH_AT": "download_half"})
+    device_id = online(controller, "box-1")
+    with fetch_spy(str(backend.mqtt_url), backend.topic_root) as spy:
+        generation = controller.admin.call("PUT", f"/devices/{device_id}/pin",
+                                           {"model": "big@1.0.0"})["desired_generation"]
+        assert wait_for(agent.poll, 180, "the agent killed half way") == -9
+        mark = state / "tuf" / "download" / f"{sha}.part.json"
+        kept = json.loads(mark.read_text())["length"]
+        assert 0.4 * source["size"] <= kept <= 0.5 * source["size"] + CHUNK_DEFAULT
+        before = [a.request.offset for a in spy.asked(device_id) if a.blob == sha]
+        spy.clear()
+        spawn("agent", "run", "--config", str(config), log_name="restarted")
+        wait_for(lambda: reported(controller, device_id, generation), 180, "the install")
+        after = [a.request.offset for a in spy.asked(device_id) if a.blob == sha]
+    assert reported(controller, device_id, generation)["state"] == "committed"
+    assert min(before) == 0  # the spy saw the first download from its start
+    assert after
+    assert min(after) >= kept  # asked for nothing it had kept
+    active = (state / "current").resolve()
+    assert active.name == sha
+    assert hashlib.sha256((active / "model.onnx").read_bytes()).hexdigest() == sha
+    assert not list((state / "tuf" / "download").glob("*.part*"))

@@ -13,15 +13,21 @@ from controller.rollouts.gates import (
     evaluate,
 )
 from controller.rollouts.plan import Gates
+from shared.messages import InstallState
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 GATES = Gates(min_requests=20)
 HEALTHY = Figures(requests=100, errors=0, latency_p95_ms=10.0, mem_used_bytes=1 << 30)
 
 
+def as_outcome(outcome: str) -> InstallState | None:
+    """The fakes keep outcomes as words; the gates take "pending" as None."""
+    return None if outcome == "pending" else InstallState(outcome)
+
+
 def member(i: int, cls: str = "a", *, outcome: str = "committed", reason: str = "",
            health: Figures | None = HEALTHY, ago: float = 60) -> Member:
-    return Member(f"d{i}", cls, NOW - timedelta(seconds=ago), outcome, reason,
+    return Member(f"d{i}", cls, NOW - timedelta(seconds=ago), as_outcome(outcome), reason,
                   health if outcome == "committed" else None)
 
 
@@ -85,7 +91,8 @@ def test_too_few_requests_is_inconclusive() -> None:
     quiet = Figures(5, 0, 10.0, 1 << 30)
     ev = evaluate([member(i, health=quiet) for i in range(3)], BASE, GATES, now=NOW, health=True)
     assert ev.verdict == INCONCLUSIVE
-    assert ev.reasons == ["too few reports to judge class a", "too few reports to judge the fleet"]
+    assert ev.reasons == ["waiting for traffic in class a: 0 of 3 canaries served 20 requests "
+                          "on the target (the gate needs 1)"]
 
 
 def test_no_baseline_to_compare_with_does_not_block() -> None:

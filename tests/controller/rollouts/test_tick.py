@@ -13,9 +13,15 @@ from controller.rollouts.gates import Aggregate, Figures, Member, baseline
 from controller.rollouts.machine import TERMINAL, Event, IllegalTransition, State
 from controller.rollouts.plan import Gates, parse_stages
 from controller.rollouts.tick import Decision, Plan, Target, act, decide
+from shared.messages import InstallState
 
 T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 HEALTHY = Figures(requests=100, errors=0, latency_p95_ms=10.0, mem_used_bytes=1 << 30)
+
+
+def as_outcome(outcome: str) -> InstallState | None:
+    """The fakes keep outcomes as words; the gates take "pending" as None."""
+    return None if outcome == "pending" else InstallState(outcome)
 
 
 @dataclass
@@ -47,7 +53,7 @@ class Fleet:
         self.log: list[Decision] = []
 
     def targets(self) -> list[Target]:
-        return [Target(Member(d.id, d.cls, d.assigned_at, d.outcome, d.reason,
+        return [Target(Member(d.id, d.cls, d.assigned_at, as_outcome(d.outcome), d.reason,
                               d.health if d.outcome == "committed" else None),
                        online=d.online, left=d.left, revert_issued=d.reverts > 0,
                        reverted=d.reverted) for d in self.devices.values()]
@@ -294,3 +300,16 @@ test_rollout_under_load = RolloutUnderLoad.TestCase
 def test_replace_keeps_plan_frozen() -> None:
     plan = Fleet(1).plan
     assert replace(plan, stage=1) is not plan
+
+
+def test_an_idle_fleet_s_stage_says_what_it_waits_for() -> None:
+    fleet = Fleet(3, stages="100%", classes=1, gates=Gates(min_requests=20))
+    waiting = fleet.tick().waiting
+    assert waiting == "stage 1 of 1 (100%): waiting for 3 install(s) to report an outcome"
+    fleet.finish_installs()
+    for d in fleet.devices.values():
+        d.health = Figures(0, 0, None, 1 << 30)  # installed, and no application traffic
+    decision = fleet.tick()
+    assert decision.plan.state == State.EVALUATING
+    assert decision.waiting == ("stage 1 of 1 (100%): waiting for traffic in class c0: 0 of 3 "
+                                "canaries served 20 requests on the target (the gate needs 1)")
