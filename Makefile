@@ -15,10 +15,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # llama-cpp-python compiles llama.cpp (about 10 minutes on 2 cores the first time; pip
-# caches the wheel). The demo does not need it; the tests do.
+# caches the wheel). The demo does not need it; the tests do. On x86_64 it is built
+# without AMX: where a CPU reports AMX that the host does not let processes use (seen on
+# these CI machines), llama.cpp's AMX kernels crash on every Q8_0/Q4 model (no AMX
+# tiles, no AMX int8 or bf16). pip's cached wheel is the one built with these flags.
+ifeq ($(shell uname -m),x86_64)
+NO_AMX := -mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16
+LLM_CMAKE_ARGS := -DCMAKE_C_FLAGS=$(NO_AMX) -DCMAKE_CXX_FLAGS=$(NO_AMX)
+endif
+
 $(LLM_STAMP): $(STAMP)
 	@echo "installing llama-cpp-python (first build compiles llama.cpp: ~10 min)"
-	$(BIN)/pip install --quiet -e '.[llm]'
+	CMAKE_ARGS="$(LLM_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[llm]'
 	touch $(LLM_STAMP)
 
 demo: $(STAMP)

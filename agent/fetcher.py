@@ -11,6 +11,7 @@ Updater verifies the metadata it gets; ``download_verified`` checks a blob again
 Updater's signed target info.
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -238,7 +239,7 @@ class MqttFetcher(FetcherInterface):
         its length recorded in ``<dest>.part.json``. A download cut short (the agent
         killed, the power lost, the link down past every retry) keeps both, and the next
         one re-hashes that prefix and asks only for what follows it. A file that fails
-        the check is removed, prefix and all."""
+        the check, or that filled the disk, is removed, prefix and all."""
         directory, sep, name = info.path.rpartition("/")
         # consistent snapshots, as the controller signs them: the digest prefixes the name
         url = f"{TARGETS_URL}{directory}{sep}{info.hashes['sha256']}.{name}"
@@ -257,6 +258,10 @@ class MqttFetcher(FetcherInterface):
             _check_length_and_hashes(info, received, digests)
         except exceptions.LengthOrHashMismatchError:
             _forget(part, mark)
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:  # keeping the prefix would keep the disk full
+                _forget(part, mark)
             raise
         os.replace(part, dest)
         mark.unlink(missing_ok=True)

@@ -8,19 +8,37 @@ extra (onnx, numpy).
 """
 
 
-def mlp_onnx(hidden: int = 4096, inputs: int = 128, classes: int = 10, seed: int = 0) -> bytes:
-    """An fp32 MLP: x[1, inputs] -> MatMul -> Relu -> MatMul -> y[1, classes]."""
+def mlp_onnx(hidden: int = 4096, inputs: int = 128, classes: int = 10, seed: int = 0, *,
+             scratch_bytes: int = 0) -> bytes:
+    """An fp32 MLP: x[1, inputs] -> MatMul -> Relu -> MatMul -> y[1, classes].
+
+    ``scratch_bytes`` makes a model that answers exactly the same but needs that much
+    more memory on every run: x is expanded to a scratch tensor of that size, summed and
+    multiplied by zero before it is added back (a real memory regression in the file,
+    such as a careless export that materialises a broadcast)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     w1 = numpy_helper.from_array(rng.standard_normal((inputs, hidden), dtype=np.float32), "W1")
     w2 = numpy_helper.from_array(rng.standard_normal((hidden, classes), dtype=np.float32), "W2")
+    nodes, weights, first = [], [w1, w2], "x"
+    if scratch_bytes:
+        rows = max(1, scratch_bytes // (4 * inputs))
+        weights += [numpy_helper.from_array(np.array([rows, inputs], np.int64), "S"),
+                    numpy_helper.from_array(np.array([0], np.int64), "A"),
+                    numpy_helper.from_array(np.zeros(1, np.float32), "Z")]
+        nodes += [helper.make_node("Expand", ["x", "S"], ["e"]),
+                  helper.make_node("ReduceSum", ["e", "A"], ["s"], keepdims=1),
+                  helper.make_node("Mul", ["s", "Z"], ["z"]),
+                  helper.make_node("Add", ["x", "z"], ["x2"])]
+        first = "x2"
+    nodes += [helper.make_node("MatMul", [first, "W1"], ["h"]),
+              helper.make_node("Relu", ["h"], ["r"]),
+              helper.make_node("MatMul", ["r", "W2"], ["y"])]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "W2"], ["y"])], "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inputs])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, classes])], [w1, w2])
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, classes])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     return bytes(model.SerializeToString())
