@@ -37,7 +37,13 @@ class DeviceLink:
             session.blob_topics.discard(topics.blob(sha))
             client.unsubscribe(topics.blob(sha))
 
-        self.channel = FetchChannel(lambda payload: session.send_fetch(client, payload),
+        def ask(payload: bytes) -> None:
+            # a request made while the link is down would be queued by paho and sent,
+            # with every retry after it, once the link returns: each answered in full
+            if client.is_connected():
+                session.send_fetch(client, payload)
+
+        self.channel = FetchChannel(ask,
                                     subscribe=subscribe, unsubscribe=unsubscribe)
         session.on_data = self.channel.deliver
         session.on_blob = self.channel.deliver_shared

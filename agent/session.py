@@ -157,7 +157,11 @@ class DeviceSession:
         self._send(pub, Kind.REPORTED, encode(reported), retain=True)
 
     def send_fetch(self, pub: Publisher, payload: bytes) -> None:
-        self._send(pub, Kind.FETCH, payload)
+        # QoS 0: a request lost with the connection is not sent again when it returns
+        # (the fetcher asks again for whatever does not come, once); redelivered requests
+        # are answered in full, and on a 2 Mbit/s link made a download cut by a 30 s
+        # outage cost 2.3 times its size
+        self._send(pub, Kind.FETCH, payload, qos=0)
 
     def _send(self, pub: Publisher, kind: Kind, payload: bytes, *, qos: int = 1,
               retain: bool = False) -> None:
