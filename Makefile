@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/distribute.py
 	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/registry.py
 
 # The agent's Debian package (dist/edgefleet-agent_<version>_<arch>.deb), see packaging/.

@@ -147,6 +147,15 @@ def _counters(rt: "Runtime") -> Iterator[Any]:
             ("edgefleet_mqtt_dropped_malformed", "Messages on unexpected topics.",
              lambda: bridge.dropped_malformed),
         ]
+    fetch = rt.fetch
+    if fetch is not None:
+        counters += [
+            ("edgefleet_fetch_published_bytes", "Bytes of metadata and models this controller "
+             "sent to devices (answers and broadcasts).", lambda: fetch.published_bytes),
+            ("edgefleet_fetch_broadcast_bytes", "Of those, bytes broadcast on blob topics "
+             "(one publish for every device fetching the same model).",
+             lambda: fetch.broadcast_bytes),
+        ]
     for name, doc, value in counters:
         family = CounterMetricFamily(name, doc)
         family.add_metric([], value())

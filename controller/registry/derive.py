@@ -45,6 +45,11 @@ GGUF_DEFAULT = ("q8_0", "q4_k_m")
 GGUF_SOURCES = ("f32", "f16", "bf16")
 #: smoke tests carry at most this many of the version's samples
 SMOKE_SAMPLES = 4
+#: an int8 variant this much slower than its source on the controller is refused (dynamic
+#: int8 of conv nets: 2-30x); one merely no faster is kept, with a warning: on other CPUs
+#: it may be faster, and it is a quarter of the size (measured: the tests' 128x4096 MLP,
+#: faster than fp32 on earlier machines, 0.0296 vs 0.0289 ms on an AVX-512 one)
+SLOWER = 1.25
 
 
 class DeriveError(Exception):
@@ -209,9 +214,12 @@ class _OnnxJob:
             comparison["int8_ops"] = sorted(quantize.int8_ops(path))
             if not comparison["int8_ops"]:
                 raise _Refused("it has no 8-bit integer op: not an int8 model", comparison)
-            if var_ms > src_ms:
+            if var_ms > SLOWER * src_ms:
                 raise _Refused(f"it is slower than the source on the controller ({var_ms:.3g} "
                                f"ms vs {src_ms:.3g} ms per sample)", comparison)
+            if var_ms > src_ms:  # a quarter of the size is still worth it to small boxes
+                comparison["warning"] = (f"no faster than the source on the controller "
+                                         f"({var_ms:.3g} ms vs {src_ms:.3g} ms per sample)")
         if size_ratio >= 1.0:
             raise _Refused(f"it is not smaller than the source ({size_ratio:.0%} of its size)",
                            comparison)

@@ -108,6 +108,7 @@ class RealAgent:
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    link: Any = None  # a tests.support.links.ShapedLink it runs behind, if any
 
     def models(self) -> list[dict[str, Any]]:
         """What its local API says it serves (``GET /v1/models``)."""
@@ -132,9 +133,11 @@ class RealFleet:
         self.agents: list[RealAgent] = []
 
     def add(self, name: str, *, memory_limit: int | None = None,
-            labels: dict[str, str] | None = None, env: dict[str, str] | None = None
-            ) -> RealAgent:
-        """Enrol an agent (not started) with ``edgefleet agent enroll``, as a box would."""
+            labels: dict[str, str] | None = None, env: dict[str, str] | None = None,
+            mqtt_url: str | None = None, link: Any = None) -> RealAgent:
+        """Enrol an agent (not started) with ``edgefleet agent enroll``, as a box would;
+        ``link``: it runs in that ``ShapedLink``'s namespace (then ``mqtt_url`` is the
+        broker as seen from there)."""
         from cli.demo import free_port
 
         token = self.api.call("POST", "/enroll-tokens", {"uses": 1})["token"]
@@ -150,20 +153,25 @@ class RealFleet:
         if done.returncode != 0:
             raise RuntimeError(f"enrolling {name} failed: {done.stderr}")
         extra = f"probation_s = {self.probation_s}\n"
+        if mqtt_url is not None:
+            extra += f"mqtt_url = {json.dumps(mqtt_url)}\n"
         if memory_limit is not None:
             extra += f"memory_limit_bytes = {memory_limit}\n"
         config.write_text(config.read_text().replace("[labels]", extra + "\n[labels]"))
-        agent = RealAgent(name, config, state, f"http://127.0.0.1:{port}", env=env or {})
+        agent = RealAgent(name, config, state, f"http://127.0.0.1:{port}", env=env or {},
+                          link=link)
         self.agents.append(agent)
         return agent
 
     def start(self, agent: RealAgent, env: dict[str, str] | None = None) -> None:
         """Start (or start again) ``agent``'s daemon."""
         agent.log = self.root / f"{agent.name}.{len(self.agents)}.{time.monotonic_ns()}.log"
+        command = [sys.executable, "-m", "cli", "agent", "run", "--config", str(agent.config)]
+        if agent.link is not None:
+            command = agent.link.command(*command)
         with agent.log.open("wb") as log:
             agent.proc = subprocess.Popen(
-                [sys.executable, "-m", "cli", "agent", "run", "--config", str(agent.config)],
-                stdout=log, stderr=subprocess.STDOUT,
+                command, stdout=log, stderr=subprocess.STDOUT,
                 env=os.environ | agent.env | (env or {}))
 
     def kill(self, agent: RealAgent) -> None:
