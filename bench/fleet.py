@@ -6,7 +6,8 @@ sits in a network namespace of its own behind a shaped link (tests/support/links
 2 Mbit/s, 150 ms round trip, 2% loss each way). Driven through the API:
 
 (a) m@1.0.0 to the idle fleet in one stage: time to completed, and each agent's
-    download rate against its link's capacity;
+    download rate (on a shaped link: what the link delivered over the middle 80% of the
+    model; on loopback: from its progress events) against its link's capacity;
 (b) m@2.0.0 in three stages (10%, 50%, 100%): time from create to completed;
 (c) m@3.0.0, which answers the same but needs 100 MB more memory per run, in stages
     25%, 100%: time from the failed memory gate to every canary back on m@2.0.0;
@@ -25,6 +26,7 @@ import contextlib
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from cli.api import Api  # noqa: E402
 from cli.demo import free_port, wait_until  # noqa: E402
 from cli.samples import mlp_onnx  # noqa: E402
-from tests.support.fleet import RealFleet  # noqa: E402
+from tests.support.fleet import RealAgent, RealFleet, Traffic  # noqa: E402
 from tests.support.links import Shape, ShapedLink, available  # noqa: E402
 
 CLI = [sys.executable, "-m", "cli"]
@@ -56,6 +58,8 @@ def main() -> None:
     parser.add_argument("--shaped-every", type=int, default=3,
                         help="every n-th agent is on a shaped link (0: none)")
     args = parser.parse_args()
+    # a SIGTERM unwinds like an exception, so the namespaces and agents are removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     if args.shaped_every and (why := available()):
         print(f"every agent on loopback: {why}", flush=True)
         args.shaped_every = 0
@@ -78,27 +82,29 @@ def main() -> None:
         shaped = iter(links)
         for i in range(args.agents):
             link = next(shaped) if args.shaped_every and i % args.shaped_every == 0 else None
-            agent = fleet.add(f"a{i:03d}", memory_limit=TIERS[i % 3], link=link,
+            agent = fleet.add(f"a{i:03d}", memory_limit=TIERS[i // 3 % 3], link=link,
                               mqtt_url=f"mqtt://{link.host if link else '127.0.0.1'}:{port}")
             fleet.start(agent)
         print(f"starting {args.agents} agents ({len(links)} on shaped links)", flush=True)
         fleet.wait_online(300)
         size = api.call("GET", "/models/m/versions/1.0.0")["variants"][0]["size"]
         published = [metric(api, "edgefleet_fetch_published_bytes")]
-        first = rollout(api, "1.0.0", "100%")
+        before = [link.bytes_to_device for link in links]
+        first = rollout(api, "1.0.0", "100%", min_requests=0)  # idle: installs, smoke tests
         published.append(metric(api, "edgefleet_fetch_published_bytes"))
-        rates = download_rates(api, fleet, links)
-        good = rollout(api, "2.0.0", "10%,50%,100%")
-        bad = rollout(api, "3.0.0", "25%:5s,100%")
+        shaped_rates = [r for link, start in zip(links, before, strict=True)
+                        if (r := link.rate_bps(start, size)) is not None]
+        loop_rates = download_rates(api, [a for a in fleet.agents if a.link is None])
+        with Traffic(fleet.agents, infer, rate=4):  # so health gates judge real requests
+            good = rollout(api, "2.0.0", "10%:5s,50%:5s,100%")
+            bad = rollout(api, "3.0.0", "25%:5s,100%")
         broker_peak = peak.peak
-    shaped_rates = [r for r, on_link in rates if on_link]
-    loop_rates = [r for r, on_link in rates if not on_link]
     result = {
         "agents": args.agents, "shaped": len(links), "model_bytes": size,
         "link": {"rate_bps": LINK.rate_bps, "rtt_s": 2 * LINK.delay_s, "loss": LINK.loss},
         "v1_one_stage_s": span(first, "created", "finish"),
         "v2_three_stages_create_to_completed_s": span(good, "created", "finish"),
-        "v2_state": good["state"], "v3_state": bad["state"],
+        "v2_state": good["state"], "v2_reason": good["reason"], "v3_state": bad["state"],
         "v3_reason": next((e["reason"] for e in bad["timeline"]
                            if e["reason"].startswith("rollback")), ""),
         "v3_rollback_failed_gate_to_all_reverted_s": span(bad, "rollback", "reverted"),
@@ -170,9 +176,9 @@ def push(api: Api, tmp: Path, version: str, model: bytes) -> None:
                180)
 
 
-def rollout(api: Api, version: str, stages: str) -> dict[str, Any]:
+def rollout(api: Api, version: str, stages: str, min_requests: int = 10) -> dict[str, Any]:
     rid = api.call("POST", "/rollouts", {"model": "m", "version": version, "stages": stages,
-                                         "gates": {"min_requests": 0}})["id"]
+                                         "gates": {"min_requests": min_requests}})["id"]
     out: dict[str, Any] = {}
 
     def ended() -> bool:
@@ -185,6 +191,13 @@ def rollout(api: Api, version: str, stages: str) -> dict[str, Any]:
     return out
 
 
+BODY = json.dumps({"inputs": {"x": [[0.5] * 128]}}).encode()
+
+
+def infer(agent: RealAgent) -> tuple[str, bytes] | None:
+    return "/v1/models/m/infer", BODY
+
+
 def span(r: dict[str, Any], start: str, end: str) -> float | None:
     def at(prefix: str) -> datetime | None:
         return next((datetime.fromisoformat(e["at"]) for e in r["timeline"]
@@ -194,10 +207,11 @@ def span(r: dict[str, Any], start: str, end: str) -> float | None:
     return round((b - a).total_seconds(), 1) if a and b else None
 
 
-def download_rates(api: Api, fleet: RealFleet, links: list[Any]) -> list[tuple[float, bool]]:
-    """Each agent's rate over its first download, from its progress events (10%..100%)."""
+def download_rates(api: Api, agents: list[RealAgent]) -> list[float]:
+    """Each agent's rate over its first download, from its progress events (10%..100%,
+    stamped when the controller received them: for agents on loopback)."""
     out = []
-    for agent in fleet.agents:
+    for agent in agents:
         steps = []
         for e in api.call("GET", f"/devices/{agent.device_id}/events", timeout=30):
             if e["kind"] == "download_progress" and (m := PROGRESS.match(e["detail"])):
@@ -205,7 +219,7 @@ def download_rates(api: Api, fleet: RealFleet, links: list[Any]) -> list[tuple[f
         if len(steps) >= 2:
             (t0, b0), (t1, b1) = min(steps), max(steps)
             if t1 > t0:
-                out.append(((b1 - b0) * 8 / (t1 - t0).total_seconds(), agent.link in links))
+                out.append((b1 - b0) * 8 / (t1 - t0).total_seconds())
     return out
 
 

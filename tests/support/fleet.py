@@ -142,10 +142,13 @@ class RealFleet:
 
         token = self.api.call("POST", "/enroll-tokens", {"uses": 1})["token"]
         port = free_port()
+        # behind a link, the local API listens on the namespace's address, so traffic
+        # from the host reaches it (across the link, as from another box)
+        listen = link.device if link is not None else "127.0.0.1"
         config, state = self.root / f"{name}.toml", self.root / name
         args = ["agent", "enroll", "--controller", self.api.controller, "--token", token,
                 "--config", str(config), "--state-dir", str(state), "--name", name,
-                "--inference-listen", f"127.0.0.1:{port}"]
+                "--inference-listen", f"{listen}:{port}"]
         for key, value in (labels or {}).items():
             args += ["--label", f"{key}={value}"]
         done = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
@@ -158,7 +161,7 @@ class RealFleet:
         if memory_limit is not None:
             extra += f"memory_limit_bytes = {memory_limit}\n"
         config.write_text(config.read_text().replace("[labels]", extra + "\n[labels]"))
-        agent = RealAgent(name, config, state, f"http://127.0.0.1:{port}", env=env or {},
+        agent = RealAgent(name, config, state, f"http://{listen}:{port}", env=env or {},
                           link=link)
         self.agents.append(agent)
         return agent

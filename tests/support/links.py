@@ -75,6 +75,8 @@ class ShapedLink:
         self.dropped = 0
         self.carried = 0
         self.bytes_to_device = 0  # IP bytes delivered into the namespace
+        #: (when, bytes_to_device) at every 64 KiB delivered: the link's own throughput
+        self.delivered: list[tuple[float, int]] = []
         try:
             _ip("netns", "add", self.ns)
             host_if, ns_if = f"efh{n}", f"efd{n}"
@@ -105,6 +107,16 @@ class ShapedLink:
 
     def exec(self, *args: str) -> None:
         subprocess.run(self.command(*args), check=True, capture_output=True, timeout=30)
+
+    def rate_bps(self, start: int, size: int) -> float | None:
+        """Bits per second the link delivered over the middle 80% of ``size`` bytes sent
+        after ``start`` (a ``bytes_to_device`` reading); None if it did not get there."""
+        lo, hi = start + size // 10, start + size * 9 // 10
+        t_lo = next((t for t, b in self.delivered if b >= lo), None)
+        t_hi = next((t for t, b in self.delivered if b >= hi), None)
+        if t_lo is None or t_hi is None or t_hi <= t_lo:
+            return None
+        return (hi - lo) * 8 / (t_hi - t_lo)
 
     def down(self) -> None:
         """Cut the link: every packet is lost until ``up()``."""
@@ -160,7 +172,10 @@ class ShapedLink:
                         os.write(sink, packet)
                         self.carried += 1
                         if sink == self._ns_fd:
+                            before = self.bytes_to_device
                             self.bytes_to_device += len(packet)
+                            if before >> 16 != self.bytes_to_device >> 16:
+                                self.delivered.append((now, self.bytes_to_device))
                     except OSError:  # the other side is not up yet, or going away
                         self.dropped += 1
 
