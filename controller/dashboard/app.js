@@ -183,7 +183,7 @@ function modelsView() {
           h("td", {}, fidelityText(c)),
           h("td", {}, ms ? `${ms.variant} ms (source ${ms.source})` : "-"),
           h("td", { class: "num" }, `${Math.round(x.ram_estimate_bytes / 1048576)} MiB${x.ram_measured ? "" : " (estimate)"}`),
-          h("td", { class: c.warning ? "warning" : "" }, x.signed ? (c.warning || "offered") : "not signed"));
+          h("td", { class: c.warning ? "warning" : "" }, x.signed ? (c.warning ? `offered: ${c.warning}` : "offered") : "not signed"));
       });
       const refused = (v.refused || []).map((r) => h("tr", { "data-refused": r.name, class: "refused" },
         h("td", {}, r.name), h("td", { colspan: 4 }, fidelityText(r.comparison)),
