@@ -115,7 +115,7 @@ def test_an_agent_on_a_slow_lossy_link_downloads_near_its_rate_and_survives_an_o
             # retransmissions; starting again from zero half way would be 1.5 times it
             resent = (link.bytes_to_device - carried) / total
             print(f"the second download took {resent:.2f} times the model's size on the wire")
-            assert resent < 1.4  # seen 1.04-1.24; starting again half way costs >= 1.5
+            assert resent < 1.5  # seen 1.04-1.4; starting again half way: >= 1.5 + overhead
         finally:
             agent.kill()
             agent.wait(30)
