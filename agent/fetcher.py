@@ -247,7 +247,7 @@ class MqttFetcher(FetcherInterface):
         url = f"{TARGETS_URL}{directory}{sep}{info.hashes['sha256']}.{name}"
         digests = {algo: _hasher(algo) for algo in info.hashes}
         part, mark = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.json")
-        start = _kept_prefix(part, mark, info.length, digests.values())
+        start = _kept_prefix(part, mark, info.length, digests)
         if start:
             log.info("resuming %s at byte %d of %d (re-hashed what was kept)", info.path,
                      start, info.length)
@@ -403,10 +403,10 @@ class MqttFetcher(FetcherInterface):
         time.sleep(delay)  # backoff between retries, not synchronisation
 
 
-def _kept_prefix(part: Path, mark: Path, length: int, digests: Iterable[Any]) -> int:
-    """The length of the synced prefix of an earlier attempt (0: none), fed to
-    ``digests``; the file is cut back to it (beyond it, a power loss may have left
-    anything)."""
+def _kept_prefix(part: Path, mark: Path, length: int, digests: dict[str, Any]) -> int:
+    """The length of the synced prefix of an earlier attempt (0: none); ``digests`` (by
+    algorithm) then hold that prefix, and are untouched when it is 0. The file is cut
+    back to it by the caller (beyond it, a power loss may have left anything)."""
     try:
         kept = int(json.loads(mark.read_bytes())["length"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -415,17 +415,18 @@ def _kept_prefix(part: Path, mark: Path, length: int, digests: Iterable[Any]) ->
     if not 0 < kept < length or not part.exists() or part.stat().st_size < kept:
         _forget(part, mark)
         return 0
-    digests = list(digests)
+    trial = {algo: digest.copy() for algo, digest in digests.items()}
     with part.open("rb") as f:
         left = kept
         while left:
             block = f.read(min(left, 1 << 20))
-            if not block:
+            if not block:  # shorter than it was a moment ago: start again, cleanly
                 _forget(part, mark)
                 return 0
             left -= len(block)
-            for digest in digests:
+            for digest in trial.values():
                 digest.update(block)
+    digests.update(trial)
     return kept
 
 
