@@ -13,6 +13,7 @@ from agent import probe, systemd
 from agent.config import AgentConfig, Identity
 from agent.link import DeviceLink
 from agent.metrics import AgentMetrics
+from agent.probes import Prober
 from agent.serving import LocalApi, Serving
 from agent.session import DeviceSession, Publisher
 from agent.update.installer import Install, Installer
@@ -51,6 +52,7 @@ def run(config_path: Path) -> None:
     session.on_desired = installer.want
     host, _, port = config.inference_listen.rpartition(":")
     api = LocalApi(serving, host or "127.0.0.1", int(port))
+    prober = Prober(serving, installer.probe)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)
@@ -62,6 +64,7 @@ def run(config_path: Path) -> None:
     link.connect()
     installer.start()  # loads the active model first
     api.start()
+    prober.start()
     log.info("agent %s starting; broker %s; local API on %s", identity.device_id,
              identity.mqtt_url, config.inference_listen)
     systemd.notify("READY=1")
@@ -78,6 +81,7 @@ def run(config_path: Path) -> None:
     finally:
         systemd.notify("STOPPING=1")
         api.stop()
+        prober.stop()
         installer.stop()
         serving.activate(None)
         if client.is_connected():

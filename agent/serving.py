@@ -16,6 +16,7 @@ of the active model since it was activated, so a rollout compares models, not up
 
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -65,18 +66,27 @@ class Serving:
         self.count = 0
         self.errors = 0
         self._latencies: deque[float] = deque(maxlen=1000)
+        # probes (agent.probes): the active model's smoke test, counted apart
+        self._probe_test: dict[str, Any] | None = None
+        self._probe_next = 0
+        self.probes = self.probe_errors = 0
+        self._probe_latencies: deque[float] = deque(maxlen=1000)
 
     def activate(self, model_dir: Path | None) -> None:
         """Load the model in ``model_dir`` (None: serve nothing); raise if it cannot load."""
-        new = meta = None
+        new = meta = test = None
         if model_dir is not None:
             meta = read_meta(model_dir)
+            if (model_dir / SMOKE_FILE).exists():
+                test = smoke.decode((model_dir / SMOKE_FILE).read_bytes())
             new = self._worker(next(model_dir.glob("model.*")), meta.runtime_format)
             new.start()
         with self._lock:  # the figures in health reports are the active model's own
             old, self.worker, self.meta = self.worker, new, meta
-            self.count = self.errors = 0
+            self.count = self.errors = self.probes = self.probe_errors = 0
             self._latencies.clear()
+            self._probe_latencies.clear()
+            self._probe_test, self._probe_next = test, 0
         if old is not None:
             old.stop()
 
@@ -118,6 +128,33 @@ class Serving:
         except (BadRequest, RuntimeCrashed, RuntimeError, ValueError) as exc:
             return f"the smoke test could not run: {exc}"
 
+    def probe(self) -> float | None:
+        """Run the next input of the active model's smoke test (its signed sample inputs)
+        as a probe: counted apart from application traffic, an error if it raises or its
+        answer is off. Returns the CPU seconds the worker spent (None: not measurable);
+        raises ``LookupError`` if there is nothing to probe."""
+        worker, meta, test = self.worker, self.meta, self._probe_test
+        if worker is None or meta is None or not test or not test.get("inputs"):
+            raise LookupError("the active model has no smoke test to probe with")
+        n = self._probe_next % len(test["inputs"])
+        self._probe_next += 1
+        one = {**test, "inputs": [test["inputs"][n]], "expected": [test["expected"][n]],
+               "latency_budget_ms": math.inf}  # latency is measured, not judged, here
+        cpu = _cpu_seconds(worker.pid)
+        started = self._clock()
+        try:
+            failed = run_smoke_test(worker.call, meta.format, one, self._clock) is not None
+        except (BadRequest, RuntimeCrashed, RuntimeError, ValueError):
+            failed = True
+        elapsed_ms = (self._clock() - started) * 1000
+        after = _cpu_seconds(worker.pid)
+        with self._lock:
+            self.probes += 1
+            self.probe_errors += failed
+            if not failed:
+                self._probe_latencies.append(elapsed_ms)
+        return after - cpu if cpu is not None and after is not None else None
+
     def probation(self, seconds: float, stop: threading.Event) -> str | None:
         """Watch the live model for ``seconds``: a crash or an error rate over a half fails."""
         start = self.mark()
@@ -149,12 +186,13 @@ class Serving:
 
     def health(self) -> dict[str, Any]:
         with self._lock:
-            ordered = sorted(self._latencies)
-        pick = (lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)) \
-            if ordered else (lambda q: None)
+            ordered, probed = sorted(self._latencies), sorted(self._probe_latencies)
         meta = self.meta
         return {"inference_count": self.count, "error_count": self.errors,
-                "latency_p50_ms": pick(0.5), "latency_p95_ms": pick(0.95),
+                "latency_p50_ms": _quantile(ordered, 0.5),
+                "latency_p95_ms": _quantile(ordered, 0.95),
+                "probe_count": self.probes, "probe_error_count": self.probe_errors,
+                "probe_latency_p95_ms": _quantile(probed, 0.95),
                 "active_model": meta.ref if meta else None, "model_rss_bytes": self.worker_rss()}
 
     def worker_rss(self) -> int | None:
@@ -169,6 +207,23 @@ class Serving:
             return int(psutil.Process(pid).memory_info().rss)
         except psutil.Error:
             return None
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else None
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) a process has used so far."""
+    if pid is None:
+        return None
+    import psutil
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
 
 
 class LocalApi:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 
 from agent.session import DeviceSession, Publisher, install_outcome
-from shared.messages import DesiredState, Health, ReportedState
+from shared.messages import DesiredState, Health, Probe, ReportedState
 from shared.messages import InstallState as S
 
 Schedule = Callable[[float, Callable[[], None]], None]  # run a callback after a delay
@@ -70,6 +70,8 @@ class SimDevice:
         self.client: Publisher | None = None
         self.active: tuple[str, str, str | None] | None = None  # model, version, variant
         self.requests = self.errors = 0
+        self.probes = self.probe_errors = 0
+        self.probe: Probe | None = None  # asked for by a rollout (agent.probes)
         self._counted_at: datetime | None = None
         self.outcome: tuple[int, S, str] = (0, S.IDLE, "")  # generation, state, reason
 
@@ -85,7 +87,12 @@ class SimDevice:
 
     def on_desired(self, desired: DesiredState) -> None:
         """A verified desired state: play the install steps, one per ``step_s``."""
-        if desired.target is None or desired.model is None:
+        self.probe = desired.probe
+        kept = self.outcome[1] == S.COMMITTED and not desired.rollback and \
+            self.active == (desired.model, desired.version, desired.variant)
+        if desired.target is None or desired.model is None or kept:
+            if kept:  # the model it serves: only the probes change, as on a real agent
+                self._event("kept", desired.generation, desired.target or "")
             self.schedule(0, lambda: self._finish(desired, S.COMMITTED, ""))
             return
         fault = self._fault(f"{desired.model}@{desired.version}")
@@ -120,7 +127,7 @@ class SimDevice:
 
     def _activate(self, model: tuple[str, str, str | None] | None) -> None:
         self.active = model
-        self.requests = self.errors = 0
+        self.requests = self.errors = self.probes = self.probe_errors = 0
 
     def _finish(self, desired: DesiredState, state: S, reason: str) -> None:
         if not self._current(desired):
@@ -154,6 +161,10 @@ class SimDevice:
             rate = BASE_ERROR_RATE if fault.error_rate is None else fault.error_rate
             self.requests += served
             self.errors += sum(rng.random() < rate for _ in range(served))
+            if self.probe is not None and now < self.probe.until:
+                probed = int(elapsed / self.probe.interval_s)
+                self.probes += probed
+                self.probe_errors += sum(rng.random() < rate for _ in range(probed))
             base = BASE_LATENCY_MS.get(self.profile, 20.0) * fault.latency
             p50, p95 = round(base * rng.uniform(0.95, 1.05), 2), \
                 round(base * 1.6 * rng.uniform(0.95, 1.05), 2)
@@ -164,7 +175,9 @@ class SimDevice:
                       mem_used_bytes=used, mem_total_bytes=self.ram_bytes,
                       disk_free_bytes=32 << 30, temperature_c=round(rng.uniform(35, 70), 1),
                       inference_count=self.requests, error_count=self.errors,
-                      latency_p50_ms=p50, latency_p95_ms=p95,
+                      latency_p50_ms=p50, latency_p95_ms=p95, probe_count=self.probes,
+                      probe_error_count=self.probe_errors,
+                      probe_latency_p95_ms=p95 if self.probes else None,
                       active_model=f"{self.active[0]}@{self.active[1]}" if self.active else None,
                       model_rss_bytes=model_rss,
                       **install_outcome(*self.outcome))

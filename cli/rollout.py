@@ -51,15 +51,29 @@ def rollout() -> None:
 @click.option("--on-failure", type=click.Choice(["rollback", "pause"]), default="rollback",
               show_default=True)
 @click.option("--max-concurrent", type=click.IntRange(1), help="Installs in flight at once.")
+@click.option("--probes", "probe_every", metavar="DURATION",
+              help="Idle devices: each canary and baseline device runs its model's smoke "
+              "inputs once per DURATION (e.g. 1s) while a stage bakes, and the gates judge "
+              "those probes instead of application traffic.")
+@click.option("--probe-cpu", type=click.FloatRange(0, 1, min_open=True), default=0.1,
+              show_default=True, help="With --probes: the most of a device's CPU they use.")
 @click.option("--json", "as_json", is_flag=True)
 def create(controller: str, token: str | None, model: str, version: str,
            selector: tuple[str, ...], classes: tuple[str, ...], stages: str,
            gates: tuple[str, ...], on_failure: str, max_concurrent: int | None,
-           as_json: bool) -> None:
+           probe_every: str | None, probe_cpu: float, as_json: bool) -> None:
     """Ship MODEL@VERSION to the matching devices in stages."""
     body = {"model": model, "version": version, "selector": parse_labels(selector),
             "classes": list(classes), "stages": stages, "gates": _numbers(gates),
             "on_failure": on_failure, "max_concurrent": max_concurrent}
+    if probe_every is not None:
+        from controller.rollouts.plan import PlanError, parse_duration
+
+        try:
+            interval = parse_duration(probe_every, where="--probes")
+        except PlanError as exc:
+            raise click.BadParameter(exc.detail, param_hint="--probes") from None
+        body["probes"] = {"interval_s": interval, "max_cpu_share": probe_cpu}
     out = make_api(controller, token).call("POST", "/rollouts", body)
     if as_json:
         click.echo(json.dumps(out, indent=2))

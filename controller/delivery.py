@@ -20,7 +20,7 @@ from controller.db.models import Device, ModelVersion, Variant
 from controller.registry import service
 from controller.registry.choice import VariantSpec, choose_variant
 from shared.envelope import Signer, seal_desired
-from shared.messages import Capabilities, DesiredState
+from shared.messages import Capabilities, DesiredState, Probe
 
 
 class DeliveryError(Exception):
@@ -39,19 +39,29 @@ class Assignment:
 
 def assign(session: Session, device: Device, version: ModelVersion | None, *, now: datetime,
            signer: Signer, rollback: bool = False,
-           variants: list[Variant] | None = None) -> Assignment:
+           variants: list[Variant] | None = None, probe: Probe | None = None) -> Assignment:
     """Make ``version`` (None: no model) the device's desired state, as a new generation.
 
     ``variants`` are the version's (``ready_variants``), to save looking them up again
     when assigning one version to many devices; ``rollback`` marks a return to what the
-    device ran before (it skips probation).
+    device ran before (it skips probation); ``probe`` asks for probes once it serves.
     """
     fields: dict[str, Any] = {}
     if version is not None:
         fields = pick(device, version,
                       variants if variants is not None else ready_variants(session, version))
+    return reissue(session, device, {**fields, "rollback": rollback, "probe": probe},
+                   now=now, signer=signer)
+
+
+def reissue(session: Session, device: Device, fields: dict[str, Any], *, now: datetime,
+            signer: Signer) -> Assignment:
+    """``fields`` (``DesiredState``'s, but device, generation and time) as the device's
+    next generation; for a rollout's probes, the desired state it has with a probe."""
+    fields = {k: v for k, v in fields.items() if k not in ("device_id", "generation",
+                                                             "issued_at", "v")}
     desired = DesiredState(device_id=device.id, generation=device.desired_generation + 1,
-                           issued_at=now, rollback=rollback, **fields)
+                           issued_at=now, **fields)
     device.desired_generation = desired.generation
     device.desired = desired.model_dump(mode="json")
     session.flush()

@@ -143,9 +143,24 @@ class Health(Message):
     agent_rss_bytes: Count | None = None
     #: the device's install (``ReportedState``) repeated in every report, so an outcome
     #: whose one reported-state message a broker dropped under load still arrives
+    #: probes (``Probe``) run on the active model, counted apart from application traffic
+    probe_count: Count = 0
+    probe_error_count: Count = 0
+    probe_latency_p95_ms: float | None = None
     install_generation: Count | None = None
     install_state: InstallState | None = None
     install_reason: Annotated[str, Field(max_length=256)] | None = None
+
+
+class Probe(Message):
+    """A rollout's ask that an idle device exercise its model while a stage bakes: the
+    smoke test's signed inputs, one every ``interval_s``, never above ``max_cpu_share``
+    of the device's CPU, until ``until``. Counted apart from application traffic."""
+
+    rollout: Name
+    interval_s: Annotated[float, Field(gt=0)]
+    max_cpu_share: Annotated[float, Field(gt=0, le=1)]
+    until: datetime
 
 
 class DesiredState(Message):
@@ -165,6 +180,9 @@ class DesiredState(Message):
     #: a rollout giving back what the device ran before: a copy the device kept and had
     #: already proven, so it fetches nothing and skips probation after the smoke test
     rollback: bool = False
+    #: exercise the model (probes) while a rollout judges it; a desired state naming the
+    #: model the device already runs only starts or renews probes, it installs nothing
+    probe: Probe | None = None
 
 
 class ReportedState(Message):

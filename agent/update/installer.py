@@ -33,7 +33,7 @@ from agent.session import install_outcome
 from agent.update.machine import RESUME, TERMINAL, Event, State, next_state
 from shared import smoke, targets
 from shared.files import fsync_dir, write_atomic
-from shared.messages import DesiredState
+from shared.messages import DesiredState, Probe
 from shared.targets import TargetInfo
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Install:
     sha256: str | None = None
     previous: str | None = None  # the sha256 that was active before this install
     rollback: bool = False  # a rollout giving back a proven model: no probation
+    probe: dict[str, Any] | None = None  # the desired state's ``Probe``, as JSON
     reason: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -136,6 +137,13 @@ class Installer:
         install = self.install
         return install_outcome(install.generation, install.state, install.reason)
 
+    def probe(self) -> Probe | None:
+        """The probes the controller asked for, while the model they exercise serves."""
+        install = self.install
+        if install.probe is None or install.state != State.COMMITTED:
+            return None
+        return Probe.model_validate(install.probe)
+
     def active_dir(self) -> Path | None:
         return self.current.resolve() if self.current.is_symlink() else None
 
@@ -150,14 +158,40 @@ class Installer:
             self._wake.wait()
             self._wake.clear()
             desired, self._wanted = self._wanted, None
-            if desired is not None and not self._stop.is_set():
+            if desired is None or self._stop.is_set():
+                continue
+            if self._serves(desired):
+                self._keep(desired)
+            else:
                 self._run(self._begin(desired))
+
+    def _serves(self, d: DesiredState) -> bool:
+        """Whether ``d`` names the model that already serves, committed (a rollback is
+        always carried out: it re-hashes and smoke-tests the copy)."""
+        install = self.install
+        return install.state == State.COMMITTED and not d.rollback and d.sha256 is not None \
+            and d.sha256 == self._active_sha() and \
+            (d.model, d.version, d.variant) == (install.model, install.version, install.variant)
+
+    def _keep(self, d: DesiredState) -> None:
+        """A desired state naming the serving model: nothing to install; its probes (or
+        none) take over, and the new generation is reported committed at once."""
+        probe = d.probe.model_dump(mode="json") if d.probe else None
+        install = replace(self.install, generation=d.generation, probe=probe, rollback=False,
+                          reason="")
+        self._save(install)
+        detail = (f"probes every {d.probe.interval_s:g}s (at most {d.probe.max_cpu_share:.0%} "
+                  f"of the CPU) until {d.probe.until.isoformat()} for rollout {d.probe.rollout}"
+                  if d.probe else "no probes")
+        self._reporter.event("kept", d.generation, f"{d.target} already serves; {detail}")
+        self._reporter.reported(install)
 
     def _begin(self, d: DesiredState) -> Install:
         self._progress_tenth = 0
         return Install(generation=d.generation, state=next_state(State.IDLE, Event.START),
                        model=d.model, version=d.version, variant=d.variant, target=d.target,
-                       sha256=d.sha256, previous=self._active_sha(), rollback=d.rollback)
+                       sha256=d.sha256, previous=self._active_sha(), rollback=d.rollback,
+                       probe=d.probe.model_dump(mode="json") if d.probe else None)
 
     def _run(self, install: Install) -> None:
         steps: dict[State, Callable[[Install], Install]] = {

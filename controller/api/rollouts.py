@@ -36,6 +36,9 @@ class RolloutIn(BaseModel):
     gates: dict[str, float] = Field(default_factory=dict)
     on_failure: str = "rollback"
     max_concurrent: Annotated[int, Field(ge=1)] | None = None
+    probes: dict[str, float] | None = Field(
+        default=None, description="idle devices exercise their model while a stage bakes, "
+        "and the gates judge the probes: {interval_s, max_cpu_share}; {} for the defaults")
 
 
 class StageOut(BaseModel):
@@ -77,6 +80,7 @@ class RolloutOut(BaseModel):
     classes: list[str]
     on_failure: str
     max_concurrent: int | None
+    probes: dict[str, float] | None = None
     created_at: datetime
     created_by: str
     counts: dict[str, int]
@@ -113,7 +117,8 @@ def describe(rollout: Rollout, members: list[RolloutMember],
         id=rollout.id, model=rollout.model_name, version=rollout.version, state=rollout.state,
         active=State(rollout.state) in ACTIVE, stage=rollout.stage, reason=rollout.reason,
         selector=rollout.selector, classes=rollout.classes, on_failure=rollout.on_failure,
-        max_concurrent=rollout.max_concurrent, created_at=rollout.created_at,
+        max_concurrent=rollout.max_concurrent, probes=rollout.probes,
+        created_at=rollout.created_at,
         created_by=rollout.created_by, counts=dict(counts), stages=stages)
     if events is None:
         return out
@@ -136,7 +141,8 @@ def create(body: RolloutIn, session: Db, rt: Rt, who: Operator) -> RolloutOut:
     """Plan a staged rollout; the scheduler starts it at its next tick."""
     spec = service.Spec(model=body.model, version=body.version, selector=body.selector,
                         stages=body.stages, classes=tuple(body.classes), gates=body.gates,
-                        on_failure=body.on_failure, max_concurrent=body.max_concurrent)
+                        on_failure=body.on_failure, max_concurrent=body.max_concurrent,
+                        probes=body.probes)
     try:
         rollout = service.create(session, spec, now=rt.clock(), actor=who.name)
     except PlanError as exc:

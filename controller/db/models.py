@@ -246,6 +246,7 @@ class Rollout(Base):
     gates: Mapped[dict[str, Any]]
     on_failure: Mapped[str] = mapped_column(String(16))
     max_concurrent: Mapped[int | None] = mapped_column(Integer)
+    probes: Mapped[dict[str, Any] | None] = mapped_column(JsonType)  # plan.Probes; None: none
     state: Mapped[str] = mapped_column(String(16), index=True)
     stage: Mapped[int] = mapped_column(Integer)
     entered_at: Mapped[datetime]  # when ``state`` began

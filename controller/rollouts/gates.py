@@ -40,12 +40,17 @@ class Figures:
     mem_used_bytes: int  # the model worker's resident memory (older agents: the host's use)
 
     @classmethod
-    def of(cls, health: Mapping[str, Any] | None) -> "Figures | None":
+    def of(cls, health: Mapping[str, Any] | None, *, probes: bool = False) -> "Figures | None":
+        """From a health report: its application traffic, or with ``probes`` its probes'."""
         if not health:
             return None
         # the model worker's own memory where the agent reports it: host-wide use moves
         # with everything else on the box and would hide a model that needs 3x as much
         memory = health.get("model_rss_bytes") or health.get("mem_used_bytes") or 0
+        if probes:
+            return cls(int(health.get("probe_count") or 0),
+                       int(health.get("probe_error_count") or 0),
+                       health.get("probe_latency_p95_ms"), int(memory))
         return cls(int(health.get("inference_count") or 0), int(health.get("error_count") or 0),
                    health.get("latency_p95_ms"), int(memory))
 
@@ -112,7 +117,7 @@ def baseline(figures: Iterable[tuple[str, Figures]], gates: Gates) -> dict[str, 
 
 
 def evaluate(members: Sequence[Member], base: Mapping[str, Aggregate], gates: Gates,
-             *, now: datetime, health: bool) -> Evaluation:
+             *, now: datetime, health: bool, probes: bool = False) -> Evaluation:
     """Judge the assigned members, overall and per class; ``health`` adds the comparison."""
     assigned = [m for m in members if m.assigned_at is not None]
     scopes: dict[str, list[Member]] = {}
@@ -123,7 +128,8 @@ def evaluate(members: Sequence[Member], base: Mapping[str, Aggregate], gates: Ga
     inconclusive = False
     for scope, group in scopes.items():
         figures, failures, unsure = _judge(scope, group, base.get(scope), gates, now=now,
-                                           health=health, classes=result.figures)
+                                           health=health, probes=probes,
+                                           classes=result.figures)
         result.figures[scope] = figures
         result.reasons += failures
         inconclusive |= unsure
@@ -140,7 +146,7 @@ def evaluate(members: Sequence[Member], base: Mapping[str, Aggregate], gates: Ga
 
 
 def _judge(scope: str, group: list[Member], base: Aggregate | None, gates: Gates, *,
-           now: datetime, health: bool,
+           now: datetime, health: bool, probes: bool,
            classes: Mapping[str, dict[str, Any]]) -> tuple[dict[str, Any], list[str], bool]:
     where = "the fleet" if scope == ALL else f"class {scope}"
     n = len(group)
@@ -175,9 +181,12 @@ def _judge(scope: str, group: list[Member], base: Aggregate | None, gates: Gates
             unsure = True
             # what an operator of an idle fleet needs to read: the stage waits for traffic
             figures["waiting"] = (
+                f"waiting for probes in {where}: {canary.devices} of {committed} canaries "
+                f"ran {gates.min_requests} probes on the target" if probes else
                 f"waiting for traffic in {where}: {canary.devices} of {committed} canaries "
-                f"served {gates.min_requests} requests on the target (the gate needs "
-                f"{gates.min_devices})")
+                f"served {gates.min_requests} requests on the target") + (
+                f" (the gate needs {gates.min_devices}" +
+                (")" if probes else "; idle devices need a plan with probes)"))
         elif canary.devices:
             ratios = _fleet_ratios(canary, base, classes) if scope == ALL else \
                 _ratios(canary, base)

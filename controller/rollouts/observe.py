@@ -83,8 +83,9 @@ class Tracked:
 
 
 def observe(m: Tracked, device: Device | None, target_ref: str, *,
-            now: datetime) -> tuple[Tracked, Target]:
-    """``m`` after reading what its device reported, and the member as the tick sees it."""
+            now: datetime, probes: bool = False) -> tuple[Tracked, Target]:
+    """``m`` after reading what its device reported, and the member as the tick sees it
+    (judged on its probes' figures with ``probes``)."""
     seen = latest_outcome(device.reported, device.health) if device is not None else Outcome()
     if device is None and m.left_at is None:
         m = replace(m, left_at=now, reason="the device was deleted")
@@ -102,14 +103,15 @@ def observe(m: Tracked, device: Device | None, target_ref: str, *,
         m = replace(m, reverted_at=now)
     health = None
     if device is not None and (device.health or {}).get("active_model") == target_ref:
-        health = Figures.of(device.health)
+        health = Figures.of(device.health, probes=probes)
     member = Member(m.device_id, m.cls, m.assigned_at, m.outcome, m.reason, health)
     return m, Target(member, online=device is not None and device.online,
                      left=m.left_at is not None, revert_issued=m.revert_generation is not None,
                      reverted=m.reverted_at is not None)
 
 
-def baseline_figures(health: Mapping[str, Any] | None, target_ref: str) -> Figures | None:
+def baseline_figures(health: Mapping[str, Any] | None, target_ref: str, *,
+                     probes: bool = False) -> Figures | None:
     """A device's health figures if it serves a model other than the target."""
     active = (health or {}).get("active_model")
-    return Figures.of(health) if active and active != target_ref else None
+    return Figures.of(health, probes=probes) if active and active != target_ref else None

@@ -69,6 +69,31 @@ class Stage:
         return f"{self.percent:g}%" if self.percent is not None else f"{self.count} devices"
 
 
+@dataclass(frozen=True)
+class Probes:
+    """A plan's ask that devices exercise their model while a stage bakes (agent.probes):
+    one probe every ``interval_s``, at most ``max_cpu_share`` of the device's CPU. Gates
+    then judge the probes' figures instead of application traffic."""
+
+    interval_s: float = 1.0
+    max_cpu_share: float = 0.1
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> "Probes":
+        known = {f.name for f in fields(cls)}
+        for key, value in values.items():
+            if key not in known:
+                raise PlanError(f"probes.{key}", f"unknown; known: {', '.join(sorted(known))}")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise PlanError(f"probes.{key}", f"must be a number, not {value!r}")
+        probes = cls(**{k: float(v) for k, v in values.items()})
+        if not 0.05 <= probes.interval_s <= 3600:
+            raise PlanError("probes.interval_s", "must be between 0.05 and 3600 seconds")
+        if not 0 < probes.max_cpu_share <= 1:
+            raise PlanError("probes.max_cpu_share", "must be above 0 and at most 1")
+        return probes
+
+
 def parse_duration(text: str, *, where: str) -> float:
     """``30s``, ``10m``, ``1h``, ``2d`` or plain seconds."""
     m = _DURATION.match(text.strip())

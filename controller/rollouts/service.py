@@ -11,7 +11,7 @@ import fnmatch
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import exists, func, select
@@ -27,19 +27,23 @@ from controller.rollouts.plan import (
     POLICIES,
     Gates,
     PlanError,
+    Probes,
     Stage,
     check_stages,
     device_class,
     gates_to_json,
     parse_stages,
+    stage_gates,
     stages_from_json,
     stages_to_json,
 )
 from controller.rollouts.tick import Decision, Plan, Target, act, decide
 from shared.envelope import Signer
-from shared.messages import InstallState
+from shared.messages import DesiredState, InstallState, Probe
 
 PENDING = "pending"  # a member's outcome before its device reports one
+#: the states in which a plan's probes run (each device's probe expires by itself)
+PROBING = frozenset({State.DEPLOYING, State.BAKING, State.EVALUATING})
 
 
 class RolloutNotFound(LookupError):
@@ -58,6 +62,7 @@ class Spec:
     gates: Mapping[str, float] | None = None
     on_failure: str = "rollback"
     max_concurrent: int | None = None
+    probes: Mapping[str, float] | None = None  # ``Probes`` fields; {} for the defaults
 
 
 def create(session: Session, spec: Spec, *, now: datetime, actor: str) -> Rollout:
@@ -73,6 +78,7 @@ def create(session: Session, spec: Spec, *, now: datetime, actor: str) -> Rollou
     stages = parse_stages(spec.stages) if isinstance(spec.stages, str) else [
         _stage(raw, i) for i, raw in enumerate(spec.stages)]
     check_stages(stages, gates)
+    probes = Probes.of(spec.probes) if spec.probes is not None else None
     if spec.on_failure not in POLICIES:
         raise PlanError("on_failure", f"{spec.on_failure!r} is not one of {', '.join(POLICIES)}")
     if spec.max_concurrent is not None and spec.max_concurrent < 1:
@@ -81,7 +87,8 @@ def create(session: Session, spec: Spec, *, now: datetime, actor: str) -> Rollou
         id=str(uuid.uuid4()), model_name=version.model_name, version=version.version,
         version_id=version.id, selector=dict(spec.selector), classes=list(spec.classes),
         stages=stages_to_json(stages), gates=gates_to_json(gates), on_failure=spec.on_failure,
-        max_concurrent=spec.max_concurrent, state=State.PENDING.value, stage=0, entered_at=now,
+        max_concurrent=spec.max_concurrent, probes=asdict(probes) if probes else None,
+        state=State.PENDING.value, stage=0, entered_at=now,
         baseline={}, created_at=now, created_by=actor, reason="")
     matched, unfit = _matching(session, rollout, variants)
     if not matched:
@@ -99,7 +106,7 @@ def create(session: Session, spec: Spec, *, now: datetime, actor: str) -> Rollou
     base = []
     for device, variant in matched:
         member = _join(session, rollout, device, variant, now)
-        if (figures := _baseline_figures(device, target)) is not None:
+        if (figures := _baseline_figures(device, target, probes is not None)) is not None:
             base.append((member.cls, figures))
     rollout.baseline = {cls: asdict(agg) for cls, agg in
                         g.baseline(base, gates).items() if agg.devices}
@@ -171,11 +178,14 @@ def _tick_one(session: Session, rollout: Rollout, *, now: datetime,
     if rollout.state != State.PAUSED.value and State(rollout.state) in ACTIVE | {State.COMPLETED}:
         _refresh_members(session, rollout, rows, devices, variants, now=now)
     target_ref = f"{rollout.model_name}@{rollout.version}"
-    targets = [_target(m, devices.get(m.device_id), target_ref, now=now)
+    plan = _plan(rollout)
+    probing = plan.probes is not None
+    targets = [_target(m, devices.get(m.device_id), target_ref, now=now, probes=probing)
                for m in rows.values()]
-    decision = decide(_plan(rollout), targets, _baseline(rollout, targets, devices, target_ref),
+    decision = decide(plan, targets, _baseline(rollout, targets, devices, target_ref, probing),
                       now=now)
     _store(session, rollout, decision, now=now, actor="scheduler")
+    probe = _probe(rollout, decision.plan, now)
     out = []
     for device_id in decision.assign:
         device, member = devices[device_id], rows[device_id]
@@ -184,7 +194,7 @@ def _tick_one(session: Session, rollout: Rollout, *, now: datetime,
                            if desired and desired.model else None)
         try:
             out.append(delivery.assign(session, device, version, now=now, signer=signer,
-                                       variants=variants))
+                                       variants=variants, probe=probe))
         except delivery.DeliveryError as exc:  # its capabilities changed since it joined
             member.left_at, member.reason = now, exc.detail
             continue
@@ -198,14 +208,58 @@ def _tick_one(session: Session, rollout: Rollout, *, now: datetime,
         out.append(delivery.assign(session, gone, _previous(session, member), now=now,
                                    signer=signer, rollback=True))
         member.revert_generation = gone.desired_generation
+    if probe is not None:
+        out += _probe_baseline(session, rollout, targets, devices, probe, now=now, signer=signer)
     return out
 
 
+def _probe(rollout: Rollout, plan: Plan, now: datetime) -> Probe | None:
+    """The probe a canary gets with the target, and the baseline with its own model: it
+    lasts the longest a stage can wait (its bake, then the inconclusive timeout)."""
+    if plan.probes is None or plan.state not in PROBING:
+        return None
+    stage = plan.stages[plan.stage]
+    window = stage.bake_s + stage_gates(plan.gates, stage).inconclusive_timeout_s
+    return Probe(rollout=rollout.id, interval_s=plan.probes.interval_s,
+                 max_cpu_share=plan.probes.max_cpu_share, until=now + timedelta(seconds=window))
+
+
+def _probe_baseline(session: Session, rollout: Rollout, targets: list[Target],
+                    devices: dict[str, Device], probe: Probe, *, now: datetime,
+                    signer: Signer) -> list[delivery.Assignment]:
+    """Probes for the baseline: the online members not given the target keep their
+    desired state (the model they run: the agent installs nothing) with this rollout's
+    probe, renewed once half of it is spent."""
+    out = []
+    renew_before = now + (probe.until - now) / 2
+    for t in targets:
+        device = devices.get(t.member.device_id)
+        if t.member.assigned_at is not None or t.left or not t.online or device is None:
+            continue
+        desired = delivery.desired_state(device)
+        if desired is None or desired.model is None:
+            continue  # it runs no model: nothing to probe
+        seen = observe.latest_outcome(device.reported, device.last_health)
+        if (seen.generation, seen.state) != (desired.generation, InstallState.COMMITTED):
+            continue  # still installing what it was given: probes would supersede it
+        held = desired.probe
+        if held is not None and held.rollout == rollout.id and held.until > renew_before:
+            continue
+        out.append(delivery.reissue(session, device, _probed(desired, probe), now=now,
+                                    signer=signer))
+    return out
+
+
+def _probed(desired: DesiredState, probe: Probe) -> dict[str, Any]:
+    return desired.model_dump() | {"probe": probe, "rollback": False}
+
+
 def _target(m: RolloutMember, device: Device | None, target_ref: str, *,
-            now: datetime) -> Target:
+            now: datetime, probes: bool) -> Target:
     """The member as the tick sees it, after reading what its device reported (the row
     takes what ``observe`` found)."""
-    seen, target = observe.observe(_tracked(m), _view(device), target_ref, now=now)
+    seen, target = observe.observe(_tracked(m), _view(device), target_ref, now=now,
+                                   probes=probes)
     m.outcome = seen.outcome.value if seen.outcome else PENDING
     m.reason, m.left_at = seen.reason, seen.left_at
     m.revert_generation, m.reverted_at = seen.revert_generation, seen.reverted_at
@@ -226,12 +280,12 @@ def _view(device: Device | None) -> observe.Device | None:
 
 
 def _baseline(rollout: Rollout, targets: list[Target], devices: dict[str, Device],
-              target_ref: str) -> dict[str, g.Aggregate]:
+              target_ref: str, probes: bool) -> dict[str, g.Aggregate]:
     """Per class: the devices not given the target, live; else the figures at creation."""
     live = []
     for t in targets:
-        if t.member.assigned_at is None and not t.left and (
-                figures := _baseline_figures(devices.get(t.member.device_id), target_ref)):
+        if t.member.assigned_at is None and not t.left and (figures := _baseline_figures(
+                devices.get(t.member.device_id), target_ref, probes)):
             live.append((t.member.cls, figures))
     gates = Gates.of(rollout.gates)
     out = {cls: g.Aggregate(**agg) for cls, agg in rollout.baseline.items()}
@@ -240,8 +294,10 @@ def _baseline(rollout: Rollout, targets: list[Target], devices: dict[str, Device
     return out
 
 
-def _baseline_figures(device: Device | None, target_ref: str) -> g.Figures | None:
-    return observe.baseline_figures(device.last_health if device else None, target_ref)
+def _baseline_figures(device: Device | None, target_ref: str,
+                      probes: bool) -> g.Figures | None:
+    return observe.baseline_figures(device.last_health if device else None, target_ref,
+                                    probes=probes)
 
 
 def _busy(session: Session, model: str, device_ids: list[str], *,
@@ -315,7 +371,7 @@ def _plan(rollout: Rollout) -> Plan:
                 tuple(stages_from_json(rollout.stages)), Gates.of(rollout.gates),
                 rollout.on_failure, rollout.max_concurrent,
                 State(rollout.paused_from) if rollout.paused_from else None,
-                rollout.inconclusive_since)
+                rollout.inconclusive_since, Probes(**rollout.probes) if rollout.probes else None)
 
 
 def _store(session: Session, rollout: Rollout, decision: Decision, *, now: datetime,

@@ -28,7 +28,7 @@ from controller.rollouts.gates import (
     evaluate,
 )
 from controller.rollouts.machine import Event, State, next_state
-from controller.rollouts.plan import Gates, Stage, canary_order, stage_gates, stage_size
+from controller.rollouts.plan import Gates, Probes, Stage, canary_order, stage_gates, stage_size
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Plan:
     max_concurrent: int | None = None
     paused_from: State | None = None
     inconclusive_since: datetime | None = None
+    probes: Probes | None = None  # judged on probes' figures instead of traffic
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def _running(d: Decision, targets: Sequence[Target], base: Mapping[str, Aggregat
     stage = p.stages[p.stage]
     gates = stage_gates(p.gates, stage)
     ev = evaluate([t.member for t in active], base, gates, now=now,
-                  health=p.state == State.EVALUATING)
+                  health=p.state == State.EVALUATING, probes=p.probes is not None)
     if ev.verdict == FAILED:
         event = Event.ROLLBACK if p.on_failure == "rollback" else Event.PAUSE
         d.move(event, "; ".join(ev.reasons), now=now, evaluation=ev)

@@ -13,7 +13,7 @@ from agent.update.installer import Install, Installer
 from agent.update.machine import RESUME, TERMINAL, Event, IllegalTransition, State, next_state
 from controller.registry.blobs import BlobStore
 from controller.registry.trust import TrustRepository
-from shared.messages import DesiredState
+from shared.messages import DesiredState, Probe
 from shared.targets import TargetInfo
 from tests.conftest import wait_for
 from tests.controller.registry.test_trust import META, TARGETS, LocalFetcher, publish
@@ -177,6 +177,29 @@ def test_a_rollback_to_a_kept_model_needs_no_download_and_skips_probation(
                                        "activating", "smoke_test", "committed"]
     assert health == {"install_generation": 2, "install_state": "committed",
                       "install_reason": None}
+
+
+def test_a_desired_state_naming_the_serving_model_only_sets_its_probes(
+        tmp_path, repo) -> None:
+    serving, reporter = FakeServing(), FakeReporter()
+    inst = installer(tmp_path, repo, serving, reporter, free=10_000)
+    inst.start()
+    inst.want(desired(1))
+    wait_for(lambda: reporter.done, 30, "the first install")
+    first, activations = len(reporter.events), len(serving.active)
+    assert inst.probe() is None
+    probe = Probe(rollout="r", interval_s=0.5, max_cpu_share=0.1,
+                  until=datetime(2030, 1, 1, tzinfo=UTC))
+    inst.want(desired(2, probe=probe))  # a baseline device asked to probe what it runs
+    wait_for(lambda: len(reporter.done) == 2, 30, "the probe-only desired state")
+    inst.stop()
+    assert reporter.events[first:] == ["kept"]  # no download, no activation, no probation
+    assert (len(serving.active), serving.probations, inst.updaters) == (activations, 1, [1])
+    assert (reporter.done[-1].generation, reporter.done[-1].state) == (2, State.COMMITTED)
+    assert inst.probe() == probe
+    again = Installer(tmp_path / "agent", updater=lambda: None, reporter=reporter,
+                      serving=serving)  # the probe outlives a restart of the agent
+    assert again.probe() == probe
 
 
 def test_a_desired_hash_the_signed_target_does_not_have_fails_the_install(

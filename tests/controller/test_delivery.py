@@ -1,6 +1,6 @@
 """The desired state from the controller's row to the agent's installer: one object."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -9,7 +9,7 @@ from controller import delivery
 from controller.db.engine import make_engine, session_factory, transaction, upgrade
 from controller.db.models import Device, ModelVersion, Variant
 from shared.envelope import Signer, Verifier, open_desired
-from shared.messages import Capabilities, DesiredState, Runtime
+from shared.messages import Capabilities, DesiredState, Probe, Runtime
 
 T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 SHA = "ab" * 32
@@ -21,6 +21,9 @@ def _version() -> tuple[ModelVersion, Variant]:
                       sha256=SHA, size=1234, requirements={}, ram_estimate_bytes=1 << 20,
                       target_path="models/mlp/1.2.0/int8.onnx")
     return version, variant
+
+
+PROBE = Probe(rollout="r1", interval_s=0.5, max_cpu_share=0.1, until=T0 + timedelta(hours=1))
 
 
 def test_every_desired_state_field_reaches_the_agent_as_stored_rollback_included(
@@ -40,7 +43,7 @@ def test_every_desired_state_field_reaches_the_agent_as_stored_rollback_included
             s.flush()
             version, variant = _version()
             sent = delivery.assign(s, device, version, now=T0, signer=signer, rollback=True,
-                                   variants=[variant])
+                                   variants=[variant], probe=PROBE)
         with session_factory(engine)() as s:
             stored = delivery.desired_state(s.get(Device, "d1"))
             again = delivery.envelope(s.get(Device, "d1"), signer)
@@ -50,7 +53,7 @@ def test_every_desired_state_field_reaches_the_agent_as_stored_rollback_included
     assert got == stored == DesiredState(
         device_id="d1", generation=5, model="mlp", version="1.2.0", variant="int8",
         target="models/mlp/1.2.0/int8.onnx", sha256=SHA, size=1234, issued_at=T0,
-        rollback=True)
+        rollback=True, probe=PROBE)
     assert again == sent.envelope  # a restarted controller publishes the same bytes
     unset = [name for name in DesiredState.model_fields if getattr(got, name) in (None, False)]
     assert unset == [], f"the round trip does not cover {unset}"

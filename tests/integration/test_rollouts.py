@@ -143,6 +143,30 @@ def test_a_canary_rollout_passes_its_stages_and_a_bad_class_is_rolled_back(
         wait_for(newcomer_on_v2, 60, "the new device on m@2.0.0")
 
 
+def test_a_plan_with_probes_judges_the_probes_and_the_baseline_installs_nothing(
+        backend: Backend, tmp_path: Path) -> None:
+    with world(backend, tmp_path, faults=["m@3.0.0/gateway-1g:latency=2"]) as w:
+        before = {d["id"]: d["desired_generation"] for d in w.call("GET", "/devices")}
+        r = w.call("POST", "/rollouts", {
+            "model": "m", "version": "3.0.0", "stages": "50%,100%", "gates": FAST,
+            "probes": {"interval_s": 0.05, "max_cpu_share": 0.05}}, status=201)
+        assert r["probes"] == {"interval_s": 0.05, "max_cpu_share": 0.05}
+        out = w.tick_until(r["id"], ("rolled_back", "completed", "paused"), 60)
+        assert out["state"] == "rolled_back", [e["reason"] for e in out["timeline"]]
+        failed = next(e for e in out["timeline"] if e["reason"].startswith("rollback"))
+        assert "latency p95 in class x86_64/ram<2G/onnxruntime/" in failed["reason"]
+        devices = w.call("GET", "/devices")
+        baseline = [d for d in devices if d["desired"]["probe"] and d["desired"]["version"]
+                    == "1.0.0" and not d["desired"]["rollback"]]
+        assert len(baseline) == DEVICES // 2, "the devices not in the canary stage probe v1"
+        for d in baseline:
+            kinds = [e["kind"] for e in w.call("GET", f"/devices/{d['id']}/events")
+                     if e["generation"] > before[d["id"]]]
+            assert kinds, d["id"]
+            assert set(kinds) <= {"kept", "committed"}, kinds  # nothing installed
+            assert d["desired"]["probe"]["rollout"] == r["id"]
+
+
 def test_a_smoke_test_failure_rolls_back_and_operator_commands_work(
         backend: Backend, tmp_path: Path) -> None:
     with world(backend, tmp_path, faults=["m@3.0.0/pi4-2g:smoke=1"]) as w:
@@ -190,6 +214,11 @@ def test_invalid_plans_say_which_field_is_wrong(backend: Backend, tmp_path: Path
             ({"model": "m", "version": "1.0.0", "gates": {"bogus": 1}}, "gates.bogus"),
             ({"model": "m", "version": "1.0.0"}, "selector"),  # no device enrolled
             ({"model": "m", "version": "1.0.0", "on_failure": "pray"}, "on_failure"),
+            ({"model": "m", "version": "1.0.0", "probes": {"interval_s": 0}},
+             "probes.interval_s"),
+            ({"model": "m", "version": "1.0.0", "probes": {"max_cpu_share": 2}},
+             "probes.max_cpu_share"),
+            ({"model": "m", "version": "1.0.0", "probes": {"every": 1}}, "probes.every"),
         ]:
             r = c.post("/api/v1/rollouts", json=body)
             assert r.status_code == 422, r.text

@@ -92,7 +92,20 @@ def test_too_few_requests_is_inconclusive() -> None:
     ev = evaluate([member(i, health=quiet) for i in range(3)], BASE, GATES, now=NOW, health=True)
     assert ev.verdict == INCONCLUSIVE
     assert ev.reasons == ["waiting for traffic in class a: 0 of 3 canaries served 20 requests "
-                          "on the target (the gate needs 1)"]
+                          "on the target (the gate needs 1; idle devices need a plan with "
+                          "probes)"]
+    probed = evaluate([member(i, health=quiet) for i in range(3)], BASE, GATES, now=NOW,
+                      health=True, probes=True)
+    assert probed.reasons == ["waiting for probes in class a: 0 of 3 canaries ran 20 probes "
+                              "on the target (the gate needs 1)"]
+
+
+def test_with_probes_the_figures_are_the_probes_not_the_traffic() -> None:
+    health = {"inference_count": 3, "error_count": 3, "latency_p95_ms": 900.0,
+              "probe_count": 40, "probe_error_count": 1, "probe_latency_p95_ms": 2.5,
+              "model_rss_bytes": 7 << 20}
+    assert Figures.of(health) == Figures(3, 3, 900.0, 7 << 20)
+    assert Figures.of(health, probes=True) == Figures(40, 1, 2.5, 7 << 20)
 
 
 def test_no_baseline_to_compare_with_does_not_block() -> None:

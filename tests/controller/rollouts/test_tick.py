@@ -312,4 +312,5 @@ def test_an_idle_fleet_s_stage_says_what_it_waits_for() -> None:
     decision = fleet.tick()
     assert decision.plan.state == State.EVALUATING
     assert decision.waiting == ("stage 1 of 1 (100%): waiting for traffic in class c0: 0 of 3 "
-                                "canaries served 20 requests on the target (the gate needs 1)")
+                                "canaries served 20 requests on the target (the gate needs 1; "
+                                "idle devices need a plan with probes)")
