@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cli.api import Api  # noqa: E402
-from cli.demo import free_port, wait_until  # noqa: E402
+from cli.ports import free_port, wait_until  # noqa: E402
+from cli.realfleet import RealAgent, RealFleet, Traffic  # noqa: E402
 from cli.samples import mlp_onnx  # noqa: E402
-from tests.support.fleet import RealAgent, RealFleet, Traffic  # noqa: E402
 from tests.support.links import Shape, ShapedLink, available  # noqa: E402
 
 CLI = [sys.executable, "-m", "cli"]

@@ -273,7 +273,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def bare_trial(url: str | None, common: dict[str, Any]) -> Result:
-    from cli.demo import free_port
+    from cli.ports import free_port
     from controller.broker import BrokerPolicy, EmbeddedBroker
     from controller.settings import HostPort
     from shared.topics import Topics
@@ -298,7 +298,7 @@ def bare_trial(url: str | None, common: dict[str, Any]) -> Result:
 
 
 def controller_trial(url: str | None, db: str | None, common: dict[str, Any]) -> Result:
-    from cli.demo import free_port
+    from cli.ports import free_port
 
     root = f"bench/{secrets.token_hex(4)}/ef/v1"
     port = free_port()

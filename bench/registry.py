@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cli.demo import free_port, wait_until  # noqa: E402
+from cli.ports import free_port, wait_until  # noqa: E402
 
 
 def bench_model(client: Any, name: str, variants: list[str], tmp: Path) -> dict[str, Any]:

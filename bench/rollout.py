@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cli.api import Api  # noqa: E402
-from cli.demo import free_port, wait_until  # noqa: E402
+from cli.ports import free_port, wait_until  # noqa: E402
 from cli.samples import mlp_onnx  # noqa: E402
 from controller.db.engine import scratch_schema  # noqa: E402
 

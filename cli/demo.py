@@ -1,66 +1,48 @@
-"""``edgefleet demo``: a controller on embedded defaults, a simulated fleet, and rollouts.
+"""``edgefleet demo``: a controller on embedded defaults, a simulated fleet beside a
+handful of real agents, and rollouts.
 
-Everything runs as real processes (``controller serve`` and ``sim``) in a temporary
-data directory, on the default ports when they are free and on free ports when not.
-The story: a fleet of mixed device classes comes online; three versions of a model are
-pushed (each gets an int8 variant); v1 goes everywhere; v2 passes a three-stage canary
-rollout; v3, which the simulator makes slow and error-prone on one device class, fails
-that class's gate in its canary stage and is rolled back automatically.
+Everything runs as real processes (``controller serve``, ``sim`` and one ``agent run``
+per real agent) in a temporary data directory, on the default ports when they are free
+and on free ports when not. The story: a fleet of mixed device classes comes online;
+three versions of a model are pushed (each gets an int8 variant); v1 goes everywhere;
+v2 passes a three-stage canary rollout; v3 fails its canary stage and is rolled back
+automatically: the simulator makes it slow and error-prone on one simulated class, and
+on the real agents it really needs 100 MiB more memory on every run (in the file), which
+their own measurements show. The real agents are idle, so the plans ask for probes.
 """
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
+from rich.table import Table
 
 from cli.api import Api
+from cli.ports import pick_port, wait_until
+from cli.realfleet import RealFleet
 from cli.views import devices_table, fleet_models_table, rollout_view
 
 MODEL = "classifier"
 #: what the simulated devices do wrong with v3 (``agent.simdevice``)
 FAULT = f"{MODEL}@3.0.0/gateway-1g:latency=3,error_rate=0.2"
 CANARY = "10%:10s,50%:10s,100%"
+#: the real agents are idle: each canary, and each baseline device, probes its model
+PROBES = {"interval_s": 0.2, "max_cpu_share": 0.2}
+#: v3's real regression: this much more memory on every run
+V3_SCRATCH = 100 << 20
+#: the real agents' RAM as they report it: a class of their own (x86_64/ram<8G/...)
+REAL_RAM = 4 << 30
 
 
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def pick_port(preferred: int, host: str = "127.0.0.1") -> int:
-    """``preferred`` if it is free, else a free port the OS picks."""
-    return preferred if port_free(preferred, host) else free_port(host)
-
-
-def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(interval)
-    return False
-
-
-def run_demo(count: int, *, timeout: float, console: Console, rollouts: bool = True) -> int:
+def run_demo(count: int, *, timeout: float, console: Console, rollouts: bool = True,
+             real: int = 6) -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     http_port, broker_port = pick_port(8080), pick_port(1883)
     exe = [sys.executable, "-m", "cli"]
@@ -70,6 +52,7 @@ def run_demo(count: int, *, timeout: float, console: Console, rollouts: bool = T
     console.print(f"[bold]edgefleet demo[/]: controller on http://127.0.0.1:{http_port}, "
                   f"embedded broker on 127.0.0.1:{broker_port}, data in {data_dir}")
     procs: list[subprocess.Popen[bytes]] = []
+    fleet: RealFleet | None = None
     try:
         procs.append(subprocess.Popen(  # noqa: S603 - our own CLI
             [*exe, "controller", "serve", "--data-dir", str(data_dir),
@@ -88,10 +71,16 @@ def run_demo(count: int, *, timeout: float, console: Console, rollouts: bool = T
         procs.append(subprocess.Popen(  # noqa: S603 - our own CLI
             [*exe, "sim", "--devices", str(count), "--controller", url,
              "--token", enroll["token"], "--fault", FAULT], env=env))
-        if (code := _watch_fleet(api, count, timeout, console)) or not rollouts:
+        if code := _watch_fleet(api, count, timeout, console):
             return code
-        return _story(api, data_dir, console)
+        if real:
+            fleet = _start_agents(api, data_dir / "agents", real, env, console)
+        if not rollouts:
+            return 0
+        return _story(api, data_dir, console, fleet)
     finally:
+        if fleet is not None:
+            fleet.close()
         for proc in reversed(procs):
             proc.terminate()
         for proc in procs:
@@ -124,14 +113,29 @@ def _watch_fleet(api: Api, count: int, timeout: float, console: Console) -> int:
     return 0
 
 
-def _story(api: Api, data_dir: Path, console: Console) -> int:
+def _start_agents(api: Api, root: Path, count: int, env: dict[str, str],
+                  console: Console) -> RealFleet:
+    """``count`` real agents (``edgefleet agent run``, each with its own state dir, link,
+    model worker and local API), enrolled as boxes are."""
+    started = time.monotonic()
+    fleet = RealFleet(api, root, probation_s=1.0)
+    with console.status(f"enrolling and starting {count} real agents", spinner="dots"):
+        for i in range(count):
+            fleet.start(fleet.add(f"edge-{i}", memory_limit=REAL_RAM, env=env))
+        fleet.wait_online(60)
+    console.print(f"[green]{count} real agents online[/] {time.monotonic() - started:.1f} s "
+                  f"after they were enrolled (logs in {root})")
+    return fleet
+
+
+def _story(api: Api, data_dir: Path, console: Console, fleet: RealFleet | None) -> int:
     """Push three versions; roll out v1 everywhere, v2 in canary stages, v3 (rolled back)."""
     from cli.samples import mlp_onnx
 
     started = time.monotonic()
     for i, version in enumerate(("1.0.0", "2.0.0", "3.0.0")):
         path = data_dir / f"{MODEL}-{version}.onnx"
-        path.write_bytes(mlp_onnx(seed=i))
+        path.write_bytes(mlp_onnx(seed=i, scratch_bytes=V3_SCRATCH if i == 2 else 0))
         up = api.upload("/uploads", path, params={"filename": path.name})
         api.call("POST", f"/models/{MODEL}/versions/{version}", {"upload": up["sha256"]})
         console.print(f"pushed {MODEL}@{version} ({path.stat().st_size:,} bytes); building "
@@ -143,17 +147,25 @@ def _story(api: Api, data_dir: Path, console: Console) -> int:
             return 1
     steps = [("1.0.0", "100%", "completed", "v1 everywhere"),
              ("2.0.0", CANARY, "completed", "v2 in three canary stages"),
-             ("3.0.0", CANARY, "rolled_back", "v3, which breaks on gateway-1g devices")]
+             ("3.0.0", CANARY, "rolled_back",
+              "v3: slow on gateway-1g (simulated), 100 MiB more memory (real)")]
     for version, stages, expected, title in steps:
         console.rule(f"[bold]rollout of {MODEL}@{version}: {title}")
         out = api.call("POST", "/rollouts", {"model": MODEL, "version": version,
-                                             "stages": stages})
+                                             "stages": stages, "probes": PROBES})
         out = _watch_rollout(api, out["id"], console)
         if out["state"] != expected:
             console.print(f"[red]{MODEL}@{version} ended {out['state']}, expected {expected}[/]")
             return 1
+        for event in out["timeline"]:
+            if event["reason"].startswith("rollback: "):
+                console.print(f"why {MODEL}@{version} was rolled back:")
+                for reason in event["reason"].removeprefix("rollback: ").split("; "):
+                    console.print(f"  - {reason}")
     summary = api.call("GET", "/fleet/summary")
     console.print(fleet_models_table(summary))
+    if fleet is not None:
+        console.print(real_agents_table(api, [a.device_id for a in fleet.agents]))
     on_v2, total = summary["by_model"].get(f"{MODEL}@2.0.0", 0), summary["devices"]
     console.print(f"[green]done in {time.monotonic() - started:.0f} s: {on_v2}/{total} "
                   f"devices run {MODEL}@2.0.0; {MODEL}@3.0.0 was rolled back[/]")
@@ -172,3 +184,22 @@ def _watch_rollout(api: Api, rollout_id: str, console: Console,
             out = api.call("GET", path)
             live.update(rollout_view(out))
     return out  # type: ignore[no-any-return]
+
+
+def real_agents_table(api: Api, device_ids: list[str]) -> Table:
+    """What the real agents measured and did, from their last health report and events."""
+    table = Table(title="real agents: what they measured", box=box.SIMPLE_HEAD)
+    for col in ("agent", "serves", "probes", "p95 ms", "model RSS", "events of the last "
+                "desired state"):
+        table.add_column(col, justify="right" if col in ("probes", "p95 ms", "model RSS")
+                         else "left")
+    for device_id in device_ids:
+        device = api.call("GET", f"/devices/{device_id}")
+        health = device["last_health"] or {}
+        events = [e["kind"] for e in api.call("GET", f"/devices/{device_id}/events")
+                  if e["generation"] == device["desired_generation"]]
+        p95, rss = health.get("probe_latency_p95_ms"), health.get("model_rss_bytes")
+        table.add_row(device["name"], health.get("active_model") or "-",
+                      str(health.get("probe_count", 0)), f"{p95:.2f}" if p95 else "-",
+                      f"{rss / 2**20:.0f} MiB" if rss else "-", " ".join(events) or "-")
+    return table

@@ -233,12 +233,15 @@ def sim(count: int, controller: str, token: str, profile: str, state_dir: Path |
 @click.option("--devices", "count", type=click.IntRange(1, 1000), default=48, show_default=True)
 @click.option("--timeout", type=float, default=30.0, show_default=True,
               help="Seconds to wait for the fleet to come online.")
+@click.option("--real-agents", "real", type=click.IntRange(0, 50), default=6, show_default=True,
+              help="Real agents (the daemon's own code) beside the simulated devices.")
 @click.option("--fleet-only", is_flag=True, help="Stop once the fleet is online (no rollouts).")
-def demo(count: int, timeout: float, fleet_only: bool) -> None:
-    """Controller, simulated fleet and three rollouts on embedded defaults, end to end."""
+def demo(count: int, timeout: float, real: int, fleet_only: bool) -> None:
+    """Controller, simulated fleet, real agents and three rollouts on embedded defaults."""
     from cli.demo import run_demo
 
-    sys.exit(run_demo(count, timeout=timeout, console=console, rollouts=not fleet_only))
+    sys.exit(run_demo(count, timeout=timeout, console=console, rollouts=not fleet_only,
+                      real=real))
 
 
 # -- operator commands --------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from cli.api import Api
-from cli.demo import free_port
+from cli.ports import free_port
 
 REQUIRE_ALL = os.environ.get("EDGEFLEET_TEST_REQUIRE") == "all"
 PG_URL = os.environ.get("EDGEFLEET_TEST_DATABASE_URL")

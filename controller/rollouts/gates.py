@@ -8,8 +8,9 @@ Failed or Inconclusive with the figures it used:
 - smoke tests: devices whose on-device smoke test failed;
 - missing: devices assigned longer than the report timeout with no outcome;
 - health (only once a stage has baked): canaries' error rate (its 95% lower bound, so
-  a few unlucky requests are not a regression), latency p95 and memory against the
-  baseline of the same class (devices still on what they ran before).
+  a few unlucky requests are not a regression), latency p95 (over a ratio and by a
+  minimum of ms) and memory against the baseline of the same class (devices still on
+  what they ran before).
   Canaries that served fewer than ``min_requests`` requests on the target do not
   count; a class with fewer than ``min_devices`` such canaries is Inconclusive.
 """
@@ -203,6 +204,7 @@ def _ratios(canary: Aggregate, base: Aggregate | None) -> dict[str, float]:
     out = {"error_rate_increase": canary.error_rate_low() - base.error_rate}
     if canary.latency_p95_ms and base.latency_p95_ms:
         out["latency_p95_ratio"] = canary.latency_p95_ms / base.latency_p95_ms
+        out["latency_p95_increase_ms"] = canary.latency_p95_ms - base.latency_p95_ms
     if canary.mem_used_bytes and base.mem_used_bytes:
         out["memory_ratio"] = canary.mem_used_bytes / base.mem_used_bytes
     return out
@@ -215,7 +217,7 @@ def _fleet_ratios(canary: Aggregate, base: Aggregate | None,
     out = {}
     if base is not None and base.devices:
         out["error_rate_increase"] = canary.error_rate_low() - base.error_rate
-    for key in ("latency_p95_ratio", "memory_ratio"):
+    for key in ("latency_p95_ratio", "latency_p95_increase_ms", "memory_ratio"):
         weighted = [(f["comparison"][key], f["canary"]["devices"]) for f in classes.values()
                     if key in f.get("comparison", {})]
         if weighted:
@@ -230,9 +232,11 @@ def _check(ratios: Mapping[str, float], gates: Gates, where: str) -> list[str]:
         out.append(f"error rate in {where}: at least +{increase:.1%} over the baseline "
                    f"(> +{gates.max_error_rate_increase:.1%}, 95% confidence)")
     ratio = ratios.get("latency_p95_ratio", 0.0)
-    if ratio > gates.max_latency_p95_ratio:
-        out.append(f"latency p95 in {where}: {ratio:.2f}x the baseline "
-                   f"(> {gates.max_latency_p95_ratio:g}x)")
+    increase = ratios.get("latency_p95_increase_ms", 0.0)
+    if ratio > gates.max_latency_p95_ratio and increase >= gates.min_latency_increase_ms:
+        out.append(f"latency p95 in {where}: {ratio:.2f}x the baseline, +{increase:.3g} ms "
+                   f"(> {gates.max_latency_p95_ratio:g}x and >= "
+                   f"{gates.min_latency_increase_ms:g} ms)")
     ratio = ratios.get("memory_ratio", 0.0)
     if ratio > gates.max_memory_ratio:
         out.append(f"memory in {where}: {ratio:.2f}x the baseline (> {gates.max_memory_ratio:g}x)")

@@ -39,6 +39,9 @@ class Gates:
     max_missing_rate: float = 0.1  # ... is missing; at most this share may be
     max_error_rate_increase: float = 0.05  # canary error rate minus baseline error rate
     max_latency_p95_ratio: float = 1.5
+    # ... and only when p95 is also this many ms over the baseline's: on a model that
+    # answers in 2 ms, a busy scheduler alone doubles p95 (effect size, as in Kayenta)
+    min_latency_increase_ms: float = 5.0
     max_memory_ratio: float = 1.3
     min_requests: int = 20  # a canary's health counts once it served this many
     min_devices: int = 1  # per class: canaries with enough requests to judge it

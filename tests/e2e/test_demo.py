@@ -15,9 +15,12 @@ from tests.integration.test_metrics import by_version
 
 
 def test_demo_tells_the_whole_story() -> None:
-    """A mixed fleet online; v1 everywhere; v2 through three canary stages; v3 failing one
-    class's gate and rolled back automatically, with the reason in the timeline. While
-    v2 rolls out, /metrics counts devices per version as the fleet summary does."""
+    """A mixed fleet online (48 simulated devices, 6 real agents); v1 everywhere; v2
+    through three canary stages; v3 failing its gates and rolled back automatically, with
+    the reasons in the timeline: on a simulated class the fault the simulator plays, on
+    the real agents' class the memory they measured. The real canary got the revert as a
+    rollback. While v2 rolls out, /metrics counts devices per version as the fleet
+    summary does."""
     proc = subprocess.Popen(cli("demo"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=os.environ | {"COLUMNS": "240"})
     lines, api, matched = [], None, None
@@ -33,13 +36,18 @@ def test_demo_tells_the_whole_story() -> None:
     out = "".join(lines)
     assert proc.returncode == 0, out
     assert "48/48 devices online" in out
+    assert "6 real agents online" in out
     assert "stage 3 of 3 (100%) passed its gates" in out
-    assert re.search(r"rollback: (error rate|latency p95) in class x86_64/ram<2G/onnxruntime",
-                     out)
+    assert re.search(r"- (error rate|latency p95) in class x86_64/ram<2G/onnxruntime", out), out
+    assert "why classifier@3.0.0 was rolled back:" in out
+    assert re.search(r"- memory in class x86_64/ram<8G/\S+: [\d.]+x the baseline", out), out
     assert "reverted: " in out
-    assert "48/48 devices run classifier@2.0.0; classifier@3.0.0 was rolled back" in out
+    # the real agents' table: a canary downloaded v3 and got the revert as a rollback
+    # (nothing fetched again), the others were kept on v2 and probed
+    assert re.search(r"edge-\d\s+classifier@2\.0\.0.*\brollback\b.*\bcommitted\b", out), out
+    assert "54/54 devices run classifier@2.0.0; classifier@3.0.0 was rolled back" in out
     assert matched, "/metrics never matched the fleet summary during the v2 rollout"
-    assert sum(matched.values()) == 48
+    assert sum(matched.values()) == 54
 
 
 def metrics_match_summary(api: Api) -> dict[str, int] | None:

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from cli.realfleet import RealAgent, RealFleet, Traffic
 from cli.samples import mlp_onnx
 from tests.conftest import Backend, wait_for
 from tests.integration.test_delivery import push
-from tests.support.fleet import RealAgent, RealFleet, Traffic, fetch_spy
+from tests.support.fleet import fetch_spy
 
 MiB = 1 << 20
 #: three RAM tiers, so three device classes: ram<2G, ram<8G, ram8G+ (the host's 24 GiB)

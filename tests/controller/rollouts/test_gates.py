@@ -1,5 +1,6 @@
 """Gate evaluation: each gate fails on its own, per class as well as overall."""
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from controller.rollouts.gates import (
@@ -75,6 +76,23 @@ def test_error_rate_latency_and_memory_regressions_fail() -> None:
                       health=True)
         assert ev.verdict == FAILED, says
         assert any(r.startswith(says) for r in ev.reasons), ev.reasons
+
+
+def test_a_latency_ratio_without_the_minimum_effect_passes() -> None:
+    """2 ms -> 4 ms is 2x, and what a busy scheduler does to a tiny model: not a
+    regression until p95 also grows by ``min_latency_increase_ms``."""
+    base = baseline([("a", Figures(100, 0, 2.0, 1 << 30))] * 3, GATES)
+    jitter = Figures(100, 0, 4.0, 1 << 30)
+    ev = evaluate([member(i, health=jitter) for i in range(3)], base, GATES, now=NOW,
+                  health=True)
+    assert ev.verdict == SUCCESSFUL, ev.reasons
+    assert ev.figures["a"]["comparison"]["latency_p95_increase_ms"] == 2.0
+    strict = replace(GATES, min_latency_increase_ms=1.0)
+    ev = evaluate([member(i, health=jitter) for i in range(3)], base, strict, now=NOW,
+                  health=True)
+    assert ev.verdict == FAILED
+    assert "latency p95 in class a: 2.00x the baseline, +2 ms (> 1.5x and >= 1 ms)" in \
+        ev.reasons
 
 
 def test_a_regression_confined_to_one_class_fails_while_the_average_passes() -> None:
