@@ -6,7 +6,10 @@
 at a time and blobs with a window of chunks in flight (a stop-and-wait transfer is
 bound by round trips, and a broker without TCP_NODELAY adds ~40 ms to each). Chunks are
 asked for by offset, so a download cut by a disconnect carries on from the last chunk
-it got; a chunk is asked again with backoff and given up after ``attempts``. The
+it got; a chunk is asked again with backoff and given up after ``attempts``. How long a
+blob download waits for its next chunk follows the gaps between the chunks it gets
+(``Pace``), and it asks for a few chunks ahead until it has measured the link's rate,
+so a slow link is not sent each chunk several times. The
 Updater verifies the metadata it gets; ``download_verified`` checks a blob against the
 Updater's signed target info.
 """
@@ -47,11 +50,53 @@ log = logging.getLogger(__name__)
 CHECKPOINT = 4 << 20
 #: at most this many seconds of the link's measured rate is asked for ahead of a download
 AHEAD_S = 4.0
+#: chunks asked for at first, before the link's rate is measured
+SLOW_START = 4
 #: where in a download the ``download_half`` crash point fires (the resume tests)
 RESUME_TEST_CRASH = 0.5
 
 META_URL = "mqtt:meta/"
 TARGETS_URL = "mqtt:targets/"
+
+
+class Pace:
+    """How long to wait for the next chunk of a download, from the gaps between chunks
+    as they arrive (RFC 6298's estimator, on inter-arrival gaps rather than round trips):
+    the smoothed gap plus four times its variation, at least ``floor`` and at most
+    ``cap``; doubled after each miss (Karn), until a chunk arrives again. Before any
+    chunk it is ``first``: the first one also carries a round trip and a queue. A fixed
+    timeout shorter than one chunk's time on the link gives up on every chunk in flight
+    and asks for it again: each chunk crosses the link several times."""
+
+    def __init__(self, floor: float, first: float, cap: float) -> None:
+        self.floor, self.cap = floor, cap
+        self._first = max(first, floor)
+        self._gap: float | None = None
+        self._var = 0.0
+        self._last: float | None = None
+        self._backoff = 1
+
+    def asked(self, now: float) -> None:
+        """A request went out; the first gap runs from the first one."""
+        if self._last is None:
+            self._last = now
+
+    def arrived(self, now: float) -> None:
+        if self._last is not None and self._backoff == 1:
+            gap = now - self._last
+            if self._gap is None:
+                self._gap, self._var = gap, gap / 2
+            else:
+                self._var = 0.75 * self._var + 0.25 * abs(self._gap - gap)
+                self._gap = 0.875 * self._gap + 0.125 * gap
+        self._last, self._backoff = now, 1
+
+    def missed(self) -> None:
+        self._backoff = min(self._backoff * 2, 64)
+
+    def timeout(self) -> float:
+        base = self._first if self._gap is None else self._gap + 4 * self._var
+        return min(self.cap, max(self.floor, base) * self._backoff)
 
 
 class FetchTimeout(exceptions.DownloadError):
@@ -83,6 +128,7 @@ class FetchChannel:
         self._chunks: dict[int, Answer] = {}
         self._position = 0  # the offset the download waits for next
         self.last_arrival = 0.0  # when a chunk of the watched blob last came in
+        self._pace: Pace | None = None
         self._max_ahead = max_ahead
 
     @property
@@ -101,16 +147,17 @@ class FetchChannel:
             answer, self._waiting, self._answer = self._answer, None, None
         return answer
 
-    def watch(self, sha: str) -> None:
+    def watch(self, sha: str, pace: "Pace | None" = None) -> None:
+        """Keep the chunks of blob ``sha`` that arrive; ``pace`` hears of each arrival."""
         with self._cond:
             self._watched, self._watch_id, self._chunks = sha, secrets.token_hex(8), {}
-            self._position = 0
+            self._position, self._pace = 0, pace
         if self._subscribe is not None:
             self._subscribe(sha)
 
     def unwatch(self, sha: str) -> None:
         with self._cond:
-            self._watched, self._chunks = None, {}
+            self._watched, self._chunks, self._pace = None, {}, None
         if self._unsubscribe is not None:
             self._unsubscribe(sha)
 
@@ -163,6 +210,8 @@ class FetchChannel:
     def _keep(self, answer: Answer) -> None:
         """Hold a chunk for the download, unless it is behind it (broadcast for others)."""
         self.last_arrival = time.monotonic()
+        if self._pace is not None:
+            self._pace.arrived(self.last_arrival)
         if answer[0].offset < self._position:
             return
         if sum(len(data) for _, data in self._chunks.values()) <= self._max_ahead:
@@ -301,9 +350,10 @@ class MqttFetcher(FetcherInterface):
         if sha is None:
             yield from self._one_by_one(path)
             return
-        self._channel.watch(sha)
+        pace = Pace(self._blob_timeout, self._timeout, self._stall_s / 4)
+        self._channel.watch(sha, pace)
         try:
-            yield from self._windowed(path, start)
+            yield from self._windowed(path, pace, start)
         finally:
             self._channel.unwatch(sha)
 
@@ -323,7 +373,7 @@ class MqttFetcher(FetcherInterface):
             offset += len(data)
             yield data
 
-    def _windowed(self, path: str, start: int = 0) -> Iterator[bytes]:
+    def _windowed(self, path: str, pace: Pace, start: int = 0) -> Iterator[bytes]:
         """Keep up to ``window`` chunks asked for ahead, in runs of half a window.
 
         A device that joins while the blob is being broadcast for others keeps what flows
@@ -332,21 +382,23 @@ class MqttFetcher(FetcherInterface):
         again for a few chunks, to itself alone; it gives up only when nothing has
         arrived for ``stall_s``."""
         offset, total, asked_to, misses = start, None, start, 0
-        run = max(1, self._window // 2)
+        run = self._run(0, 0.0)
         progress_at = began = time.monotonic()
         while total is None or offset < total:
             waiting = False
             if total is None:
                 if asked_to == offset:  # nothing asked yet, or asking again after a miss
                     self._channel.ask(path, offset, self._chunk, retry=misses > 0)
+                    pace.asked(time.monotonic())
                     asked_to = offset + self._chunk
             elif asked_to - offset <= run * self._chunk and asked_to < total:
                 waiting = self._others_flowing(asked_to + run * self._chunk)
                 if not waiting:
                     asked_to = self._ask_missing(path, asked_to, total, 4 if misses else run,
                                                  retry=misses > 0)
-            answer = self._channel.take(offset, self._quiet if waiting else self._blob_timeout)
-            flowing = time.monotonic() - self._channel.last_arrival < self._blob_timeout
+                    pace.asked(time.monotonic())
+            answer = self._channel.take(offset, self._quiet if waiting else pace.timeout())
+            flowing = time.monotonic() - self._channel.last_arrival < pace.timeout()
             if answer is None and (waiting or flowing) \
                     and time.monotonic() - progress_at < self._stall_s:
                 continue  # others' broadcast, or ours reaching a slow device: no retry
@@ -354,7 +406,8 @@ class MqttFetcher(FetcherInterface):
                 if time.monotonic() - progress_at > self._stall_s:
                     raise FetchTimeout(f"nothing arrived for {path} at offset {offset} for "
                                        f"{self._stall_s:.0f} s")
-                self._pause(path, offset, min(misses, 4))
+                self._pause(path, offset, min(misses, 4), waited=pace.timeout())
+                pace.missed()
                 misses += 1
                 asked_to = offset  # ask again for everything from here
                 continue
@@ -370,9 +423,10 @@ class MqttFetcher(FetcherInterface):
     def _run(self, got: int, elapsed: float) -> int:
         """Chunks to ask for at a time: half the window, but no more than the link has
         carried in ``AHEAD_S`` so far. What is asked for and not yet here is lost when
-        the link drops; on a 2 Mbit/s link a full window is a minute of traffic."""
-        if got < 4 * self._chunk or elapsed <= 0:
-            return max(1, self._window // 2)
+        the link drops; on a 2 Mbit/s link a full window is a minute of traffic. Until a
+        rate is measured, ``SLOW_START`` chunks."""
+        if got < 4 * self._chunk or elapsed <= 0:  # no rate yet: a few, as TCP's slow start
+            return max(1, min(SLOW_START, self._window // 2))
         return max(2, min(self._window // 2, int(got / elapsed * AHEAD_S / self._chunk)))
 
     def _others_flowing(self, beyond: int) -> bool:
@@ -396,10 +450,12 @@ class MqttFetcher(FetcherInterface):
             self._channel.ask(path, start, self._chunk, count, retry=retry)
         return start + count * self._chunk
 
-    def _pause(self, path: str, offset: int, attempt: int) -> None:
+    def _pause(self, path: str, offset: int, attempt: int, *, waited: float | None = None
+               ) -> None:
         delay = min(self._backoff * 2 ** attempt, 10.0)
-        log.info("no answer for %s at %d (attempt %d of %d); asking again in %.1fs", path,
-                 offset, attempt + 1, self._attempts, delay)
+        log.info("no answer for %s at %d in %.1fs (attempt %d of %d); asking again in %.1fs",
+                 path, offset, self._timeout if waited is None else waited, attempt + 1,
+                 self._attempts, delay)
         time.sleep(delay)  # backoff between retries, not synchronisation
 
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -26,7 +27,7 @@ from rich.table import Table
 
 from cli.api import Api
 from cli.ports import pick_port, wait_until
-from cli.realfleet import RealFleet
+from cli.realfleet import RealAgent, RealFleet
 from cli.views import devices_table, fleet_models_table, rollout_view
 
 MODEL = "classifier"
@@ -165,7 +166,7 @@ def _story(api: Api, data_dir: Path, console: Console, fleet: RealFleet | None) 
     summary = api.call("GET", "/fleet/summary")
     console.print(fleet_models_table(summary))
     if fleet is not None:
-        console.print(real_agents_table(api, [a.device_id for a in fleet.agents]))
+        console.print(real_agents_table(api, fleet.agents))
     on_v2, total = summary["by_model"].get(f"{MODEL}@2.0.0", 0), summary["devices"]
     console.print(f"[green]done in {time.monotonic() - started:.0f} s: {on_v2}/{total} "
                   f"devices run {MODEL}@2.0.0; {MODEL}@3.0.0 was rolled back[/]")
@@ -186,20 +187,26 @@ def _watch_rollout(api: Api, rollout_id: str, console: Console,
     return out  # type: ignore[no-any-return]
 
 
-def real_agents_table(api: Api, device_ids: list[str]) -> Table:
-    """What the real agents measured and did, from their last health report and events."""
+def real_agents_table(api: Api, agents: list[RealAgent]) -> Table:
+    """What the real agents serve (their local API), measured (their last health report,
+    once it is from that model) and did (their events of the last desired state)."""
+    def health(agent: RealAgent) -> dict[str, Any]:
+        return api.call("GET", f"/devices/{agent.device_id}")["last_health"] or {}
+
+    # a health report lags an install by up to one report interval
+    wait_until(lambda: all(health(a).get("active_model") == a.serves() for a in agents), 30)
     table = Table(title="real agents: what they measured", box=box.SIMPLE_HEAD)
     for col in ("agent", "serves", "probes", "p95 ms", "model RSS", "events of the last "
                 "desired state"):
         table.add_column(col, justify="right" if col in ("probes", "p95 ms", "model RSS")
                          else "left")
-    for device_id in device_ids:
-        device = api.call("GET", f"/devices/{device_id}")
-        health = device["last_health"] or {}
-        events = [e["kind"] for e in api.call("GET", f"/devices/{device_id}/events")
+    for agent in agents:
+        device = api.call("GET", f"/devices/{agent.device_id}")
+        figures = device["last_health"] or {}
+        events = [e["kind"] for e in api.call("GET", f"/devices/{agent.device_id}/events")
                   if e["generation"] == device["desired_generation"]]
-        p95, rss = health.get("probe_latency_p95_ms"), health.get("model_rss_bytes")
-        table.add_row(device["name"], health.get("active_model") or "-",
-                      str(health.get("probe_count", 0)), f"{p95:.2f}" if p95 else "-",
-                      f"{rss / 2**20:.0f} MiB" if rss else "-", " ".join(events) or "-")
+        p95, rss = figures.get("probe_latency_p95_ms"), figures.get("model_rss_bytes")
+        table.add_row(agent.name, agent.serves() or "-", str(figures.get("probe_count", 0)),
+                      f"{p95:.2f}" if p95 else "-", f"{rss / 2**20:.0f} MiB" if rss else "-",
+                      " ".join(events) or "-")
     return table

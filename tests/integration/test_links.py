@@ -121,3 +121,44 @@ def test_an_agent_on_a_slow_lossy_link_downloads_near_its_rate_and_survives_an_o
             agent.wait(30)
             log.close()
 
+
+
+#: a link on which one 256 KiB chunk takes 4 s, over the fetcher's 3 s floor
+SLOW = Shape(512e3, delay_s=0.1, jitter_s=0.01, loss=0.01)
+
+
+def test_on_a_link_slower_than_a_chunk_per_timeout_nothing_is_asked_twice(
+        backend: Backend, start_controller, tmp_path: Path) -> None:
+    """The fetcher's timeouts follow the gaps it measures between chunks: where one chunk
+    takes longer than the 3 s floor, a fixed timeout would give up on every chunk in
+    flight and ask for it again, sending the link each chunk several times."""
+    if (why := links.available()) is not None:
+        unavailable(why)
+    with ShapedLink(SLOW, SLOW) as link, broker_for(backend, link) as broker:
+        controller = start_controller(*broker)
+        push(controller, tmp_path, "m", "1.0.0", mlp_onnx(hidden=2400), "m1.onnx",
+             derive=False)
+        config, _state, _local = enroll(controller, tmp_path, "slow-1")
+        log_path = tmp_path / "slow-1.log"
+        with log_path.open("wb") as log:
+            agent = subprocess.Popen(link.command(sys.executable, "-m", "cli", "agent", "run",
+                                                  "--config", str(config)),
+                                     stdout=log, stderr=subprocess.STDOUT)
+            try:
+                device_id = online(controller, "slow-1")
+                before = link.bytes_to_device
+                first = controller.admin.call("PUT", f"/devices/{device_id}/pin",
+                                              {"model": "m@1.0.0"})["desired_generation"]
+                done = wait_for(lambda: reported(controller, device_id, first), 180,
+                                "m@1.0.0")
+                assert done["state"] == "committed", done
+            finally:
+                agent.kill()
+                agent.wait(30)
+        total = download_events(controller, device_id, first)[-1][2]
+        carried = (link.bytes_to_device - before) / total
+        asked_again = log_path.read_text().count("asking again")
+        print(f"{total} bytes took {carried:.2f} times their size on the wire; "
+              f"{asked_again} chunks asked again")
+        assert asked_again == 0, log_path.read_text()[-3000:]
+        assert carried < 1.25  # each chunk once, with TCP's, MQTT's and TUF's overhead
