@@ -57,6 +57,21 @@ def broker_for(backend: Backend, link: ShapedLink) -> Iterator[list[str]]:
         conf.unlink()
 
 
+@contextmanager
+def agent_behind(link: ShapedLink, config: Path, log_path: Path) -> Iterator[None]:
+    """``edgefleet agent run`` in the link's namespace, its output in ``log_path``;
+    killed on the way out."""
+    with log_path.open("wb") as log:
+        agent = subprocess.Popen(link.command(sys.executable, "-m", "cli", "agent", "run",
+                                              "--config", str(config)),
+                                 stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield
+        finally:
+            agent.kill()
+            agent.wait(30)
+
+
 def download_events(controller: Any, device_id: str, generation: int) -> list[tuple[datetime,
                                                                                   int, int]]:
     """(when, bytes so far, total) of each download-progress event of ``generation``."""
@@ -77,11 +92,7 @@ def test_an_agent_on_a_slow_lossy_link_downloads_near_its_rate_and_survives_an_o
         push(controller, tmp_path, "m", "2.0.0", mlp_onnx(hidden=10240, seed=1), "m2.onnx",
              derive=False)
         config, _state, _local = enroll(controller, tmp_path, "far-1")
-        log = (tmp_path / "far-1.log").open("wb")
-        agent = subprocess.Popen(link.command(sys.executable, "-m", "cli", "agent", "run",
-                                              "--config", str(config)),
-                                 stdout=log, stderr=subprocess.STDOUT)
-        try:
+        with agent_behind(link, config, tmp_path / "far-1.log"):
             device_id = online(controller, "far-1")
             first = controller.admin.call("PUT", f"/devices/{device_id}/pin",
                                           {"model": "m@1.0.0"})["desired_generation"]
@@ -116,11 +127,6 @@ def test_an_agent_on_a_slow_lossy_link_downloads_near_its_rate_and_survives_an_o
             resent = (link.bytes_to_device - carried) / total
             print(f"the second download took {resent:.2f} times the model's size on the wire")
             assert resent < 1.5  # seen 1.04-1.4; starting again half way: >= 1.5 + overhead
-        finally:
-            agent.kill()
-            agent.wait(30)
-            log.close()
-
 
 
 #: a link on which one 256 KiB chunk takes 4 s, over the fetcher's 3 s floor
@@ -140,21 +146,13 @@ def test_on_a_link_slower_than_a_chunk_per_timeout_nothing_is_asked_twice(
              derive=False)
         config, _state, _local = enroll(controller, tmp_path, "slow-1")
         log_path = tmp_path / "slow-1.log"
-        with log_path.open("wb") as log:
-            agent = subprocess.Popen(link.command(sys.executable, "-m", "cli", "agent", "run",
-                                                  "--config", str(config)),
-                                     stdout=log, stderr=subprocess.STDOUT)
-            try:
-                device_id = online(controller, "slow-1")
-                before = link.bytes_to_device
-                first = controller.admin.call("PUT", f"/devices/{device_id}/pin",
-                                              {"model": "m@1.0.0"})["desired_generation"]
-                done = wait_for(lambda: reported(controller, device_id, first), 180,
-                                "m@1.0.0")
-                assert done["state"] == "committed", done
-            finally:
-                agent.kill()
-                agent.wait(30)
+        with agent_behind(link, config, log_path):
+            device_id = online(controller, "slow-1")
+            before = link.bytes_to_device
+            first = controller.admin.call("PUT", f"/devices/{device_id}/pin",
+                                          {"model": "m@1.0.0"})["desired_generation"]
+            done = wait_for(lambda: reported(controller, device_id, first), 180, "m@1.0.0")
+            assert done["state"] == "committed", done
         total = download_events(controller, device_id, first)[-1][2]
         carried = (link.bytes_to_device - before) / total
         asked_again = log_path.read_text().count("asking again")
