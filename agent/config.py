@@ -33,7 +33,8 @@ class AgentConfig:
     fetch_chunk_bytes: int = 256 * 1024  # per MQTT fetch request (the controller caps 1 MiB)
     #: the memory models may use on this box, where that is less than the host has (a box
     #: shared with other work, a container limit): reported as the device's RAM, so the
-    #: registry picks a variant that fits it, and checked before a model is installed
+    #: registry picks a variant that fits it, checked before a model is installed, and
+    #: the model worker's hard limit where a memory cgroup can be made (agent.limits)
     memory_limit_bytes: int | None = None
 
     @classmethod

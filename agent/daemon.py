@@ -9,14 +9,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from agent import probe, systemd
+from agent import limits, probe, systemd
 from agent.config import AgentConfig, Identity
 from agent.link import DeviceLink
 from agent.metrics import AgentMetrics
 from agent.probes import Prober
 from agent.serving import LocalApi, Serving
 from agent.session import DeviceSession, Publisher
-from agent.update.installer import Install, Installer
+from agent.update.installer import Install, Installer, Room
 from shared.messages import ReportedState
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ def run(config_path: Path) -> None:
     """Run until SIGTERM/SIGINT; reconnects to the broker with backoff on its own."""
     config = AgentConfig.load(config_path)
     identity = Identity.load(config.state_dir).with_overrides(config)
-    serving = Serving()
+    limits.remove_stale()  # worker cgroups of an agent that was killed
+    serving = Serving(memory_limit=config.memory_limit_bytes)
     session = DeviceSession(
         identity,
         capabilities=lambda: probe.capabilities(config.state_dir, config.memory_limit_bytes),
@@ -89,19 +90,18 @@ def run(config_path: Path) -> None:
         link.close()
 
 
-def _ram_free(serving: Serving, limit: int | None) -> Callable[[], int] | None:
-    """What a new model may take: the host's available memory, and within a memory
-    limit, what the running model leaves of it (None: the installer's default)."""
-    if limit is None:
-        return None
-
-    def free() -> int:
+def _ram_free(serving: Serving, limit: int | None) -> Callable[[], Room]:
+    """What a new model may take: the host's available memory, within a memory limit,
+    beside the running model or once it is stopped."""
+    def room() -> Room:
         import psutil
 
         used = serving.worker_rss() or 0
-        return max(0, min(int(psutil.virtual_memory().available), limit - used))
+        available = int(psutil.virtual_memory().available)
+        cap = available + used if limit is None else limit
+        return Room(beside=max(0, min(available, cap - used)), alone=min(available + used, cap))
 
-    return free
+    return room
 
 
 class SessionReporter:

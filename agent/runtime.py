@@ -3,7 +3,9 @@
 The agent never loads a model in its own process: llama.cpp aborts the process on some
 bad input and a runtime can exhaust memory. ``ModelWorker`` starts a spawned child that
 loads the model and answers requests over a pipe; a child that dies is reported as an
-error (``RuntimeCrashed``) and started again on the next request. This module checks
+error (``RuntimeCrashed``) and started again on the next request. Given the box's
+memory limit, the child runs in a memory cgroup of that size (``agent.limits``), and a
+child the kernel killed for memory is reported as out of memory. This module checks
 ONNX inputs against the model (names, dtypes, shapes) so a bad request gets a clear
 message; it does not verify files (the installer does, before anything is loaded).
 """
@@ -15,9 +17,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NoReturn
 
+from agent.limits import LimitUnavailable, WorkerLimit
 from shared import smoke
 
 log = logging.getLogger(__name__)
+_unenforced = False  # said once: memory_limit_bytes cannot be enforced here
 
 
 class RuntimeCrashed(Exception):
@@ -33,9 +37,12 @@ def _load(path: str, fmt: str) -> Any:
     return _OnnxModel(path) if fmt == "onnx" else _LlamaModel(path, embedding=fmt == "gguf-embed")
 
 
-def _serve(conn: Connection, path: str, fmt: str) -> None:
-    """The worker process: load the model, then answer requests until the pipe closes."""
+def _serve(conn: Connection, path: str, fmt: str, limit: WorkerLimit | None = None) -> None:
+    """The worker process: load the model, then answer requests until the pipe closes;
+    in ``limit``'s memory cgroup, joined before anything is loaded."""
     try:
+        if limit is not None:
+            limit.join()
         model = _load(path, fmt)
     except Exception as exc:  # noqa: BLE001 - report any load failure to the parent
         conn.send({"error": f"cannot load the model: {exc}"})
@@ -152,9 +159,13 @@ SHARED_MIN_BYTES = 64 << 10
 class ModelWorker:
     """The parent's handle on one model's worker process (thread-safe, one call at a time)."""
 
-    def __init__(self, path: Path, fmt: str, *, load_timeout: float = 120.0) -> None:
+    def __init__(self, path: Path, fmt: str, *, load_timeout: float = 120.0,
+                 memory_limit: int | None = None) -> None:
         self.path, self.format = path, fmt
         self._load_timeout = load_timeout
+        self.memory_limit = memory_limit
+        self.limit: WorkerLimit | None = None
+        self._ooms = 0
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._process: mp.process.BaseProcess | None = None
@@ -170,7 +181,8 @@ class ModelWorker:
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_serve, args=(child, str(self.path), self.format),
+        limit = self._cgroup()
+        process = ctx.Process(target=_serve, args=(child, str(self.path), self.format, limit),
                               name="edgefleet-model", daemon=True)
         process.start()
         child.close()
@@ -181,7 +193,7 @@ class ModelWorker:
             hello = parent.recv()
         except EOFError:
             process.join(5)
-            raise RuntimeCrashed(f"the runtime died loading the model "
+            raise RuntimeCrashed(self._out_of_memory() or "the runtime died loading the model "
                                  f"(exit code {process.exitcode})") from None
         if "error" in hello:
             process.join(5)
@@ -217,9 +229,35 @@ class ModelWorker:
             process.join(1)
         code = process.exitcode if process is not None else None
         self._conn = self._process = None
-        log.warning("the model runtime died (exit code %s); it restarts on the next request",
-                    code)
-        raise RuntimeCrashed(f"the model runtime died (exit code {code})")
+        why = self._out_of_memory() or f"the model runtime died (exit code {code})"
+        log.warning("%s; it restarts on the next request", why)
+        raise RuntimeCrashed(why)
+
+    def _cgroup(self) -> WorkerLimit | None:
+        """This worker's memory cgroup, made on first start (None: no limit, or none can
+        be made here, which is said once)."""
+        global _unenforced  # noqa: PLW0603 - said once per agent, not per worker
+        if self.memory_limit is None or self.limit is not None:
+            return self.limit
+        try:
+            self.limit = WorkerLimit.make(self.memory_limit)
+        except LimitUnavailable as exc:
+            if not _unenforced:
+                log.warning("memory_limit_bytes is reported, not enforced: %s", exc)
+            _unenforced = True
+            self.memory_limit = None
+        return self.limit
+
+    def _out_of_memory(self) -> str | None:
+        """What to say if the kernel killed the worker for memory since last asked."""
+        if self.limit is None:
+            return None
+        before, self._ooms = self._ooms, self.limit.oom_kills()
+        if self._ooms == before:
+            return None
+        return (f"the model ran out of memory: it needs more than this box's limit of "
+                f"{self.limit.limit / 2**20:.0f} MiB (memory_limit_bytes), and the kernel "
+                "stopped it")
 
     def _share(self, inputs: dict[str, tuple[str, list[int], Any]]) -> dict[str, Any]:
         """Large input bytes (any buffer) copied into the shared request buffer, passed by
@@ -257,8 +295,12 @@ class ModelWorker:
                 self._process.join(5)
                 if self._process.is_alive():
                     self._process.kill()
+                    self._process.join(5)
             self._conn = self._process = None
             self._release()
+            if self.limit is not None:
+                self.limit.remove()
+                self.limit = None
 
     @property
     def pid(self) -> int | None:

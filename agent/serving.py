@@ -56,9 +56,11 @@ class Serving:
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic,
                  metrics: AgentMetrics | None = None,
-                 worker: type[ModelWorker] = ModelWorker) -> None:
+                 worker: type[ModelWorker] = ModelWorker,
+                 memory_limit: int | None = None) -> None:
         self._clock = clock
         self._worker = worker
+        self._memory_limit = memory_limit  # each worker's hard limit (agent.limits)
         self.metrics = metrics or AgentMetrics()
         self._lock = threading.Lock()
         self.worker: ModelWorker | None = None
@@ -72,14 +74,19 @@ class Serving:
         self.probes = self.probe_errors = 0
         self._probe_latencies: deque[float] = deque(maxlen=1000)
 
-    def activate(self, model_dir: Path | None) -> None:
-        """Load the model in ``model_dir`` (None: serve nothing); raise if it cannot load."""
+    def activate(self, model_dir: Path | None, *, replace: bool = False) -> None:
+        """Load the model in ``model_dir`` (None: serve nothing); raise if it cannot load.
+        The running model serves until the new one is loaded, unless ``replace``: then it
+        is stopped first, to make room (requests fail until the new one is up)."""
         new = meta = test = None
+        if replace:
+            self._unload()
         if model_dir is not None:
             meta = read_meta(model_dir)
             if (model_dir / SMOKE_FILE).exists():
                 test = smoke.decode((model_dir / SMOKE_FILE).read_bytes())
-            new = self._worker(next(model_dir.glob("model.*")), meta.runtime_format)
+            new = self._worker(next(model_dir.glob("model.*")), meta.runtime_format,
+                               memory_limit=self._memory_limit)
             new.start()
         with self._lock:  # the figures in health reports are the active model's own
             old, self.worker, self.meta = self.worker, new, meta
@@ -87,6 +94,12 @@ class Serving:
             self._latencies.clear()
             self._probe_latencies.clear()
             self._probe_test, self._probe_next = test, 0
+        if old is not None:
+            old.stop()
+
+    def _unload(self) -> None:
+        with self._lock:
+            old, self.worker = self.worker, None
         if old is not None:
             old.stop()
 

@@ -9,13 +9,15 @@ extra (onnx, numpy).
 
 
 def mlp_onnx(hidden: int = 4096, inputs: int = 128, classes: int = 10, seed: int = 0, *,
-             scratch_bytes: int = 0) -> bytes:
-    """An fp32 MLP: x[1, inputs] -> MatMul -> Relu -> MatMul -> y[1, classes].
+             scratch_bytes: int = 0, batch: int | str = 1) -> bytes:
+    """An fp32 MLP: x[batch, inputs] -> MatMul -> Relu -> MatMul -> y[batch, classes]
+    (``batch``: a size, or a name for a dynamic one).
 
     ``scratch_bytes`` makes a model that answers exactly the same but needs that much
-    more memory on every run: x is expanded to a scratch tensor of that size, summed and
-    multiplied by zero before it is added back (a real memory regression in the file,
-    such as a careless export that materialises a broadcast)."""
+    more memory per row of x on every run: each row is expanded to a scratch tensor of
+    that size, summed and multiplied by zero before it is added back (a real memory
+    regression in the file, such as a careless export that materialises a broadcast;
+    one that grows with the batch, so a one-row sample shows little of it)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -25,11 +27,12 @@ def mlp_onnx(hidden: int = 4096, inputs: int = 128, classes: int = 10, seed: int
     nodes, weights, first = [], [w1, w2], "x"
     if scratch_bytes:
         rows = max(1, scratch_bytes // (4 * inputs))
-        weights += [numpy_helper.from_array(np.array([rows, inputs], np.int64), "S"),
-                    numpy_helper.from_array(np.array([0], np.int64), "A"),
+        weights += [numpy_helper.from_array(np.array([1, rows, inputs], np.int64), "S"),
+                    numpy_helper.from_array(np.array([1], np.int64), "A"),
                     numpy_helper.from_array(np.zeros(1, np.float32), "Z")]
-        nodes += [helper.make_node("Expand", ["x", "S"], ["e"]),
-                  helper.make_node("ReduceSum", ["e", "A"], ["s"], keepdims=1),
+        nodes += [helper.make_node("Unsqueeze", ["x", "A"], ["u"]),
+                  helper.make_node("Expand", ["u", "S"], ["e"]),
+                  helper.make_node("ReduceSum", ["e", "A"], ["s"], keepdims=0),
                   helper.make_node("Mul", ["s", "Z"], ["z"]),
                   helper.make_node("Add", ["x", "z"], ["x2"])]
         first = "x2"
@@ -37,8 +40,8 @@ def mlp_onnx(hidden: int = 4096, inputs: int = 128, classes: int = 10, seed: int
               helper.make_node("Relu", ["h"], ["r"]),
               helper.make_node("MatMul", ["r", "W2"], ["y"])]
     graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inputs])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, classes])], weights)
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, classes])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     return bytes(model.SerializeToString())

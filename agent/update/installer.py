@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from tuf.api import exceptions as tuf_errors
 
@@ -73,8 +73,15 @@ class Reporter(Protocol):
     def reported(self, install: Install) -> None: ...
 
 
+class Room(NamedTuple):
+    """Memory a new model may take: while the running one serves, and once it stops."""
+
+    beside: int
+    alone: int
+
+
 class Serving(Protocol):
-    def activate(self, model_dir: Path | None) -> None: ...
+    def activate(self, model_dir: Path | None, *, replace: bool = False) -> None: ...
     def smoke_test(self, model_dir: Path) -> str | None: ...
     def probation(self, seconds: float, stop: threading.Event) -> str | None: ...
 
@@ -86,7 +93,7 @@ class Installer:
                  serving: Serving, probation_s: float = 5.0,
                  download: Callable[[Any], Path] | None = None,
                  disk_free: Callable[[Path], int] | None = None,
-                 ram_free: Callable[[], int] | None = None) -> None:
+                 ram_free: Callable[[], Room] | None = None) -> None:
         self.dir = state_dir
         self.models = state_dir / "models"
         self.current = state_dir / "current"
@@ -269,10 +276,10 @@ class Installer:
         self._save(install)
         staged = self.models / sha
         ram = about.ram_estimate_bytes
-        if ram > (available := self._ram_free()):
+        if ram > (room := self._ram_free()).alone:
             raise InstallFailed("insufficient_memory", f"{install.target} needs about {ram} "
-                                f"bytes of RAM to load beside the running model; "
-                                f"{available} are available")
+                                f"bytes of RAM; {room.alone} are available with the "
+                                "running model stopped")
         if not (staged / META_FILE).exists():
             test = self._smoke_target(updater, about)
             needed = 2 * info.length + (test.length if test else 0)
@@ -337,10 +344,18 @@ class Installer:
         if model is None or _sha256(model) != install.sha256:
             raise InstallFailed("staged_corrupt", f"the staged copy of {install.target} "
                                 "is missing or damaged")
+        # a model that does not fit beside the running one replaces it: serving stops
+        # while it loads, which is better than a box that can never update
+        ram = TargetInfo.model_validate_json((staged / META_FILE).read_bytes()
+                                             ).ram_estimate_bytes
+        replacing = ram > (room := self._ram_free()).beside
+        if replacing:
+            log.info("%s needs about %d bytes, %d are free beside the running model: it "
+                     "is stopped while the new one loads", install.target, ram, room.beside)
         self._swap(staged)
         crash_point("swapped")
         try:
-            self._serving.activate(staged)
+            self._serving.activate(staged, replace=replacing)
         except Exception as exc:  # noqa: BLE001 - any runtime failure to load
             self._swap(self.models / install.previous if install.previous else None)
             self._serving.activate(self.active_dir())
@@ -441,10 +456,11 @@ def run_smoke_test(call: Callable[..., Any], fmt: str, test: dict[str, Any],
     return None
 
 
-def _available_ram() -> int:
+def _available_ram() -> Room:
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    available = int(psutil.virtual_memory().available)
+    return Room(available, available)
 
 
 def _model_file(staged: Path) -> Path | None:

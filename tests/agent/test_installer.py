@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tuf.ngclient import Updater
 
-from agent.update.installer import Install, Installer
+from agent.update.installer import Install, Installer, Room
 from agent.update.machine import RESUME, TERMINAL, Event, IllegalTransition, State, next_state
 from controller.registry.blobs import BlobStore
 from controller.registry.trust import TrustRepository
@@ -55,10 +55,12 @@ def test_every_state_an_agent_can_die_in_has_a_resume_point_before_it() -> None:
 class FakeServing:
     def __init__(self) -> None:
         self.active: list[Path | None] = []
+        self.replaced: list[bool] = []
         self.probations = 0
 
-    def activate(self, model_dir: Path | None) -> None:
+    def activate(self, model_dir: Path | None, *, replace: bool = False) -> None:
         self.active.append(model_dir)
+        self.replaced.append(replace)
 
     def smoke_test(self, model_dir: Path) -> str | None:
         return None
@@ -93,8 +95,10 @@ def repo(tmp_path: Path) -> tuple[TrustRepository, BlobStore]:
     return repo, blobs
 
 
-def installer(tmp_path: Path, repo, serving, reporter, free: int, ram: int = 1 << 30
-              ) -> Installer:
+def installer(tmp_path: Path, repo, serving, reporter, free: int, ram: int = 1 << 30,
+              beside: int | None = None) -> Installer:
+    """``ram``: memory for a model with the running one stopped; ``beside``: with it
+    running (default: the same)."""
     trust, blobs = repo
     state = tmp_path / "agent"
     (state / "tuf" / "metadata").mkdir(parents=True)
@@ -111,7 +115,8 @@ def installer(tmp_path: Path, repo, serving, reporter, free: int, ram: int = 1 <
 
     updaters: list[int] = []
     inst = Installer(state, updater=counted, reporter=reporter, serving=serving,
-                     probation_s=0, disk_free=lambda _path: free, ram_free=lambda: ram)
+                     probation_s=0, disk_free=lambda _path: free,
+                     ram_free=lambda: Room(ram if beside is None else beside, ram))
     inst.updaters = updaters  # type: ignore[attr-defined] - how often metadata was asked for
     return inst
 
@@ -251,6 +256,20 @@ def test_too_little_memory_fails_the_install_before_downloading(tmp_path, repo) 
     inst.stop()
     assert (done.state, done.reason.split(":")[0]) == (State.FAILED, "insufficient_memory")
     assert serving.active == [None]
+
+
+def test_a_model_that_fits_only_alone_replaces_the_running_one(tmp_path, repo) -> None:
+    """A box whose model takes most of its memory can still update: the running model
+    is stopped before the new one loads, instead of the install being refused."""
+    serving, reporter = FakeServing(), FakeReporter()
+    # needs 5000: 6000 with the running model stopped, 3000 beside it
+    inst = installer(tmp_path, repo, serving, reporter, free=10_000, ram=6000, beside=3000)
+    inst.start()
+    inst.want(desired(1))
+    (done,) = wait_for(lambda: reporter.done, 30, "the install to end")
+    inst.stop()
+    assert done.state == State.COMMITTED, done.reason
+    assert serving.replaced == [False, True]  # the start-up load, then the install
 
 
 def test_an_unexpected_error_in_a_step_rolls_back_and_the_installer_keeps_working(
