@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from cli.api import Api  # noqa: E402
 from cli.ports import free_port, wait_until  # noqa: E402
-from cli.realfleet import RealAgent, RealFleet, Traffic  # noqa: E402
+from cli.realfleet import Call, RealAgent, RealFleet, Traffic  # noqa: E402
 from cli.samples import mlp_onnx  # noqa: E402
 from tests.support.links import Shape, ShapedLink, available  # noqa: E402
 
@@ -194,8 +194,8 @@ def rollout(api: Api, version: str, stages: str, min_requests: int = 10) -> dict
 BODY = json.dumps({"inputs": {"x": [[0.5] * 128]}}).encode()
 
 
-def infer(agent: RealAgent) -> tuple[str, bytes] | None:
-    return "/v1/models/m/infer", BODY
+def infer(agent: RealAgent) -> Call | None:
+    return Call("/v1/models/m/infer", BODY)
 
 
 def span(r: dict[str, Any], start: str, end: str) -> float | None:

@@ -130,44 +130,71 @@ class RealFleet:
             self.kill(agent)
 
 
-class Traffic:
-    """Inference requests to each agent's local API, ``rate`` per second per agent, from
-    one thread; ``body(agent)`` is the request for the model it serves (None: skip it).
-    Counts answers by status."""
+@dataclass(frozen=True)
+class Call:
+    """One request to an agent's local API."""
 
-    def __init__(self, agents: list[RealAgent], body: Callable[[RealAgent], tuple[str, bytes]
-                                                                  | None], *,
+    path: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=lambda: {
+        "Content-Type": "application/json"})
+
+    @classmethod
+    def kserve(cls, model: str, inputs: dict[str, Any]) -> "Call":
+        """A KServe v2 request with its tensors (numpy arrays) as binary data, as an
+        application sending large batches would (JSON would cost more than the model)."""
+        from agent.kserve import DATATYPES, HEADER
+
+        by_dtype = {dtype: name for name, (dtype, _code) in DATATYPES.items()}
+        head = json.dumps({"inputs": [
+            {"name": name, "shape": list(a.shape), "datatype": by_dtype[str(a.dtype)],
+             "parameters": {"binary_data_size": a.nbytes}} for name, a in inputs.items()]})
+        data = b"".join(a.tobytes() for a in inputs.values())
+        return cls(f"/v2/models/{model}/infer", head.encode() + data,
+                   {"Content-Type": "application/octet-stream", HEADER: str(len(head))})
+
+
+class Traffic:
+    """Inference requests to each agent's local API, ``rate`` per second per agent, a
+    thread per agent (a slow or restarting agent holds up only its own); ``call(agent)``
+    is the request for the model it serves (None: skip it). Counts answers by status."""
+
+    def __init__(self, agents: list[RealAgent], call: Callable[[RealAgent], Call | None], *,
                  rate: float = 10.0) -> None:
-        self._agents, self._body, self._period = agents, body, 1.0 / rate
+        self._call, self._period = call, 1.0 / rate
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self.answers: dict[int, int] = {}
-        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+        self._threads = [threading.Thread(target=self._run, args=(a,), name=f"traffic-{a.name}",
+                                          daemon=True) for a in agents]
 
     def __enter__(self) -> "Traffic":
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
-        self._thread.join(30)
+        for thread in self._threads:
+            thread.join(30)
 
-    def _run(self) -> None:
+    def _run(self, agent: RealAgent) -> None:
         due = time.monotonic()
         while not self._stop.is_set():
-            for agent in self._agents:
-                request = self._body(agent)
-                if request is not None:
-                    status = _post(agent.local + request[0], request[1])
+            call = self._call(agent)
+            if call is not None:
+                status = _post(agent.local + call.path, call)
+                with self._lock:
                     self.answers[status] = self.answers.get(status, 0) + 1
-            due += self._period
+            due = max(due + self._period, time.monotonic())  # late: no catching up
             self._stop.wait(max(0.0, due - time.monotonic()))  # pacing, not synchronisation
 
 
-def _post(url: str, body: bytes) -> int:
-    request = urllib.request.Request(url, data=body, method="POST",  # noqa: S310
-                                     headers={"Content-Type": "application/json"})
+def _post(url: str, call: Call) -> int:
+    request = urllib.request.Request(url, data=call.body, method="POST",  # noqa: S310
+                                     headers=call.headers)
     try:
-        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
             resp.read()
             return int(resp.status)
     except urllib.error.HTTPError as exc:

@@ -15,7 +15,7 @@ def mlp_onnx(hidden: int = 4096, inputs: int = 128, classes: int = 10, seed: int
 
     ``scratch_bytes`` makes a model that answers exactly the same but needs that much
     more memory per row of x on every run: each row is expanded to a scratch tensor of
-    that size, summed and multiplied by zero before it is added back (a real memory
+    that size, one row of which is multiplied by zero before it is added back (a real memory
     regression in the file, such as a careless export that materialises a broadcast;
     one that grows with the batch, so a one-row sample shows little of it)."""
     import numpy as np
@@ -29,10 +29,13 @@ def mlp_onnx(hidden: int = 4096, inputs: int = 128, classes: int = 10, seed: int
         rows = max(1, scratch_bytes // (4 * inputs))
         weights += [numpy_helper.from_array(np.array([1, rows, inputs], np.int64), "S"),
                     numpy_helper.from_array(np.array([1], np.int64), "A"),
+                    numpy_helper.from_array(np.array([rows - 1], np.int64), "L"),
                     numpy_helper.from_array(np.zeros(1, np.float32), "Z")]
+        # the last row of the scratch is read back: it is all written, not all read
         nodes += [helper.make_node("Unsqueeze", ["x", "A"], ["u"]),
                   helper.make_node("Expand", ["u", "S"], ["e"]),
-                  helper.make_node("ReduceSum", ["e", "A"], ["s"], keepdims=0),
+                  helper.make_node("Gather", ["e", "L"], ["g"], axis=1),
+                  helper.make_node("Squeeze", ["g", "A"], ["s"]),
                   helper.make_node("Mul", ["s", "Z"], ["z"]),
                   helper.make_node("Add", ["x", "z"], ["x2"])]
         first = "x2"

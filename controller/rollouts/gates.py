@@ -38,7 +38,9 @@ class Figures:
     requests: int
     errors: int
     latency_p95_ms: float | None
-    mem_used_bytes: int  # the model worker's resident memory (older agents: the host's use)
+    #: the model worker's resident memory (older agents: the host's use); None while no
+    #: worker runs (it died, or is loading), which is not a figure of the model
+    mem_used_bytes: int | None
 
     @classmethod
     def of(cls, health: Mapping[str, Any] | None, *, probes: bool = False) -> "Figures | None":
@@ -47,13 +49,16 @@ class Figures:
             return None
         # the model worker's own memory where the agent reports it: host-wide use moves
         # with everything else on the box and would hide a model that needs 3x as much
-        memory = health.get("model_rss_bytes") or health.get("mem_used_bytes") or 0
+        # (agents that report their own memory leave out a worker's they cannot measure)
+        own = "agent_rss_bytes" in health or "model_rss_bytes" in health
+        memory = health.get("model_rss_bytes") if own else health.get("mem_used_bytes")
+        memory = int(memory) if memory else None
         if probes:
             return cls(int(health.get("probe_count") or 0),
                        int(health.get("probe_error_count") or 0),
-                       health.get("probe_latency_p95_ms"), int(memory))
+                       health.get("probe_latency_p95_ms"), memory)
         return cls(int(health.get("inference_count") or 0), int(health.get("error_count") or 0),
-                   health.get("latency_p95_ms"), int(memory))
+                   health.get("latency_p95_ms"), memory)
 
 
 @dataclass(frozen=True)
@@ -73,9 +78,10 @@ class Aggregate:
         requests = sum(f.requests for f in group)
         errors = sum(f.errors for f in group)
         p95s = [f.latency_p95_ms for f in group if f.latency_p95_ms is not None]
+        memory = [f.mem_used_bytes for f in group if f.mem_used_bytes is not None]
         return cls(len(group), requests, errors / requests if requests else 0.0,
                    statistics.median(p95s) if p95s else None,
-                   statistics.median(f.mem_used_bytes for f in group) if group else 0.0, errors)
+                   statistics.median(memory) if memory else 0.0, errors)
 
     def error_rate_low(self, z: float = 1.645) -> float:
         """The Wilson lower bound of the error rate (one-sided 95%): one unlucky error

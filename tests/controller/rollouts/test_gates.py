@@ -8,6 +8,7 @@ from controller.rollouts.gates import (
     FAILED,
     INCONCLUSIVE,
     SUCCESSFUL,
+    Aggregate,
     Figures,
     Member,
     baseline,
@@ -124,6 +125,18 @@ def test_with_probes_the_figures_are_the_probes_not_the_traffic() -> None:
               "model_rss_bytes": 7 << 20}
     assert Figures.of(health) == Figures(3, 3, 900.0, 7 << 20)
     assert Figures.of(health, probes=True) == Figures(40, 1, 2.5, 7 << 20)
+
+
+def test_a_worker_that_is_not_running_has_no_memory_figure_not_the_hosts() -> None:
+    """An agent whose worker died (out of memory) reports no worker memory: the host's
+    use is not the model's (it once read as 36x the baseline)."""
+    down = {"inference_count": 10, "error_count": 6, "mem_used_bytes": 3 << 30,
+            "agent_rss_bytes": 60 << 20}
+    assert Figures.of(down) == Figures(10, 6, None, None)
+    older = {"inference_count": 10, "error_count": 0, "mem_used_bytes": 3 << 30}
+    assert Figures.of(older) == Figures(10, 0, None, 3 << 30)  # all an old agent says
+    canary = Aggregate.of([Figures(10, 6, 5.0, None), Figures(10, 0, 5.0, 200 << 20)])
+    assert canary.mem_used_bytes == 200 << 20  # the median of the figures there are
 
 
 def test_no_baseline_to_compare_with_does_not_block() -> None:
