@@ -379,7 +379,9 @@ class Installer:
     def _rollback(self, install: Install, reason: str) -> Install:
         previous = self.models / install.previous if install.previous else None
         self._swap(previous)
-        self._serving.activate(previous)
+        # the model rolled back from failed: it need not serve while the previous loads,
+        # and on a box with room for one model at a time the previous could not load beside it
+        self._serving.activate(previous, replace=True)
         log.warning("rolled back generation %d: %s", install.generation, reason)
         return replace(install, state=State.ROLLED_BACK, reason=reason)
 

@@ -289,3 +289,6 @@ def test_an_unexpected_error_in_a_step_rolls_back_and_the_installer_keeps_workin
     assert [(d.state, d.reason) for d in reporter.done] == [
         (State.ROLLED_BACK, "internal_error: RuntimeError: a bug")] * 2
     assert serving.active[-1] is None  # back on "no model", as before the installs
+    # the failed model is stopped before the previous one loads: a box with room for
+    # one model at a time could not load it beside
+    assert serving.replaced[-1] is True
