@@ -13,6 +13,7 @@ message; it does not verify files (the installer does, before anything is loaded
 import logging
 import multiprocessing as mp
 import threading
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NoReturn
@@ -53,12 +54,27 @@ def _serve(conn: Connection, path: str, fmt: str, limit: WorkerLimit | None = No
             request = conn.recv()
         except EOFError:
             return
+        if request.get("op") == "cancel":
+            continue  # for a stream that had already ended
         try:
-            conn.send({"ok": getattr(model, request["op"])(**request["args"])})
+            if request.get("stream"):
+                _stream(conn, getattr(model, request["op"])(**request["args"]))
+            else:
+                conn.send({"ok": getattr(model, request["op"])(**request["args"])})
         except BadRequest as exc:
             conn.send({"bad_request": str(exc)})
         except Exception as exc:  # noqa: BLE001 - the runtime's own errors
             conn.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _stream(conn: Connection, chunks: Iterator[Any]) -> None:
+    """Send each chunk as it comes, then ``{"ok": None}``; a cancel from the parent (its
+    client went away) stops the generation between two chunks."""
+    for chunk in chunks:
+        conn.send({"chunk": chunk})
+        if conn.poll() and conn.recv().get("op") == "cancel":
+            break
+    conn.send({"ok": None})
 
 
 class _OnnxModel:
@@ -140,15 +156,15 @@ class _LlamaModel:
         """Greedy token ids (what smoke tests compare)."""
         return smoke.greedy_tokens(self.llm, prompt, max_tokens)
 
-    def complete(self, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
-        out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature)
-        return dict(out)
+    def complete(self, prompt: str, **sampling: Any) -> Any:
+        """llama.cpp's completion (``sampling``: max_tokens, temperature, top_p, stop,
+        seed, stream); with ``stream``, an iterator of its chunks."""
+        out = self.llm.create_completion(prompt, **sampling)
+        return out if sampling.get("stream") else dict(out)
 
-    def chat(self, messages: list[dict[str, str]], max_tokens: int,
-             temperature: float) -> dict[str, Any]:
-        out = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens,
-                                              temperature=temperature)
-        return dict(out)
+    def chat(self, messages: list[dict[str, str]], **sampling: Any) -> Any:
+        out = self.llm.create_chat_completion(messages=messages, **sampling)
+        return out if sampling.get("stream") else dict(out)
 
 
 #: request tensors larger than this go to the worker through shared memory, not the pipe
@@ -221,6 +237,46 @@ class ModelWorker:
         if "error" in answer:
             raise RuntimeError(answer["error"])
         return answer["ok"]
+
+    def stream(self, op: str, **args: Any) -> Iterator[Any]:
+        """Run ``op`` with ``stream=True`` in the worker and yield its chunks as they
+        come; the worker is held until the end. Closing the iterator early (the client
+        went away) cancels the generation in the worker."""
+        with self._lock:
+            if self._process is not None and not self._process.is_alive():
+                self._crashed()
+            if self._conn is None:
+                self._start()
+            conn = self._conn
+            assert conn is not None  # noqa: S101 - set by _start
+            done = False
+            try:
+                conn.send({"op": op, "args": {**args, "stream": True}, "stream": True})
+                while True:
+                    answer = conn.recv()
+                    if "chunk" not in answer:
+                        done = True
+                        break
+                    yield answer["chunk"]
+            except (EOFError, OSError):
+                done = True
+                self._crashed()
+            finally:
+                if not done:  # abandoned: stop the generation, and read what it sent
+                    self._cancel(conn)
+        if "bad_request" in answer:
+            raise BadRequest(answer["bad_request"])
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+
+    def _cancel(self, conn: Connection) -> None:
+        try:
+            conn.send({"op": "cancel"})
+            while "chunk" in conn.recv():
+                pass
+        except (EOFError, OSError):
+            self.crashes += 1  # it died meanwhile: the next call starts a new one
+            self._conn = self._process = None
 
     def _crashed(self) -> NoReturn:
         self.crashes += 1
@@ -330,6 +386,10 @@ class InProcessWorker(ModelWorker):
                 raise
             except Exception as exc:  # noqa: BLE001 - as the worker process reports it
                 raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
+
+    def stream(self, op: str, **args: Any) -> Iterator[Any]:
+        with self._lock:
+            yield from getattr(self._model, op)(**args, stream=True)
 
     def stop(self) -> None:
         with self._lock:

@@ -10,10 +10,11 @@ of the active model since it was activated, so a rollout compares models, not up
     GET  /metrics                           Prometheus (agent.metrics)
     POST /v1/models/{name}/infer            ONNX: {"inputs": {name: nested list}}
     POST /v2/models/{name}/infer            ONNX, KServe v2 (JSON or binary tensors)
-    POST /v1/completions                    GGUF, OpenAI-compatible
-    POST /v1/chat/completions               GGUF, OpenAI-compatible
+    POST /v1/completions                    GGUF, OpenAI-compatible ("stream": true: SSE)
+    POST /v1/chat/completions               GGUF, OpenAI-compatible ("stream": true: SSE)
 """
 
+import itertools
 import json
 import logging
 import math
@@ -21,7 +22,8 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -104,17 +106,37 @@ class Serving:
             old.stop()
 
     def call(self, op: str, **args: Any) -> Any:
+        worker = self._active()
+        with self._counted():
+            return worker.call(op, **args)
+
+    def stream(self, op: str, **args: Any) -> Generator[Any, None, None]:
+        """``op``'s chunks as the worker makes them; counted as one request (its latency:
+        to the last chunk). Closing it early cancels the generation, counted as served."""
+        worker = self._active()
+        with self._counted():
+            yield from worker.stream(op, **args)
+
+    def _active(self) -> ModelWorker:
         worker = self.worker
         if worker is None:
             raise LookupError("no model is active")
+        return worker
+
+    @contextmanager
+    def _counted(self) -> Iterator[None]:
+        """Count a request, its latency and its failure (bad requests are not failures of
+        the model)."""
         meta = self.meta
         labels = (meta.model, meta.version) if meta else ("none", "none")
         m = self.metrics
         started = self._clock()
         try:
-            out = worker.call(op, **args)
+            yield
         except BadRequest:
             raise
+        except GeneratorExit:
+            pass  # a stream its client left: what it served counts, not as an error
         except Exception:
             with self._lock:
                 self.count += 1
@@ -128,7 +150,6 @@ class Serving:
             self._latencies.append(elapsed * 1000)
         m.inferences.labels(*labels).inc()
         m.latency.labels(*labels).observe(elapsed)
-        return out
 
     def smoke_test(self, model_dir: Path) -> str | None:
         meta = read_meta(model_dir)
@@ -261,6 +282,33 @@ class LocalApi:
         self.server.server_close()
 
 
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's sampling settings from an OpenAI request; BadRequest names a bad one."""
+    out: dict[str, Any] = {}
+    for key, kind, default in (("max_tokens", int, 16), ("temperature", float, 0.0),
+                               ("top_p", float, None), ("seed", int, None)):
+        value = body.get(key)
+        if value is None:  # absent or null: the default
+            value = default
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+                kind is int and not isinstance(value, int)):
+            raise BadRequest(f"{key} must be {'an integer' if kind is int else 'a number'}, "
+                             f"not {json.dumps(value)}")
+        out[key] = kind(value)
+    if out["max_tokens"] < 1:
+        raise BadRequest("max_tokens must be at least 1")
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise BadRequest("stop must be a string or a list of strings")
+        out["stop"] = stop
+    return out
+
+
 class _Handler(BaseHTTPRequestHandler):
     serving: Serving
     protocol_version = "HTTP/1.1"
@@ -310,7 +358,9 @@ class _Handler(BaseHTTPRequestHandler):
             status, out = 404, {"error": str(exc)}
         except (RuntimeCrashed, RuntimeError) as exc:
             status, out = 500, {"error": str(exc)}
-        return self._send(status, out)
+        if status:  # 0: a stream, already answered
+            self._send(status, out)
+        return None
 
     def _route(self, body: dict[str, Any]) -> tuple[int, Any]:
         meta = self.serving.meta
@@ -325,16 +375,42 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path in ("/v1/completions", "/v1/chat/completions"):
             if not meta or meta.format != "gguf":
                 raise LookupError("no GGUF model is loaded")
-            args = {"max_tokens": int(body.get("max_tokens", 16)),
-                    "temperature": float(body.get("temperature", 0.0))}
             if self.path == "/v1/completions":
                 if not isinstance(body.get("prompt"), str):
                     raise BadRequest('the body must have a "prompt" string')
-                return 200, self.serving.call("complete", prompt=body["prompt"], **args)
-            if not isinstance(body.get("messages"), list):
-                raise BadRequest('the body must have a "messages" list')
-            return 200, self.serving.call("chat", messages=body["messages"], **args)
+                op, args = "complete", {"prompt": body["prompt"]}
+            else:
+                if not isinstance(body.get("messages"), list):
+                    raise BadRequest('the body must have a "messages" list')
+                op, args = "chat", {"messages": body["messages"]}
+            args |= _sampling(body)
+            if body.get("stream") is True:
+                self._sse(meta, self.serving.stream(op, **args))
+                return 0, None
+            out = self.serving.call(op, **args)
+            return 200, out | {"model": meta.model}
         raise LookupError(f"no route {self.path}")
+
+    def _sse(self, meta: TargetInfo, chunks: Generator[dict[str, Any], None, None]) -> None:
+        """Server-sent events, a chunk each, then ``data: [DONE]``. The first chunk is
+        waited for before answering, so an error before it still gets its status; a
+        client that goes away closes ``chunks``, which stops the generation."""
+        try:
+            first = next(chunks, None)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            for chunk in itertools.chain([first] if first is not None else [], chunks):
+                self.wfile.write(b"data: " + json.dumps(chunk | {"model": meta.model}).encode()
+                                 + b"\n\n")
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client left
+        finally:
+            chunks.close()
+        self.close_connection = True  # the stream's end is the connection's
 
     def _onnx_model(self, name: str) -> TargetInfo:
         """The active model's description if it is the ONNX model ``name``."""

@@ -1,0 +1,69 @@
+"""The agent's OpenAI-compatible API for GGUF models, through the real `openai` client."""
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.integration.test_delivery import enrolled_agent, http, pin, push
+from tests.models import llama_cpp, tiny_gguf
+
+
+@pytest.fixture
+def client(start_controller, spawn, tmp_path: Path):
+    llama_cpp()
+    controller = start_controller()
+    push(controller, tmp_path, "tiny-llama", "0.1.0", tiny_gguf(tmp_path / "t.gguf"), "t.gguf")
+    device_id, local, _agent = enrolled_agent(controller, spawn, tmp_path)
+    assert pin(controller, device_id, "tiny-llama@0.1.0")["state"] == "committed"
+    return openai.OpenAI(base_url=f"{local}/v1", api_key="unused", max_retries=0), local
+
+
+def test_streamed_completions_are_the_same_text_as_unstreamed_in_several_chunks(
+        client) -> None:
+    api, _local = client
+    whole = api.completions.create(model="tiny-llama", prompt="The quick", max_tokens=12,
+                                   temperature=0, seed=1)
+    chunks = list(api.completions.create(model="tiny-llama", prompt="The quick",
+                                         max_tokens=12, temperature=0, seed=1, stream=True))
+    assert len(chunks) >= 2
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert whole.model == "tiny-llama"  # as the fleet names it, not a path on the box
+    assert {c.model for c in chunks} == {"tiny-llama"}
+
+
+def test_streamed_chat_is_the_same_text_as_unstreamed_in_several_chunks(client) -> None:
+    api, _local = client
+    messages = [{"role": "user", "content": "hello"}]
+    whole = api.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12,
+                                        temperature=0, seed=1)
+    chunks = list(api.chat.completions.create(model="tiny-llama", messages=messages,
+                                              max_tokens=12, temperature=0, seed=1,
+                                              stream=True))
+    assert len(chunks) >= 2
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == whole.choices[0].message.content
+
+
+def test_a_client_that_leaves_a_stream_leaves_the_model_serving(client) -> None:
+    """The generation it left is cancelled in the worker, and nothing of it reaches the
+    next request."""
+    api, _local = client
+    before = api.completions.create(model="tiny-llama", prompt="The quick", max_tokens=4,
+                                    temperature=0)
+    stream = api.completions.create(model="tiny-llama", prompt="Once upon", max_tokens=200,
+                                    temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()
+    after = api.completions.create(model="tiny-llama", prompt="The quick", max_tokens=4,
+                                   temperature=0)
+    assert after.choices[0].text == before.choices[0].text
+
+
+def test_bad_sampling_settings_are_400s(client) -> None:
+    _api, local = client
+    for body in ({"prompt": "x", "max_tokens": "lots"}, {"prompt": "x", "max_tokens": 0},
+                 {"prompt": "x", "max_tokens": None, "temperature": "hot"},
+                 {"prompt": "x", "stop": 3}, {"prompt": "x", "seed": 1.5}):
+        status, out = http("POST", f"{local}/v1/completions", body)
+        assert status == 400, (body, out)
