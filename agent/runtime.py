@@ -10,6 +10,7 @@ ONNX inputs against the model (names, dtypes, shapes) so a bad request gets a cl
 message; it does not verify files (the installer does, before anything is loaded).
 """
 
+import itertools
 import logging
 import multiprocessing as mp
 import threading
@@ -159,17 +160,30 @@ class _LlamaModel:
     def complete(self, prompt: str, **sampling: Any) -> Any:
         """llama.cpp's completion (``sampling``: max_tokens, temperature, top_p, stop,
         seed, stream); with ``stream``, an iterator of its chunks."""
-        out = self.llm.create_completion(prompt, **sampling)
-        return out if sampling.get("stream") else dict(out)
+        return _refused(lambda: self.llm.create_completion(prompt, **sampling),
+                        stream=bool(sampling.get("stream")))
 
     def chat(self, messages: list[dict[str, str]], **sampling: Any) -> Any:
-        out = self.llm.create_chat_completion(messages=messages, **sampling)
-        return out if sampling.get("stream") else dict(out)
+        return _refused(lambda: self.llm.create_chat_completion(messages=messages, **sampling),
+                        stream=bool(sampling.get("stream")))
 
 
 #: request tensors larger than this go to the worker through shared memory, not the pipe
 #: (a 1.2 MB image: 1 ms through the pipe, 0.05 ms through shared memory)
 SHARED_MIN_BYTES = 64 << 10
+
+
+def _refused(run: Any, *, stream: bool) -> Any:
+    """llama.cpp's answer; its ValueError (a prompt longer than the context) is the
+    request's fault, a BadRequest, also when a stream raises it on its first chunk."""
+    try:
+        out = run()
+        if not stream:
+            return dict(out)
+        first = next(out, None)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    return itertools.chain([] if first is None else [first], out)
 
 
 class ModelWorker:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -282,6 +282,22 @@ class LocalApi:
         self.server.server_close()
 
 
+_OPENAI = ("/v1/completions", "/v1/chat/completions")
+_MODEL = re.compile(r"^/v1/models/([^/]+)$")
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 500: "server_error"}
+
+
+def _openai_error(status: int, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "error"),
+                      "param": None, "code": None}}
+
+
+def _error(openai: bool, status: int, message: str) -> dict[str, Any]:
+    """An error body: OpenAI's shape on its routes, ``{"error": message}`` elsewhere
+    (KServe's)."""
+    return _openai_error(status, message) if openai else {"error": message}
+
+
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     """llama.cpp's sampling settings from an OpenAI request; BadRequest names a bad one."""
     out: dict[str, Any] = {}
@@ -326,38 +342,49 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data)
             return None
-        if self.path != "/v1/models":
-            return self._send(404, {"error": f"no route {self.path}"})
         meta = self.serving.meta
         models = [] if not meta else [{
-            "id": meta.model, "object": "model", "version": meta.version,
-            "variant": meta.variant, "format": meta.format,
+            "id": meta.model, "object": "model", "created": 0, "owned_by": "edgefleet",
+            "version": meta.version, "variant": meta.variant, "format": meta.format,
             "quantization": meta.quantization}]
-        return self._send(200, {"object": "list", "data": models})
+        if self.path == "/v1/models":
+            return self._send(200, {"object": "list", "data": models})
+        match = _MODEL.match(self.path)
+        if match:
+            found = [m for m in models if m["id"] == match.group(1)]
+            if found:
+                return self._send(200, found[0])
+            return self._send(404, _openai_error(404, f"model {match.group(1)!r} is not "
+                                                 "served here"))
+        return self._send(404, {"error": f"no route {self.path}"})
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
+        openai = self.path in _OPENAI
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return self._send(400, _error(openai, 400, "Content-Length is not a number"))
         binary = self.headers.get(kserve.HEADER) is not None
         cap = self.serving.body_cap(binary=binary)
         if length > cap:
-            return self._send(413, {"error": f"request body over {cap} bytes"})
+            return self._send(413, _error(openai, 413, f"request body over {cap} bytes"))
         raw = self.rfile.read(length)
         if _INFER_V2.match(self.path):
             return self._infer_v2(raw)
         try:
             body = json.loads(raw or b"{}")
         except ValueError as exc:
-            return self._send(400, {"error": f"invalid JSON: {exc}"})
+            return self._send(400, _error(openai, 400, f"invalid JSON: {exc}"))
         if not isinstance(body, dict):
-            return self._send(400, {"error": "the body must be a JSON object"})
+            return self._send(400, _error(openai, 400, "the body must be a JSON object"))
         try:
             status, out = self._route(body)
         except BadRequest as exc:
-            status, out = 400, {"error": str(exc)}
+            status, out = 400, _error(openai, 400, str(exc))
         except LookupError as exc:
-            status, out = 404, {"error": str(exc)}
+            status, out = 404, _error(openai, 404, str(exc))
         except (RuntimeCrashed, RuntimeError) as exc:
-            status, out = 500, {"error": str(exc)}
+            status, out = 500, _error(openai, 500, str(exc))
         if status:  # 0: a stream, already answered
             self._send(status, out)
         return None
@@ -375,13 +402,22 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path in ("/v1/completions", "/v1/chat/completions"):
             if not meta or meta.format != "gguf":
                 raise LookupError("no GGUF model is loaded")
+            if body.get("model") not in (None, meta.model):
+                raise LookupError(f"model {body['model']!r} is not served here; this box "
+                                  f"serves {meta.model!r}")
+            if body.get("n") not in (None, 1):
+                raise BadRequest("n must be 1: one completion per request (send n requests)")
             if self.path == "/v1/completions":
                 if not isinstance(body.get("prompt"), str):
                     raise BadRequest('the body must have a "prompt" string')
                 op, args = "complete", {"prompt": body["prompt"]}
             else:
-                if not isinstance(body.get("messages"), list):
-                    raise BadRequest('the body must have a "messages" list')
+                messages = body.get("messages")
+                if not isinstance(messages, list) or not messages or not all(
+                        isinstance(m, dict) and isinstance(m.get("role"), str)
+                        and isinstance(m.get("content"), str) for m in messages):
+                    raise BadRequest('messages must be a list of {"role": ..., "content": '
+                                     '...} objects with string values')
                 op, args = "chat", {"messages": body["messages"]}
             args |= _sampling(body)
             if body.get("stream") is True:
@@ -393,24 +429,34 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _sse(self, meta: TargetInfo, chunks: Generator[dict[str, Any], None, None]) -> None:
         """Server-sent events, a chunk each, then ``data: [DONE]``. The first chunk is
-        waited for before answering, so an error before it still gets its status; a
-        client that goes away closes ``chunks``, which stops the generation."""
+        waited for before answering, so an error before it still gets its status (and
+        one after it is sent as an error event); a client that goes away closes
+        ``chunks``, which stops the generation."""
         try:
             first = next(chunks, None)
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.end_headers()
+        except BaseException:
+            chunks.close()
+            raise
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        self.close_connection = True  # the stream's end is the connection's
+        try:
             for chunk in itertools.chain([first] if first is not None else [], chunks):
-                self.wfile.write(b"data: " + json.dumps(chunk | {"model": meta.model}).encode()
-                                 + b"\n\n")
-                self.wfile.flush()
+                self._event(chunk | {"model": meta.model})
             self.wfile.write(b"data: [DONE]\n\n")
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client left
+        except (RuntimeCrashed, RuntimeError, BadRequest) as exc:
+            with suppress(OSError):
+                self._event(_openai_error(500, str(exc)))
         finally:
             chunks.close()
-        self.close_connection = True  # the stream's end is the connection's
+
+    def _event(self, data: dict[str, Any]) -> None:
+        self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+        self.wfile.flush()
 
     def _onnx_model(self, name: str) -> TargetInfo:
         """The active model's description if it is the ONNX model ``name``."""

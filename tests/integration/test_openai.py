@@ -1,9 +1,11 @@
 """The agent's OpenAI-compatible API for GGUF models, through the real `openai` client."""
 
+import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.test_delivery import enrolled_agent, http, pin, push
 from tests.models import llama_cpp, tiny_gguf
@@ -60,10 +62,39 @@ def test_a_client_that_leaves_a_stream_leaves_the_model_serving(client) -> None:
     assert after.choices[0].text == before.choices[0].text
 
 
-def test_bad_sampling_settings_are_400s(client) -> None:
-    _api, local = client
+def test_bad_requests_are_4xx_in_openais_shape_and_not_counted_against_the_model(
+        client) -> None:
+    api, local = client
     for body in ({"prompt": "x", "max_tokens": "lots"}, {"prompt": "x", "max_tokens": 0},
                  {"prompt": "x", "max_tokens": None, "temperature": "hot"},
                  {"prompt": "x", "stop": 3}, {"prompt": "x", "seed": 1.5}):
         status, out = http("POST", f"{local}/v1/completions", body)
         assert status == 400, (body, out)
+        assert out["error"]["type"] == "invalid_request_error", out
+    with pytest.raises(openai.NotFoundError, match="'gpt-4' is not served here"):
+        api.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        api.completions.create(model="tiny-llama", prompt="x", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="messages must be a list"):
+        api.chat.completions.create(model="tiny-llama", messages=["hi"], max_tokens=2)
+    for stream in (False, True):  # a prompt over the context (512 tokens)
+        with pytest.raises(openai.BadRequestError, match="exceed context window"):
+            list(api.completions.create(model="tiny-llama", prompt="word " * 600,
+                                        max_tokens=2, stream=stream) or [])
+    errors = [s.value for f in text_string_to_metric_families(_metrics(local))
+              for s in f.samples if s.name == "edgefleet_agent_inference_errors_total"]
+    assert not any(errors), errors  # the model's own error count, which gates read
+
+
+def test_models_are_listed_and_retrieved_as_openai_names_them(client) -> None:
+    api, _local = client
+    assert [m.id for m in api.models.list()] == ["tiny-llama"]
+    model = api.models.retrieve("tiny-llama")
+    assert (model.id, model.object, model.owned_by) == ("tiny-llama", "model", "edgefleet")
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("gpt-4")
+
+
+def _metrics(local: str) -> str:
+    with urllib.request.urlopen(f"{local}/metrics", timeout=10) as resp:  # noqa: S310
+        return resp.read().decode()
