@@ -31,6 +31,8 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     probation_s: float = 30.0  # how long a new model is watched before it is committed
     fetch_chunk_bytes: int = 256 * 1024  # per MQTT fetch request (the controller caps 1 MiB)
+    #: requests that may wait while the model answers another; more get 429 + Retry-After
+    max_queue: int = 4
     #: the memory models may use on this box, where that is less than the host has (a box
     #: shared with other work, a container limit): reported as the device's RAM, so the
     #: registry picks a variant that fits it, checked before a model is installed, and
@@ -71,6 +73,7 @@ class AgentConfig:
                 labels={str(k): str(v) for k, v in dict(raw.get("labels", {})).items()},
                 probation_s=float(raw.get("probation_s", 30.0)),
                 fetch_chunk_bytes=int(raw.get("fetch_chunk_bytes", 256 * 1024)),
+                max_queue=int(raw.get("max_queue", 4)),
                 memory_limit_bytes=(int(raw["memory_limit_bytes"])
                                     if raw.get("memory_limit_bytes") is not None else None),
             )

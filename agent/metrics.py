@@ -5,7 +5,7 @@ rollout compares models, these count over the agent's whole life (labelled by
 model and version), as Prometheus expects of counters.
 """
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0, 30.0)
@@ -23,6 +23,11 @@ class AgentMetrics:
                                  "Inference latency, runtime worker round trip.",
                                  ["model", "version"], buckets=_LATENCY_BUCKETS,
                                  registry=self.registry)
+        self.queued = Gauge("edgefleet_agent_requests_waiting",
+                            "Requests waiting for the busy model.", registry=self.registry)
+        self.refused = Counter("edgefleet_agent_requests_refused",
+                               "Requests refused with 429: the queue was full.",
+                               registry=self.registry)
         self.installs = Counter("edgefleet_agent_installs",
                                 "Installs that ended, by outcome (committed, failed, "
                                 "rolled_back).", ["state"], registry=self.registry)

@@ -53,14 +53,25 @@ def read_meta(model_dir: Path) -> TargetInfo:
     return TargetInfo.model_validate_json((model_dir / META_FILE).read_bytes())
 
 
+class Busy(Exception):
+    """The model is busy and its queue full: come back in ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the model is busy: {retry_after} s until a place is likely free")
+        self.retry_after = retry_after
+
+
 class Serving:
     """The loaded model and its counters (thread-safe)."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic,
                  metrics: AgentMetrics | None = None,
                  worker: type[ModelWorker] = ModelWorker,
-                 memory_limit: int | None = None) -> None:
+                 memory_limit: int | None = None, max_queue: int = 4) -> None:
         self._clock = clock
+        #: requests that may wait for the busy model; one more is refused (Busy)
+        self.max_queue = max_queue
+        self._in_flight = 0
         self._worker = worker
         self._memory_limit = memory_limit  # each worker's hard limit (agent.limits)
         self.metrics = metrics or AgentMetrics()
@@ -107,15 +118,35 @@ class Serving:
 
     def call(self, op: str, **args: Any) -> Any:
         worker = self._active()
-        with self._counted():
+        with self._admitted(), self._counted():
             return worker.call(op, **args)
 
     def stream(self, op: str, **args: Any) -> Generator[Any, None, None]:
         """``op``'s chunks as the worker makes them; counted as one request (its latency:
         to the last chunk). Closing it early cancels the generation, counted as served."""
         worker = self._active()
-        with self._counted():
+        with self._admitted(), self._counted():
             yield from worker.stream(op, **args)
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """A place among the requests for the model: the one it runs and ``max_queue``
+        waiting behind it (the worker runs one at a time); Busy past that, with when to
+        come back."""
+        with self._lock:
+            if self._in_flight > self.max_queue:
+                p50 = sorted(self._latencies)[len(self._latencies) // 2] \
+                    if self._latencies else 1000.0
+                self.metrics.refused.inc()
+                raise Busy(max(1, math.ceil(self._in_flight * p50 / 1000)))
+            self._in_flight += 1
+            self.metrics.queued.set(self._in_flight - 1)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self.metrics.queued.set(max(0, self._in_flight - 1))
 
     def _active(self) -> ModelWorker:
         worker = self.worker
@@ -284,7 +315,8 @@ class LocalApi:
 
 _OPENAI = ("/v1/completions", "/v1/chat/completions")
 _MODEL = re.compile(r"^/v1/models/([^/]+)$")
-_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 500: "server_error"}
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413:
+                 "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
 
 
 def _openai_error(status: int, message: str) -> dict[str, Any]:
@@ -377,8 +409,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(400, _error(openai, 400, f"invalid JSON: {exc}"))
         if not isinstance(body, dict):
             return self._send(400, _error(openai, 400, "the body must be a JSON object"))
+        headers = {}
         try:
             status, out = self._route(body)
+        except Busy as exc:
+            status, out = 429, _error(openai, 429, str(exc))
+            headers = {"Retry-After": str(exc.retry_after)}
         except BadRequest as exc:
             status, out = 400, _error(openai, 400, str(exc))
         except LookupError as exc:
@@ -386,7 +422,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (RuntimeCrashed, RuntimeError) as exc:
             status, out = 500, _error(openai, 500, str(exc))
         if status:  # 0: a stream, already answered
-            self._send(status, out)
+            self._send(status, out, headers)
         return None
 
     def _route(self, body: dict[str, Any]) -> tuple[int, Any]:
@@ -477,6 +513,8 @@ class _Handler(BaseHTTPRequestHandler):
             data, header = kserve.response(meta.model, meta.version, outputs,
                                            binary=request.binary_outputs,
                                            request_id=request.id)
+        except Busy as exc:
+            return self._send(429, {"error": str(exc)}, {"Retry-After": str(exc.retry_after)})
         except (kserve.ProtocolError, BadRequest) as exc:
             return self._send(400, {"error": str(exc)})
         except LookupError as exc:
@@ -487,8 +525,8 @@ class _Handler(BaseHTTPRequestHandler):
         content_type = "application/json" if header is None else "application/octet-stream"
         return self._send_bytes(200, data, content_type, extra)
 
-    def _send(self, status: int, body: Any) -> None:
-        self._send_bytes(status, json.dumps(body).encode(), "application/json", {})
+    def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        self._send_bytes(status, json.dumps(body).encode(), "application/json", headers or {})
 
     def _send_bytes(self, status: int, data: bytes, content_type: str,
                     headers: dict[str, str]) -> None:
