@@ -150,6 +150,15 @@ class _LlamaModel:
         """The pooled embedding of ``text`` (an encoder GGUF)."""
         return [float(v) for v in self.llm.embed(text)]
 
+    def embeddings(self, texts: list[str]) -> dict[str, Any]:
+        """The embeddings of ``texts`` and how many tokens they took; a text over the
+        context is the request's fault."""
+        tokens = [len(self.llm.tokenize(t.encode())) for t in texts]
+        if max(tokens) > self.llm.n_ctx():
+            raise BadRequest(f"input {tokens.index(max(tokens))} has {max(tokens)} tokens, "
+                             f"over the model's context of {self.llm.n_ctx()}")
+        return {"vectors": [self.embed(t) for t in texts], "tokens": sum(tokens)}
+
     def describe(self) -> dict[str, Any]:
         return {"context": self.llm.n_ctx()}
 

@@ -12,13 +12,16 @@ of the active model since it was activated, so a rollout compares models, not up
     POST /v2/models/{name}/infer            ONNX, KServe v2 (JSON or binary tensors)
     POST /v1/completions                    GGUF, OpenAI-compatible ("stream": true: SSE)
     POST /v1/chat/completions               GGUF, OpenAI-compatible ("stream": true: SSE)
+    POST /v1/embeddings                     GGUF encoders, OpenAI-compatible
 """
 
+import base64
 import itertools
 import json
 import logging
 import math
 import re
+import struct
 import threading
 import time
 from collections import deque
@@ -318,7 +321,7 @@ class LocalApi:
         self.server.server_close()
 
 
-_OPENAI = ("/v1/completions", "/v1/chat/completions")
+_OPENAI = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 _MODEL = re.compile(r"^/v1/models/([^/]+)$")
 _OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413:
                  "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
@@ -440,6 +443,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest('the body must be {"inputs": {name: values}}')
             return 200, {"model": meta.model, "version": meta.version,
                          "outputs": self.serving.call("infer", inputs=inputs)}
+        if self.path == "/v1/embeddings":
+            return 200, self._embeddings(body)
         if self.path in ("/v1/completions", "/v1/chat/completions"):
             if not meta or meta.format != "gguf":
                 raise LookupError("no GGUF model is loaded")
@@ -467,6 +472,36 @@ class _Handler(BaseHTTPRequestHandler):
             out = self.serving.call(op, **args)
             return 200, out | {"model": meta.model}
         raise LookupError(f"no route {self.path}")
+
+    def _embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
+        """OpenAI's embeddings of an encoder GGUF: ``input`` a string or a list of them."""
+        meta = self.serving.meta
+        if not meta:
+            raise LookupError("no model is loaded")
+        if body.get("model") not in (None, meta.model):
+            raise LookupError(f"model {body['model']!r} is not served here; this box "
+                              f"serves {meta.model!r}")
+        if meta.runtime_format != "gguf-embed":
+            raise BadRequest(f"{meta.model} is not an embedding model (a {meta.format} "
+                             "model that " + ("generates text: use /v1/completions)"
+                                              if meta.format == "gguf" else
+                                              "takes tensors: use /v2/models/{name}/infer)"))
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(
+                isinstance(t, str) and t for t in texts):
+            raise BadRequest("input must be a non-empty string or a list of them (token "
+                             "ids are not taken)")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise BadRequest('encoding_format must be "float" or "base64"')
+        out = self.serving.call("embeddings", texts=texts)
+        vectors = out["vectors"] if encoding == "float" else [  # little-endian float32s
+            base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in out["vectors"]]
+        return {"object": "list", "model": meta.model,
+                "data": [{"object": "embedding", "index": i, "embedding": v}
+                         for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": out["tokens"], "total_tokens": out["tokens"]}}
 
     def _sse(self, meta: TargetInfo, chunks: Generator[dict[str, Any], None, None]) -> None:
         """Server-sent events, a chunk each, then ``data: [DONE]``. The first chunk is

@@ -3,12 +3,14 @@
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.test_delivery import enrolled_agent, http, pin, push
 from tests.models import llama_cpp, tiny_gguf
+from tests.support import corpus
 
 
 @pytest.fixture
@@ -98,3 +100,32 @@ def test_models_are_listed_and_retrieved_as_openai_names_them(client) -> None:
 def _metrics(local: str) -> str:
     with urllib.request.urlopen(f"{local}/metrics", timeout=10) as resp:  # noqa: S310
         return resp.read().decode()
+
+
+def test_embeddings_of_an_encoder_gguf_have_its_dimension_and_repeat_exactly(
+        start_controller, spawn, tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2 (trained weights), converted by llama.cpp's own converter."""
+    llama_cpp()
+    entry = corpus.build("minilm_gguf")
+    controller = start_controller()
+    push(controller, tmp_path, "minilm", "1.0.0", entry.path.read_bytes(), entry.path.name,
+         derive=False)
+    device_id, local, _agent = enrolled_agent(controller, spawn, tmp_path)
+    assert pin(controller, device_id, "minilm@1.0.0")["state"] == "committed"
+    api = openai.OpenAI(base_url=f"{local}/v1", api_key="unused", max_retries=0)
+    texts = ["The cat sat on the mat.", "The cat sat on the mat.", "Stock prices fell."]
+    # the client asks for base64 (and decodes it) unless told which
+    for asked in ({"encoding_format": "float"}, {}):
+        out = api.embeddings.create(model="minilm", input=texts, **asked)
+        vectors = np.array([d.embedding for d in out.data])
+        assert vectors.shape == (3, 384)
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        assert unit[0] @ unit[1] == pytest.approx(1.0, abs=1e-6)
+        assert unit[0] @ unit[2] < 0.9
+        assert out.usage.prompt_tokens > 0
+    (one,) = api.embeddings.create(model="minilm", input=texts[0]).data
+    np.testing.assert_allclose(one.embedding, vectors[0], rtol=1e-5)
+    with pytest.raises(openai.BadRequestError, match="input must be"):
+        api.embeddings.create(model="minilm", input=[])
+    with pytest.raises(openai.NotFoundError):
+        api.embeddings.create(model="gpt-4", input="x")
