@@ -1,7 +1,7 @@
 """Staged rollouts on real agents, a third of them on slow, lossy links.
 
 A real controller (``controller serve``) on a private Mosquitto, and N real agents
-(``edgefleet agent run``, tests/support/fleet.py) in three RAM tiers; every third agent
+(``edgefleet agent run``, cli/realfleet.py) in three RAM tiers; every third agent
 sits in a network namespace of its own behind a shaped link (tests/support/links.py:
 2 Mbit/s, 150 ms round trip, 2% loss each way). Driven through the API:
 
