@@ -95,7 +95,7 @@ def main() -> None:
         shaped_rates = [r for link, start in zip(links, before, strict=True)
                         if (r := link.rate_bps(start, size)) is not None]
         loop_rates = download_rates(api, [a for a in fleet.agents if a.link is None])
-        with Traffic(fleet.agents, infer, rate=4):  # so health gates judge real requests
+        with Traffic(fleet.agents, infer, rate=1):  # so health gates judge real requests
             good = rollout(api, "2.0.0", "10%:5s,50%:5s,100%")
             bad = rollout(api, "3.0.0", "25%:5s,100%")
         broker_peak = peak.peak
@@ -104,9 +104,8 @@ def main() -> None:
         "link": {"rate_bps": LINK.rate_bps, "rtt_s": 2 * LINK.delay_s, "loss": LINK.loss},
         "v1_one_stage_s": span(first, "created", "finish"),
         "v2_three_stages_create_to_completed_s": span(good, "created", "finish"),
-        "v2_state": good["state"], "v2_reason": good["reason"], "v3_state": bad["state"],
-        "v3_reason": next((e["reason"] for e in bad["timeline"]
-                           if e["reason"].startswith("rollback")), ""),
+        "v2_state": good["state"], "v2_reason": _why(good), "v3_state": bad["state"],
+        "v3_reason": _why(bad),
         "v3_rollback_failed_gate_to_all_reverted_s": span(bad, "rollback", "reverted"),
         "shaped_download_mbit_s": summary([r / 1e6 for r in shaped_rates]),
         "loopback_download_mbit_s": summary([r / 1e6 for r in loop_rates]),
@@ -176,9 +175,19 @@ def push(api: Api, tmp: Path, version: str, model: bytes) -> None:
                180)
 
 
+def _why(r: dict[str, Any]) -> str:
+    """Why a rollout rolled back (or how it ended)."""
+    return next((e["reason"] for e in r["timeline"] if e["reason"].startswith("rollback")),
+                r["reason"])
+
+
 def rollout(api: Api, version: str, stages: str, min_requests: int = 10) -> dict[str, Any]:
+    # 50 agents on 2 cores: one device's p95 against another's measures the scheduler
+    # (1.79x, +22 ms, rolled back a v2 that costs what v1 costs), so latency is judged
+    # loosely; v3's regression is memory, which the default gate judges
+    gates = {"min_requests": min_requests, "max_latency_p95_ratio": 3.0}
     rid = api.call("POST", "/rollouts", {"model": "m", "version": version, "stages": stages,
-                                         "gates": {"min_requests": min_requests}})["id"]
+                                         "gates": gates})["id"]
     out: dict[str, Any] = {}
 
     def ended() -> bool:
