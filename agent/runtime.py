@@ -14,7 +14,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NoReturn
@@ -58,7 +58,7 @@ def _serve(conn: Connection, path: str, fmt: str, limit: WorkerLimit | None = No
         if request.get("op") == "cancel":
             continue  # for a stream that had already ended
         try:
-            if request.get("stream"):
+            if request["args"].get("stream"):
                 _stream(conn, getattr(model, request["op"])(**request["args"]))
             else:
                 conn.send({"ok": getattr(model, request["op"])(**request["args"])})
@@ -182,7 +182,16 @@ class _LlamaModel:
 SHARED_MIN_BYTES = 64 << 10
 
 
-def _refused(run: Any, *, stream: bool) -> Any:
+def _answer(answer: dict[str, Any]) -> Any:
+    """The worker's answer, or its refusal or error raised."""
+    if "bad_request" in answer:
+        raise BadRequest(answer["bad_request"])
+    if "error" in answer:
+        raise RuntimeError(answer["error"])
+    return answer.get("ok")
+
+
+def _refused(run: Callable[[], Any], *, stream: bool) -> Any:
     """llama.cpp's answer; its ValueError (a prompt longer than the context) is the
     request's fault, a BadRequest, also when a stream raises it on its first chunk."""
     try:
@@ -243,38 +252,25 @@ class ModelWorker:
         """Run ``op`` in the worker; BadRequest for bad input, RuntimeCrashed if it died
         (reported once; the next call starts a new worker)."""
         with self._lock:
-            if self._process is not None and not self._process.is_alive():
-                self._crashed()
-            if self._conn is None:
-                self._start()
-            assert self._conn is not None  # noqa: S101 - set by _start
+            conn = self._ready()
             if op == "infer_raw":
                 args = {"inputs": self._share(args["inputs"])}
             try:
-                self._conn.send({"op": op, "args": args})
-                answer = self._conn.recv()
+                conn.send({"op": op, "args": args})
+                answer = conn.recv()
             except (EOFError, OSError):
                 self._crashed()
-        if "bad_request" in answer:
-            raise BadRequest(answer["bad_request"])
-        if "error" in answer:
-            raise RuntimeError(answer["error"])
-        return answer["ok"]
+        return _answer(answer)
 
     def stream(self, op: str, **args: Any) -> Iterator[Any]:
         """Run ``op`` with ``stream=True`` in the worker and yield its chunks as they
         come; the worker is held until the end. Closing the iterator early (the client
         went away) cancels the generation in the worker."""
         with self._lock:
-            if self._process is not None and not self._process.is_alive():
-                self._crashed()
-            if self._conn is None:
-                self._start()
-            conn = self._conn
-            assert conn is not None  # noqa: S101 - set by _start
+            conn = self._ready()
             done = False
             try:
-                conn.send({"op": op, "args": {**args, "stream": True}, "stream": True})
+                conn.send({"op": op, "args": {**args, "stream": True}})
                 while True:
                     answer = conn.recv()
                     if "chunk" not in answer:
@@ -287,10 +283,17 @@ class ModelWorker:
             finally:
                 if not done:  # abandoned: stop the generation, and read what it sent
                     self._cancel(conn)
-        if "bad_request" in answer:
-            raise BadRequest(answer["bad_request"])
-        if "error" in answer:
-            raise RuntimeError(answer["error"])
+        _answer(answer)
+
+    def _ready(self) -> Connection:
+        """The pipe to a running worker: a dead one is reported (once), a missing one
+        started. Called with the lock held."""
+        if self._process is not None and not self._process.is_alive():
+            self._crashed()
+        if self._conn is None:
+            self._start()
+        assert self._conn is not None  # noqa: S101 - set by _start
+        return self._conn
 
     def _cancel(self, conn: Connection) -> None:
         try:

@@ -338,6 +338,13 @@ def _error(openai: bool, status: int, message: str) -> dict[str, Any]:
     return _openai_error(status, message) if openai else {"error": message}
 
 
+def _check_model(body: dict[str, Any], meta: TargetInfo) -> None:
+    """LookupError if an OpenAI request names a model other than the one served."""
+    if body.get("model") not in (None, meta.model):
+        raise LookupError(f"model {body['model']!r} is not served here; this box serves "
+                          f"{meta.model!r}")
+
+
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     """llama.cpp's sampling settings from an OpenAI request; BadRequest names a bad one."""
     out: dict[str, Any] = {}
@@ -448,9 +455,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path in ("/v1/completions", "/v1/chat/completions"):
             if not meta or meta.format != "gguf":
                 raise LookupError("no GGUF model is loaded")
-            if body.get("model") not in (None, meta.model):
-                raise LookupError(f"model {body['model']!r} is not served here; this box "
-                                  f"serves {meta.model!r}")
+            _check_model(body, meta)
             if body.get("n") not in (None, 1):
                 raise BadRequest("n must be 1: one completion per request (send n requests)")
             if self.path == "/v1/completions":
@@ -478,9 +483,7 @@ class _Handler(BaseHTTPRequestHandler):
         meta = self.serving.meta
         if not meta:
             raise LookupError("no model is loaded")
-        if body.get("model") not in (None, meta.model):
-            raise LookupError(f"model {body['model']!r} is not served here; this box "
-                              f"serves {meta.model!r}")
+        _check_model(body, meta)
         if meta.runtime_format != "gguf-embed":
             raise BadRequest(f"{meta.model} is not an embedding model (a {meta.format} "
                              "model that " + ("generates text: use /v1/completions)"
