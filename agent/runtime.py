@@ -143,8 +143,8 @@ class _LlamaModel:
     def __init__(self, path: str, *, embedding: bool = False) -> None:
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=path, n_ctx=512, n_threads=2, seed=0, verbose=False,
-                         embedding=embedding)
+        self.llm = Llama(model_path=path, n_ctx=smoke.GGUF_CONTEXT, n_threads=2, seed=0,
+                         verbose=False, embedding=embedding)
 
     def embed(self, text: str) -> list[float]:
         """The pooled embedding of ``text`` (an encoder GGUF)."""

@@ -411,6 +411,10 @@ def model() -> None:
               help="Quality floor, e.g. cosine>=0.99: a variant below it is refused.")
 @click.option("--metric", default=None, help="The fidelity metric that describes this model "
               "(cosine, top1, iou; default: chosen from its outputs).")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False,
+              path_type=Path), help="GGUF language models: a UTF-8 text (up to 256 KiB) "
+              "to measure perplexity on, source against each variant (default: the smoke "
+              "prompts). A floor can then name it: --min-fidelity perplexity>=0.95.")
 @click.option("--smoke-test", "smoke_file", type=click.Path(exists=True, dir_okay=False,
               path_type=Path), help="JSON: inputs, expected (optional), tolerance, "
               "latency_budget_ms. Without it, the samples (or generated inputs) are used.")
@@ -421,24 +425,15 @@ def model() -> None:
 def model_push(controller: str, token: str | None, file: Path, name: str, version: str,
                samples: tuple[str, ...], declared: tuple[str, ...], variants: str | None,
                no_derive: bool, min_fidelity: str | None, metric: str | None,
-               smoke_file: Path | None, labels: tuple[str, ...], wait: bool,
-               as_json: bool) -> None:
+               text_file: Path | None, smoke_file: Path | None, labels: tuple[str, ...],
+               wait: bool, as_json: bool) -> None:
     """Upload FILE (ONNX or GGUF) as NAME@VERSION; it is validated and signed, then run
     on sample inputs, and its derived variants are built and compared in the
     background."""
     body: dict[str, Any] = {"labels": parse_labels(labels), "derive": not no_derive,
-                            "inputs": _declarations(declared)}
-    if variants is not None:
-        body["variants"] = [v.strip() for v in variants.split(",") if v.strip()]
-    if min_fidelity is not None:
-        body["min_fidelity"] = min_fidelity
-    if metric is not None:
-        body["metric"] = metric
-    if smoke_file is not None:
-        try:
-            body["smoke_test"] = json.loads(smoke_file.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise click.BadParameter(f"{smoke_file} is not JSON: {exc}") from None
+                            "inputs": _declarations(declared),
+                            **_push_options(variants, min_fidelity, metric, text_file,
+                                            smoke_file)}
     api = make_api(controller, token)
     if samples:
         body["samples"] = _upload_samples(api, samples, quiet=as_json)
@@ -458,6 +453,29 @@ def model_push(controller: str, token: str | None, file: Path, name: str, versio
             console.print(f"[yellow]{refused['name']} not offered:[/] {refused['reason']}")
     if out["status"] == "failed":
         sys.exit(1)
+
+
+def _push_options(variants: str | None, min_fidelity: str | None, metric: str | None,
+                  text_file: Path | None, smoke_file: Path | None) -> dict[str, Any]:
+    """The push's optional fields, as given."""
+    body: dict[str, Any] = {}
+    if variants is not None:
+        body["variants"] = [v.strip() for v in variants.split(",") if v.strip()]
+    if min_fidelity is not None:
+        body["min_fidelity"] = min_fidelity
+    if metric is not None:
+        body["metric"] = metric
+    if text_file is not None:
+        try:
+            body["text"] = text_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise click.BadParameter(f"{text_file} is not UTF-8 text: {exc}") from None
+    if smoke_file is not None:
+        try:
+            body["smoke_test"] = json.loads(smoke_file.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"{smoke_file} is not JSON: {exc}") from None
+    return body
 
 
 @contextlib.contextmanager

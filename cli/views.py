@@ -89,7 +89,8 @@ def versions_table(versions: list[dict[str, Any]]) -> Table:
 
 
 def comparison_text(c: dict[str, Any] | None) -> str:
-    """``27% size, cosine 0.998, 0.6x time`` for a derived variant; ``-`` for a source."""
+    """``27% size, cosine 0.998, 0.6x time`` for a derived variant (and ``perplexity
+    27.1->27.4`` for a language model); ``-`` for a source."""
     if not c or "size_ratio" not in c:
         return "-"
     parts = [f"{c['size_ratio']:.0%} size"]
@@ -97,6 +98,8 @@ def comparison_text(c: dict[str, Any] | None) -> str:
     figure = (c.get("fidelity") or {}).get(metric)
     if figure is not None:
         parts.append(f"{metric} {figure:.3f}")
+    if ppl := c.get("perplexity"):
+        parts.append(f"perplexity {ppl['source']:.4g}->{ppl['variant']:.4g}")
     ms = c.get("latency_ms") or {}
     if ms.get("source"):
         parts.append(f"{ms['variant'] / ms['source']:.2g}x time")

@@ -33,6 +33,8 @@ MAX_BYTES = 256 << 20
 DEFAULT_TOLERANCE = {"onnx": 1e-3, "gguf": 0.25, "embed": 1e-3}
 DEFAULT_LATENCY_BUDGET_MS = {"onnx": 1000.0, "gguf": 30000.0}
 DEFAULT_PROMPTS = ["The quick brown fox", "Edge devices run models"]
+#: the context llama.cpp models run with, on the device and when the controller measures them
+GGUF_CONTEXT = 512
 GENERATED_INPUTS = 8
 #: numpy dtypes of the ONNX input types smoke tests (and the local API) accept
 ONNX_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64",

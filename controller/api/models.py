@@ -58,6 +58,10 @@ class VersionIn(BaseModel):
     metric: Annotated[str | None, Field(max_length=32, description="the fidelity metric "
                                         "that describes this model (default: from outputs)")] \
         = None
+    text: Annotated[str | None, Field(
+        min_length=1, max_length=256 << 10, description="text a GGUF language model's "
+        "perplexity is measured on, source against each variant (default: the smoke "
+        "prompts)")] = None
 
 
 class VersionOut(BaseModel):
@@ -147,7 +151,8 @@ def create_version(name: str, version: str, body: VersionIn, rt: Rt,
             info, declared=body.inputs, variants=body.variants, derive=body.derive,
             floor=body.min_fidelity, metric=body.metric,
             samples=None if samples is None else read_samples(samples.path.read_bytes()),
-            smoke_inputs=body.smoke_test is not None and body.smoke_test.inputs is not None)
+            smoke_inputs=body.smoke_test is not None and body.smoke_test.inputs is not None,
+            text=body.text)
         with transaction(rt.session_factory) as session:
             row = service.register_version(
                 session, name=name, version=version, blob=blob, info=info, now=rt.clock(),

@@ -6,7 +6,8 @@ the job. It reads a JSON spec from the file named by its argument::
 
     {"format": "onnx" | "gguf", "quantization": ..., "source": path, "workdir": path,
      "smoke_test": {...} | null, "samples": path | null, "inputs": {name: spec},
-     "variants": [names] | null, "floor": {metric: minimum}, "metric": name | null}
+     "variants": [names] | null, "floor": {metric: minimum}, "metric": name | null,
+     "text": str | null}
 
 and writes JSON lines on stdout as it goes:
 
@@ -29,7 +30,6 @@ does, with what this writes.
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,7 +77,7 @@ def derive(spec: dict[str, Any], emit: Emit) -> None:
         _OnnxJob(source, workdir, test, spec, floor, emit).run(list(wanted))
     else:
         _derive_gguf(source, workdir, test, emit, list(wanted), floor,
-                     embedding=bool(spec.get("embedding")))
+                     embedding=bool(spec.get("embedding")), text=spec.get("text"))
     emit(result={})
 
 
@@ -245,9 +245,12 @@ def _jsonable(feed: dict[str, Any]) -> dict[str, Any]:
 # -- GGUF -------------------------------------------------------------------------------
 
 def _derive_gguf(source: Path, workdir: Path, test: smoke.SmokeTest, emit: Emit,
-                 wanted: list[str], floor: dict[str, float], *, embedding: bool) -> None:
+                 wanted: list[str], floor: dict[str, float], *, embedding: bool,
+                 text: str | None) -> None:
     """Quantise with llama.cpp; compare generated tokens (or, for an encoder, embeddings)
-    with the source's on the smoke prompts."""
+    with the source's on the smoke prompts, and a generator's perplexity on the pusher's
+    text (else on the prompts) with the source's. Every model runs in a process of its
+    own, whose peak memory is the variant's."""
     try:
         import llama_cpp
     except ImportError:
@@ -258,14 +261,25 @@ def _derive_gguf(source: Path, workdir: Path, test: smoke.SmokeTest, emit: Emit,
     if not all(isinstance(p, str) for p in prompts):
         raise DeriveError("smoke-test inputs of a GGUF model are prompts (strings)")
     kind, metric = ("embed", "cosine") if embedding else ("generate", "token_agreement")
+    spec = workdir / "prompts.json"
+    spec.write_text(json.dumps({"prompts": prompts, "max_tokens": test.max_tokens,
+                                "embedding": embedding}))
+    corpus = workdir / "text.txt"
+    corpus.write_text(text if text else "\n".join(prompts))  # type: ignore[arg-type]
     emit(progress=0.05, message=f"running the source model on {len(prompts)} prompts")
-    outputs, source_ms = _run_gguf(source, prompts, test.max_tokens,  # type: ignore[arg-type]
-                                   embedding=embedding)
+    try:
+        ran = measure.gguf(source, spec)
+        source_ppl = None if embedding else measure.perplexity(source, corpus)
+    except measure.MeasureError as exc:
+        raise DeriveError(f"the model cannot run on its prompts: {exc}") from None
+    outputs = ran["outputs"]
     completed = _completed(test, "gguf", list(prompts), outputs, generated=test.inputs is None,
                            kind=kind)
     emit(source={"smoke_test": _summary(completed),
                  "smoke_path": _write_smoke(workdir, "source", completed, outputs),
-                 "ram_bytes": None, "metric": metric, "inputs": len(prompts)})
+                 "ram_bytes": ran["peak_rss_bytes"], "metric": metric, "inputs": len(prompts),
+                 **({"perplexity": source_ppl | {"text": "given" if text else "prompts"}}
+                    if source_ppl else {})})
     for step, name in enumerate(wanted):
         emit(progress=0.2 + 0.8 * step / max(1, len(wanted)), message=f"quantising to {name}")
         out = workdir / f"{name}.gguf"
@@ -277,43 +291,37 @@ def _derive_gguf(source: Path, workdir: Path, test: smoke.SmokeTest, emit: Emit,
             emit(refused={"name": name, "reason": f"llama.cpp could not quantise to {name} "
                           f"(code {rc})", "comparison": None})
             continue
-        got, q_ms = _run_gguf(out, prompts, test.max_tokens,  # type: ignore[arg-type]
-                              embedding=embedding)
+        try:
+            got = measure.gguf(out, spec)
+            ppl = None if source_ppl is None else measure.perplexity(out, corpus)
+        except measure.MeasureError as exc:
+            emit(refused={"name": name, "reason": str(exc), "comparison": None})
+            continue
         similar = smoke.cosine if embedding else smoke.token_agreement
-        figure = round(statistics.fmean(similar(q, s) for q, s in zip(got, outputs,
-                                                                      strict=True)), 6)
+        figures = {metric: round(statistics.fmean(
+            similar(q, s) for q, s in zip(got["outputs"], outputs, strict=True)), 6)}
         comparison: dict[str, Any] = {
             "size_ratio": round(out.stat().st_size / source.stat().st_size, 4),
-            "fidelity": {metric: figure}, "metric": metric, "inputs": len(prompts),
-            "latency_ms": {"source": source_ms, "variant": q_ms}}
+            "fidelity": figures, "metric": metric, "inputs": len(prompts),
+            "latency_ms": {"source": ran["latency_ms"], "variant": got["latency_ms"]},
+            "ram_bytes": got["peak_rss_bytes"]}
+        if ppl is not None and source_ppl is not None:
+            # a similarity like the others: 1.0 when the variant is as sure of the text
+            figures["perplexity"] = round(min(1.0, source_ppl["perplexity"]
+                                              / ppl["perplexity"]), 6)
+            comparison["perplexity"] = {"source": source_ppl["perplexity"],
+                                        "variant": ppl["perplexity"], "tokens": ppl["tokens"],
+                                        "text": "given" if text else "prompts"}
         why = ("it is not smaller than the source" if comparison["size_ratio"] >= 1.0
-               else fidelity.below_floor(comparison["fidelity"], floor))
+               else fidelity.below_floor(figures, floor))
         if why:
             emit(refused={"name": name, "reason": why, "comparison": comparison})
             continue
-        if not floor and (warning := fidelity.poor(comparison["fidelity"], metric)):
+        if not floor and (warning := fidelity.poor(figures, metric)):
             comparison["warning"] = warning
         emit(variant={"name": name, "path": str(out), "quantization": name,
-                      "smoke_path": _write_smoke(workdir, name, completed, got),
-                      "comparison": comparison, "ram_bytes": None})
-
-
-def _run_gguf(model: Path, prompts: list[str], max_tokens: int, *, embedding: bool
-              ) -> tuple[list[Any], float]:
-    """Greedy token ids (or embeddings) for each prompt, and the median ms per prompt."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(model), n_ctx=512, n_threads=2, seed=0, verbose=False,
-                embedding=embedding)
-    out: list[Any] = []
-    times = []
-    for prompt in prompts:
-        started = time.perf_counter()
-        out.append([float(v) for v in llm.embed(prompt)] if embedding
-                   else smoke.greedy_tokens(llm, prompt, max_tokens))
-        times.append((time.perf_counter() - started) * 1000)
-    llm.close()
-    return out, round(statistics.median(times), 3)
+                      "smoke_path": _write_smoke(workdir, name, completed, got["outputs"]),
+                      "comparison": comparison, "ram_bytes": got["peak_rss_bytes"]})
 
 
 # -- both -------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ is loaded here. Each metric is a similarity in [0, 1] (1 = the same answers):
 - ``iou``: intersection over union of the maps thresholded at 0.5 for probabilities and
   at 0 for logits (segmentation and detection maps ``[N, C, H, W]``, ``[N, H, W]``).
 - ``token_agreement``: per-position agreement of generated token ids (GGUF).
+- ``perplexity``: the source's perplexity on a text over the variant's, at most 1 (0.95:
+  the variant is 5% less sure of the text than its source; GGUF generators).
 
 A model with several outputs is judged by its worst output. The metric that describes a
 model best (its *primary* metric) is chosen from the first output's name and shape
@@ -24,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-METRICS = ("cosine", "top1", "iou", "token_agreement")
+METRICS = ("cosine", "top1", "iou", "token_agreement", "perplexity")
 ONNX_METRICS = ("cosine", "top1", "iou")
 #: below this, a variant without a floor is still offered but flagged as poor
-POOR = {"cosine": 0.98, "top1": 0.9, "iou": 0.7, "token_agreement": 0.5}
+POOR = {"cosine": 0.98, "top1": 0.9, "iou": 0.7, "token_agreement": 0.5, "perplexity": 0.9}
 
 _FLOOR = re.compile(r"^\s*([a-z_0-9]+)\s*>=\s*([0-9]*\.?[0-9]+)\s*$")
 _EMBEDDING_NAMES = re.compile(r"embed|pool|sentence|feature|hidden|vector", re.IGNORECASE)

@@ -239,7 +239,8 @@ def _store_source(session: Session, version: ModelVersion, done: dict[str, Any],
         return
     version.smoke_test = done["smoke_test"]
     source.smoke_sha256, source.smoke_size = test.sha256, test.size
-    source.comparison = {"metric": done["metric"], "inputs": done["inputs"]}
+    source.comparison = {"metric": done["metric"], "inputs": done["inputs"]} | (
+        {"perplexity": done["perplexity"]} if done.get("perplexity") else {})
     if done.get("ram_bytes"):
         source.ram_estimate_bytes, source.ram_measured = int(done["ram_bytes"]), True
 

@@ -22,7 +22,7 @@ from controller.registry.service import RegistryError
 def derive_options(info: ArtifactInfo, *, declared: Mapping[str, str],
                    variants: list[str] | None, derive: bool, floor: str | None,
                    metric: str | None, samples: list[dict[str, np.ndarray]] | None,
-                   smoke_inputs: bool) -> dict[str, Any]:
+                   smoke_inputs: bool, text: str | None = None) -> dict[str, Any]:
     """The version's ``derive_options``; raises RegistryError(422) naming the problem."""
     if not derive:
         if variants:
@@ -40,7 +40,12 @@ def derive_options(info: ArtifactInfo, *, declared: Mapping[str, str],
     elif declared or samples:
         raise RegistryError(422, "invalid_samples", "GGUF versions take prompts as their "
                             "smoke-test inputs, not tensors")
+    if text is not None and (info.format != "gguf" or info.requirements.get("gguf_embedding")):
+        raise RegistryError(422, "invalid_text", "a text to measure perplexity on is for GGUF "
+                            "language models; this model is not one")
     out: dict[str, Any] = {"floor": parsed_floor, "metric": metric}
+    if text is not None:
+        out["text"] = text
     if declared:
         out["inputs"] = dict(declared)
     if variants is not None:
@@ -58,7 +63,8 @@ def _floor(info: ArtifactInfo, floor: str | None, metric: str | None) -> dict[st
     except ValueError as exc:
         raise RegistryError(422, "invalid_floor", str(exc)) from None
     allowed = fidelity.ONNX_METRICS if info.format == "onnx" else (
-        ("cosine",) if info.requirements.get("gguf_embedding") else ("token_agreement",))
+        ("cosine",) if info.requirements.get("gguf_embedding")
+        else ("token_agreement", "perplexity"))
     for name in [*parsed, *([metric] if metric else [])]:
         if name not in allowed:
             raise RegistryError(422, "unknown_metric", f"{name!r} is not a fidelity metric of "

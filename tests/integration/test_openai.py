@@ -129,3 +129,34 @@ def test_embeddings_of_an_encoder_gguf_have_its_dimension_and_repeat_exactly(
         api.embeddings.create(model="minilm", input=[])
     with pytest.raises(openai.NotFoundError):
         api.embeddings.create(model="gpt-4", input="x")
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_phi3", "tiny_gemma"])
+def test_qwen2_phi3_and_gemma_ggufs_are_served_as_llama_cpp_runs_them(
+        start_controller, spawn, tmp_path: Path, name: str) -> None:
+    """Small models of each architecture, trained here and converted by llama.cpp's own
+    converter, pushed with their derived variants (so the registry built and signed
+    them), installed on a real agent and asked through the openai client: the same
+    greedy text as llama-cpp-python on the same file, streamed or not."""
+    llama = llama_cpp()
+    entry = corpus.build(name)
+    controller = start_controller()
+    shown = push(controller, tmp_path, corpus.ref(entry), "1.0.0", entry.path.read_bytes(),
+                 entry.path.name, smoke_test={"inputs": list(entry.prompts)},
+                 text=entry.text)
+    assert shown["status"] == "ready", shown
+    assert {v["name"] for v in shown["variants"]} == {"source", "q8_0", "q4_k_m"}
+    device_id, local, _agent = enrolled_agent(controller, spawn, tmp_path)
+    ref = corpus.ref(entry)
+    assert pin(controller, device_id, f"{ref}@1.0.0")["state"] == "committed"
+    api = openai.OpenAI(base_url=f"{local}/v1", api_key="unused", max_retries=0)
+    bare = llama.Llama(model_path=str(entry.path), n_ctx=512, n_threads=2, seed=0,
+                       verbose=False)
+    for prompt in entry.prompts[:3]:
+        want = bare.create_completion(prompt, max_tokens=16, temperature=0)
+        whole = api.completions.create(model=ref, prompt=prompt, max_tokens=16, temperature=0)
+        chunks = list(api.completions.create(model=ref, prompt=prompt, max_tokens=16,
+                                             temperature=0, stream=True))
+        assert whole.choices[0].text == want["choices"][0]["text"]
+        assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+        assert whole.usage.completion_tokens == want["usage"]["completion_tokens"]

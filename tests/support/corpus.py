@@ -44,6 +44,10 @@ class Entry:
     extra: tuple[Path, ...] = ()
     #: a GGUF model's smoke prompts (texts an encoder embeds)
     prompts: tuple[str, ...] = ()
+    #: the text a language model's perplexity is measured on
+    text: str | None = None
+    #: a GGUF's architecture, as llama.cpp names it
+    architecture: str | None = None
 
 
 def torch_mod() -> Any:
@@ -93,6 +97,7 @@ def build(name: str) -> Entry:
     return Entry(name=name, path=out / info["file"], samples=samples,
                  declared=info.get("declared", {}), metric=info.get("metric", "cosine"),
                  push_metric=info.get("push_metric"), prompts=tuple(info.get("prompts", [])),
+                 text=info.get("text"), architecture=info.get("architecture"),
                  extra=tuple(out / f for f in info.get("extra", [])))
 
 
@@ -117,6 +122,8 @@ def push(client: Any, entry: Entry, version: str, tmp: Path, **body: Any) -> Any
     model = upload(path.read_bytes(), filename=path.name)
     if entry.prompts:
         body.setdefault("smoke_test", {"inputs": list(entry.prompts)})
+    if entry.text:
+        body.setdefault("text", entry.text)
     if entry.samples and "inputs" not in body:
         body["samples"] = upload(write_samples(entry.samples), kind="samples")
     if entry.push_metric:
@@ -585,17 +592,52 @@ def _training_text() -> str:
     return "\n".join(SENTENCES + [d.strip() for d in docs if len(d) > 80])
 
 
-def _tiny_llama(out: Path) -> dict[str, Any]:
-    """A small llama trained here on real prose for a few hundred steps (so greedy tokens
-    mean something), with a sentencepiece tokenizer that has all 256 byte tokens, saved
-    as a Hugging Face model and converted to an f16 GGUF by convert_hf_to_gguf.py."""
+def _held_out_text() -> str:
+    """Prose none of the language models trained on (the docstrings of other modules):
+    what their perplexity is measured on."""
+    import shutil
+    import socket
+    import tarfile
+    import zipfile
+
+    modules = (shutil, socket, tarfile, zipfile)
+    docs = [obj.__doc__ or "" for m in modules for obj in vars(m).values()
+            if callable(obj) and getattr(obj, "__module__", None) == m.__name__]
+    return "\n".join(d.strip() for d in docs if len(d) > 80)[:6000]
+
+
+#: the small language models: a transformers config class and its arguments. Besides
+#: llama, the architectures edge boxes run most (Qwen2 with biases and grouped-query
+#: attention, Phi-3 with fused projections, Gemma with tied embeddings and one KV head)
+LANGUAGE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {"hidden_size": 256, "intermediate_size": 512,
+                              "num_attention_heads": 4, "num_key_value_heads": 4,
+                              "tie_word_embeddings": False}),
+    "qwen2": ("Qwen2Config", {"hidden_size": 128, "intermediate_size": 256,
+                              "num_attention_heads": 4, "num_key_value_heads": 2,
+                              "tie_word_embeddings": True}),
+    "phi3": ("Phi3Config", {"hidden_size": 128, "intermediate_size": 256,
+                            "num_attention_heads": 4, "num_key_value_heads": 4,
+                            "original_max_position_embeddings": 512, "pad_token_id": 0,
+                            "tie_word_embeddings": False}),
+    "gemma": ("GemmaConfig", {"hidden_size": 128, "intermediate_size": 256,
+                              "num_attention_heads": 4, "num_key_value_heads": 1,
+                              "head_dim": 32}),
+}
+
+
+def _tiny_lm(out: Path, arch: str, *, steps: int = 300) -> dict[str, Any]:
+    """A small language model of ``arch`` trained here on real prose for a few hundred
+    steps (so greedy tokens and perplexity mean something), with a sentencepiece
+    tokenizer that has all 256 byte tokens, saved as a Hugging Face model and converted
+    to an f16 GGUF by convert_hf_to_gguf.py."""
     import subprocess
     import sys
 
     torch = torch_mod()
     try:
         import sentencepiece as spm
-        from transformers import LlamaConfig, LlamaForCausalLM
+        import transformers
     except ImportError:
         unavailable("sentencepiece and transformers (the dev extra)")
     hf = out / "hf"
@@ -605,20 +647,21 @@ def _tiny_llama(out: Path) -> dict[str, Any]:
     spm.SentencePieceTrainer.train(
         input=str(out / "text.txt"), model_prefix=str(hf / "tokenizer"), vocab_size=768,
         model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, num_threads=2, minloglevel=2)
+        eos_id=2, pad_id=-1, num_threads=2, minloglevel=2,
+        # as llama's own: text as it is (llama.cpp does not fold spaces or NFKC)
+        normalization_rule_name="identity", remove_extra_whitespaces=False)
     sp = spm.SentencePieceProcessor(model_file=str(hf / "tokenizer.model"))
     ids = torch.tensor(sp.encode(text), dtype=torch.long)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=sp.get_piece_size(), hidden_size=256,
-                         intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=512,
-                         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
-                         eos_token_id=2)
-    model = LlamaForCausalLM(config)
+    config_class, options = LANGUAGE_MODELS[arch]
+    config = getattr(transformers, config_class)(
+        vocab_size=sp.get_piece_size(), num_hidden_layers=2, max_position_embeddings=512,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **options)
+    model = transformers.AutoModelForCausalLM.from_config(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     model.train()
-    for _ in range(300):
+    for _ in range(steps):
         starts = torch.randint(0, len(ids) - 65, (16,), generator=gen)
         batch = torch.stack([ids[int(i):int(i) + 65] for i in starts])
         loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
@@ -628,13 +671,14 @@ def _tiny_llama(out: Path) -> dict[str, Any]:
     model.eval()
     model.save_pretrained(str(hf), safe_serialization=True)
     tree = llama_cpp_source()
-    path = out / "tiny-llama-f16.gguf"
+    path = out / f"tiny-{arch}-f16.gguf"
     subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(hf),
                     "--outfile", str(path), "--outtype", "f16"], check=True, timeout=600,
                    capture_output=True, env=os.environ | {"PYTHONPATH": str(tree / "gguf-py")})
     prompts = ["The logging module", "Return a new", "Create a new thread", "The train to",
                "This module provides", "An update was"]
     return {"file": path.name, "metric": "token_agreement", "prompts": prompts,
+            "text": _held_out_text(), "architecture": arch,
             "final_loss": round(float(loss.detach()), 3)}
 
 
@@ -649,5 +693,8 @@ BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "opset21": _opset21,
     "control_flow": _control_flow,
     "minilm_gguf": _minilm_gguf,
-    "tiny_llama": _tiny_llama,
+    "tiny_llama": lambda out: _tiny_lm(out, "llama"),
+    "tiny_qwen2": lambda out: _tiny_lm(out, "qwen2"),
+    "tiny_phi3": lambda out: _tiny_lm(out, "phi3"),
+    "tiny_gemma": lambda out: _tiny_lm(out, "gemma"),
 }

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from controller.api.app import create_app
+from controller.registry import measure
 from controller.registry.derive import SLOWER
 from controller.runtime import Runtime
 from tests.conftest import Backend
@@ -61,7 +62,12 @@ def test_every_corpus_model_registers_and_each_variant_is_offered_or_refused(
     assert source["smoke_test_bytes"] > 0
     assert source["comparison"]["metric"] == entry.metric
     assert source["comparison"]["inputs"] == len(entry.samples or entry.prompts)
-    assert source["ram_measured"] is not gguf  # llama.cpp's memory is still estimated
+    assert source["ram_measured"]  # a process that ran the samples (prompts, for GGUF)
+    if entry.architecture:
+        assert source["requirements"]["gguf_architecture"] == entry.architecture
+    if entry.text:  # a language model: perplexity on the pusher's text, source and variants
+        assert source["comparison"]["perplexity"]["text"] == "given"
+        assert 1.0 < source["comparison"]["perplexity"]["perplexity"] < 768  # its vocabulary
     assert {v["name"] for v in derived} | {r["name"] for r in shown["refused"]} == wanted
     for v in derived:
         c = v["comparison"]
@@ -69,7 +75,10 @@ def test_every_corpus_model_registers_and_each_variant_is_offered_or_refused(
         assert c["metric"] == entry.metric
         assert 0.0 <= c["fidelity"][entry.metric] <= 1.0
         assert c["size_ratio"] < 1.0
-        assert v["ram_measured"] is not gguf
+        assert v["ram_measured"]
+        if entry.text:
+            assert 0.0 < c["fidelity"]["perplexity"] <= 1.0
+            assert c["perplexity"]["tokens"] > 1000
         if v["name"] == "int8":
             assert c["int8_ops"]
             ms = c["latency_ms"]
@@ -182,3 +191,34 @@ def test_derivation_leaves_no_file_in_the_controllers_working_directory(client) 
     # the working directory; the derive worker runs in the job's own directory
     assert not [p.name for p in Path.cwd().iterdir()
                 if p.suffix == ".data" or p.name.startswith("sym_shape_infer")]
+
+
+def test_perplexity_is_what_torch_computes_from_the_model_it_was_converted_from(
+        tmp_path) -> None:
+    """llama.cpp on the converted f16 GGUF (the registry's measure) against the Hugging
+    Face model before conversion, on the same tokens of text neither trained on."""
+    torch = corpus.torch_mod()
+    import sentencepiece
+    import transformers
+
+    entry = corpus.build("tiny_qwen2")
+    hf = entry.path.parent / "hf"
+    text = entry.text[:700]
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(hf / "tokenizer.model"))
+    ids = [1, *tokenizer.encode(text)]
+    assert 100 < len(ids) <= 512  # one window of the context
+    (tmp_path / "text.txt").write_text(text)
+    got = measure.perplexity(entry.path, tmp_path / "text.txt")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf)).eval()
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss
+    assert got["tokens"] == len(ids) - 1
+    assert got["perplexity"] == pytest.approx(float(torch.exp(loss)), rel=0.01)
+
+
+def test_a_text_is_refused_for_a_model_that_is_not_a_language_model(client, tmp_path) -> None:
+    for name in ("minilm", "minilm_gguf"):
+        r = push(client, corpus.build(name), "9.0.0", tmp_path, text="Some text.")
+        assert r.status_code == 422, r.text
+        assert r.json()["code"] == "invalid_text"
+        assert "for GGUF language models" in r.json()["detail"]
