@@ -31,3 +31,24 @@ class AgentMetrics:
         self.installs = Counter("edgefleet_agent_installs",
                                 "Installs that ended, by outcome (committed, failed, "
                                 "rolled_back).", ["state"], registry=self.registry)
+        model = ["model", "version"]
+        self.client_errors = Counter(
+            "edgefleet_agent_client_errors", "Requests answered 4xx: the client's fault "
+            "(bad parameters, unknown model, too large, busy, loading), never counted "
+            "against the model.", model, registry=self.registry)
+        self.load_seconds = Gauge("edgefleet_agent_model_load_seconds",
+                                  "How long the model's worker took to load it.", model,
+                                  registry=self.registry)
+        self.worker_rss = Gauge("edgefleet_agent_model_worker_rss_bytes",
+                                "Resident memory of the model's worker process.", model,
+                                registry=self.registry)
+        self.first_token = Histogram(
+            "edgefleet_agent_time_to_first_token_seconds", "Streamed generations: from the "
+            "request to its first token.", model, buckets=_LATENCY_BUCKETS,
+            registry=self.registry)
+        self.tokens = Counter("edgefleet_agent_generated_tokens", "Tokens generated.", model,
+                              registry=self.registry)
+        self.generation_seconds = Counter(
+            "edgefleet_agent_generation_seconds", "Time spent on the generations counted in "
+            "edgefleet_agent_generated_tokens (tokens/s: the rate of one over the other).",
+            model, registry=self.registry)

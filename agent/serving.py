@@ -64,6 +64,16 @@ class Busy(Exception):
         self.retry_after = retry_after
 
 
+class Loading(Exception):
+    """The model is being loaded (it replaced the one before it): come back in
+    ``retry_after`` seconds."""
+
+    def __init__(self, meta: TargetInfo, retry_after: int) -> None:
+        super().__init__(f"{meta.model} {meta.version} is loading; try again in "
+                         f"{retry_after} s")
+        self.retry_after = retry_after
+
+
 class Serving:
     """The loaded model and its counters (thread-safe)."""
 
@@ -81,6 +91,9 @@ class Serving:
         self._lock = threading.Lock()
         self.worker: ModelWorker | None = None
         self.meta: TargetInfo | None = None
+        #: the model being loaded in place of a stopped one (requests meanwhile: 503)
+        self.loading: TargetInfo | None = None
+        self.load_seconds = 0.0
         self.count = 0
         self.errors = 0
         self._latencies: deque[float] = deque(maxlen=1000)
@@ -95,15 +108,23 @@ class Serving:
         The running model serves until the new one is loaded, unless ``replace``: then it
         is stopped first, to make room (requests fail until the new one is up)."""
         new = meta = test = None
-        if replace:
-            self._unload()
         if model_dir is not None:
             meta = read_meta(model_dir)
             if (model_dir / SMOKE_FILE).exists():
                 test = smoke.decode((model_dir / SMOKE_FILE).read_bytes())
-            new = self._worker(next(model_dir.glob("model.*")), meta.runtime_format,
-                               memory_limit=self._memory_limit)
-            new.start()
+        if replace:
+            self._unload(loading=meta)
+        try:
+            if model_dir is not None and meta is not None:
+                started = self._clock()
+                new = self._worker(next(model_dir.glob("model.*")), meta.runtime_format,
+                                   memory_limit=self._memory_limit)
+                new.start()
+                self.load_seconds = self._clock() - started
+                self.metrics.load_seconds.labels(meta.model, meta.version).set(
+                    self.load_seconds)
+        finally:
+            self.loading = None
         with self._lock:  # the figures in health reports are the active model's own
             old, self.worker, self.meta = self.worker, new, meta
             self.count = self.errors = self.probes = self.probe_errors = 0
@@ -113,9 +134,11 @@ class Serving:
         if old is not None:
             old.stop()
 
-    def _unload(self) -> None:
+    def _unload(self, *, loading: TargetInfo | None = None) -> None:
         with self._lock:
-            old, self.worker = self.worker, None
+            old, self.worker, self.loading = self.worker, None, loading
+            if loading is not None:
+                self.meta = None
         if old is not None:
             old.stop()
 
@@ -129,12 +152,49 @@ class Serving:
         with self._counted():
             return worker.call(op, **args)
 
+    def generate(self, op: str, **args: Any) -> Any:
+        """A completion (``complete`` or ``chat``), counted with the tokens it made."""
+        started = self._clock()
+        out = self.call(op, **args)
+        self._generated((out.get("usage") or {}).get("completion_tokens") or 0, started)
+        return out
+
     def stream(self, op: str, **args: Any) -> Generator[Any, None, None]:
         """``op``'s chunks as the worker makes them; counted as one request (its latency:
-        to the last chunk). Closing it early cancels the generation, counted as served."""
+        to the last chunk), with its time to the first token and its tokens (a chunk
+        each). Closing it early cancels the generation, counted as served."""
         worker = self._active()
-        with self._admitted(), self._counted():
-            yield from worker.stream(op, **args)
+        started, tokens, meta = self._clock(), 0, self.meta
+        try:
+            with self._admitted(), self._counted():
+                for n, chunk in enumerate(worker.stream(op, **args)):
+                    if n == 0 and meta:
+                        self.metrics.first_token.labels(meta.model, meta.version).observe(
+                            self._clock() - started)
+                    tokens += _has_text(chunk)
+                    yield chunk
+        finally:
+            self._generated(tokens, started)
+
+    def _generated(self, tokens: int, started: float) -> None:
+        meta = self.meta
+        if meta and tokens:
+            self.metrics.tokens.labels(meta.model, meta.version).inc(tokens)
+            self.metrics.generation_seconds.labels(meta.model, meta.version).inc(
+                self._clock() - started)
+
+    def collect(self) -> None:
+        """Set the gauges read at scrape time (the worker's memory)."""
+        meta, rss = self.meta, self.worker_rss()
+        self.metrics.worker_rss.clear()
+        if meta and rss is not None:
+            self.metrics.worker_rss.labels(meta.model, meta.version).set(rss)
+
+    def client_error(self) -> None:
+        """Count a request refused as its client's fault (never the model's)."""
+        meta = self.meta or self.loading
+        labels = (meta.model, meta.version) if meta else ("none", "none")
+        self.metrics.client_errors.labels(*labels).inc()
 
     @contextmanager
     def _admitted(self) -> Iterator[None]:
@@ -157,7 +217,9 @@ class Serving:
                 self.metrics.queued.set(max(0, self._in_flight - 1))
 
     def _active(self) -> ModelWorker:
-        worker = self.worker
+        worker, loading = self.worker, self.loading
+        if worker is None and loading is not None:
+            raise Loading(loading, self.retry_after_loading())
         if worker is None:
             raise LookupError("no model is active")
         return worker
@@ -268,6 +330,16 @@ class Serving:
                 "probe_latency_p95_ms": _quantile(probed, 0.95),
                 "active_model": meta.ref if meta else None, "model_rss_bytes": self.worker_rss()}
 
+    def not_loading(self) -> None:
+        """Raise Loading while a model loads in place of the one it replaced."""
+        loading = self.loading
+        if loading is not None:
+            raise Loading(loading, self.retry_after_loading())
+
+    def retry_after_loading(self) -> int:
+        """Seconds until a loading model is likely up: its last load took as long."""
+        return max(1, math.ceil(self.load_seconds or 5.0))
+
     def worker_rss(self) -> int | None:
         """Resident memory of the model worker process (None: none is running)."""
         worker = self.worker
@@ -280,6 +352,15 @@ class Serving:
             return int(psutil.Process(pid).memory_info().rss)
         except psutil.Error:
             return None
+
+
+def _has_text(chunk: Any) -> int:
+    """1 if a streamed completion or chat chunk carries generated text (a token)."""
+    try:
+        choice = chunk["choices"][0]
+    except (KeyError, IndexError, TypeError):
+        return 0
+    return int(bool(choice.get("text") or (choice.get("delta") or {}).get("content")))
 
 
 def _quantile(ordered: list[float], q: float) -> float | None:
@@ -324,7 +405,8 @@ class LocalApi:
 _OPENAI = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 _MODEL = re.compile(r"^/v1/models/([^/]+)$")
 _OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413:
-                 "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+                 "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+                 503: "server_error"}
 
 
 def _openai_error(status: int, message: str) -> dict[str, Any]:
@@ -382,6 +464,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/metrics":
+            self.serving.collect()
             data = generate_latest(self.serving.metrics.registry)
             self.send_response(200)
             self.send_header("Content-Type", CONTENT_TYPE_LATEST)
@@ -427,9 +510,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {}
         try:
             status, out = self._route(body)
-        except Busy as exc:
-            status, out = 429, _error(openai, 429, str(exc))
-            headers = {"Retry-After": str(exc.retry_after)}
+        except (Busy, Loading) as exc:
+            status = 429 if isinstance(exc, Busy) else 503
+            out, headers = _error(openai, status, str(exc)), {"Retry-After": str(exc.retry_after)}
         except BadRequest as exc:
             status, out = 400, _error(openai, 400, str(exc))
         except LookupError as exc:
@@ -441,6 +524,7 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
     def _route(self, body: dict[str, Any]) -> tuple[int, Any]:
+        self.serving.not_loading()
         meta = self.serving.meta
         match = _INFER.match(self.path)
         if match:
@@ -474,7 +558,7 @@ class _Handler(BaseHTTPRequestHandler):
             if body.get("stream") is True:
                 self._sse(meta, self.serving.stream(op, **args))
                 return 0, None
-            out = self.serving.call(op, **args)
+            out = self.serving.generate(op, **args)
             return 200, out | {"model": meta.model}
         raise LookupError(f"no route {self.path}")
 
@@ -550,14 +634,16 @@ class _Handler(BaseHTTPRequestHandler):
         match = _INFER_V2.match(self.path)
         assert match is not None  # noqa: S101 - routed here by it
         try:
+            self.serving.not_loading()
             meta = self._onnx_model(match.group(1))
             request = kserve.parse(raw, self.headers.get(kserve.HEADER))
             outputs = self.serving.call("infer_raw", inputs=request.inputs)
             data, header = kserve.response(meta.model, meta.version, outputs,
                                            binary=request.binary_outputs,
                                            request_id=request.id)
-        except Busy as exc:
-            return self._send(429, {"error": str(exc)}, {"Retry-After": str(exc.retry_after)})
+        except (Busy, Loading) as exc:
+            return self._send(429 if isinstance(exc, Busy) else 503, {"error": str(exc)},
+                              {"Retry-After": str(exc.retry_after)})
         except (kserve.ProtocolError, BadRequest) as exc:
             return self._send(400, {"error": str(exc)})
         except LookupError as exc:
@@ -573,6 +659,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_bytes(self, status: int, data: bytes, content_type: str,
                     headers: dict[str, str]) -> None:
+        if 400 <= status < 500 and self.command == "POST":
+            self.serving.client_error()
         self.send_response(status, HTTPStatus(status).phrase)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))

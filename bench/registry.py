@@ -6,7 +6,8 @@ it and derives int8 and fp16 variants. Per model and variant: push time (upload,
 validation, registration), derive time (until the job finished), size against the
 source, fidelity on the pusher's samples (the model's primary metric), latency on this
 machine beside the fp32 source (bare onnxruntime, timed in turns in one process), peak
-RSS of a process that ran the samples, or the reason it was refused.
+RSS of a process that ran the samples (prompts, for GGUF), a language model's perplexity
+on text none of them trained on, or the reason it was refused.
 
     python bench/registry.py [--models minilm,convnet] [--variants int8,fp16]
 
@@ -60,7 +61,8 @@ def bench_model(client: Any, name: str, variants: list[str], tmp: Path) -> dict[
                  (v["comparison"] or {}).get("metric")),
              "latency_ms": (v["comparison"] or {}).get("latency_ms"),
              "ram_mib": round(v["ram_estimate_bytes"] / 2**20, 1),
-             "ram_measured": v["ram_measured"], "method": (v["comparison"] or {}).get("method")}
+             "ram_measured": v["ram_measured"], "method": (v["comparison"] or {}).get("method"),
+             "perplexity": (v["comparison"] or {}).get("perplexity")}
             for v in version["variants"]]
     rows += [{"variant": r["name"], "refused": r["reason"]} for r in version["refused"]]
     return {"model": name, "status": version["status"], "source_bytes": source["size"],
@@ -70,7 +72,7 @@ def bench_model(client: Any, name: str, variants: list[str], tmp: Path) -> dict[
 
 def report(results: dict[str, Any]) -> None:
     print(f"{'model':17} {'variant':13} {'bytes':>11} {'size':>5} {'fidelity':>16} "
-          f"{'ms src/var':>13} {'RAM MiB':>8}  push/derive s")
+          f"{'ms src/var':>13} {'RAM MiB':>8} {'perplexity':>11}  push/derive s")
     for m in results["models"]:
         first = True
         for v in m["variants"]:
@@ -83,8 +85,11 @@ def report(results: dict[str, Any]) -> None:
             ms = v["latency_ms"] or {}
             lat = f"{ms['source']:.3g}/{ms['variant']:.3g}" if ms else "-"
             fid = f"{v['metric']} {v['fidelity']:.4f}" if v["fidelity"] is not None else "-"
+            ppl = v.get("perplexity") or {}
+            ppl_text = f"{ppl['variant']:.4g}" if "variant" in ppl else (
+                f"{ppl['perplexity']:.4g}" if ppl else "-")
             print(f"{lead} {v['variant']:13} {v['bytes']:>11,} {v['size_ratio']:>5.0%} "
-                  f"{fid:>16} {lat:>13} {v['ram_mib']:>8}{timing}")
+                  f"{fid:>16} {lat:>13} {v['ram_mib']:>8} {ppl_text:>11}{timing}")
     out = ROOT / "bench" / "results" / "registry.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -84,3 +84,48 @@ def test_a_full_queue_answers_429_with_retry_after_and_the_queued_are_served(api
     assert serving.metrics.registry.get_sample_value("edgefleet_agent_requests_refused_total") \
         == 2
     assert serving.count == 2  # the refused are not requests the model answered
+
+
+class SlowLoadingWorker(HeldWorker):
+    """A worker (our own interface) whose load waits until ``loaded`` is set."""
+
+    loaded = threading.Event()
+
+    def start(self) -> None:
+        assert SlowLoadingWorker.loaded.wait(30)
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        self.release.set()
+        return super().call(op, **args)
+
+
+def test_while_a_model_loads_in_place_of_another_requests_get_503_with_retry_after(
+        tmp_path: Path) -> None:
+    (tmp_path / "model.gguf").write_bytes(b"")
+    (tmp_path / "meta.json").write_text(TargetInfo(
+        model="llm", version="2.0.0", variant="q8_0", format="gguf",
+        quantization="q8_0").model_dump_json())
+    serving = Serving(worker=SlowLoadingWorker)  # type: ignore[arg-type]
+    SlowLoadingWorker.loaded.set()
+    serving.activate(tmp_path)
+    local = LocalApi(serving, "127.0.0.1", 0)
+    local.start()
+    base = f"http://127.0.0.1:{local.port}"
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    SlowLoadingWorker.loaded.clear()
+    replacing = threading.Thread(target=serving.activate, args=(tmp_path,),
+                                 kwargs={"replace": True})
+    replacing.start()
+    try:
+        wait_for(lambda: serving.loading is not None, 10, "the new model to be loading")
+        with pytest.raises(openai.InternalServerError, match=r"llm 2\.0\.0 is loading") as got:
+            client.completions.create(model="llm", prompt="x")
+        assert got.value.status_code == 503
+        assert int(got.value.response.headers["Retry-After"]) >= 1
+        SlowLoadingWorker.loaded.set()
+        replacing.join(10)
+        assert client.completions.create(model="llm", prompt="x").choices[0].text == "ok"
+    finally:
+        SlowLoadingWorker.loaded.set()
+        serving.activate(None)
+        local.stop()

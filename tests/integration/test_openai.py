@@ -83,9 +83,26 @@ def test_bad_requests_are_4xx_in_openais_shape_and_not_counted_against_the_model
         with pytest.raises(openai.BadRequestError, match="exceed context window"):
             list(api.completions.create(model="tiny-llama", prompt="word " * 600,
                                         max_tokens=2, stream=stream) or [])
-    errors = [s.value for f in text_string_to_metric_families(_metrics(local))
-              for s in f.samples if s.name == "edgefleet_agent_inference_errors_total"]
-    assert not any(errors), errors  # the model's own error count, which gates read
+    metrics = _samples(local)
+    assert not metrics.get("edgefleet_agent_inference_errors_total")  # what gates read
+    # 5 bad bodies, the unknown model, n=2, bad messages, and the prompt over the
+    # context twice: each counted as the client's
+    assert metrics["edgefleet_agent_client_errors_total"] == 10
+
+
+def test_metrics_say_per_model_load_time_memory_first_token_and_tokens(client) -> None:
+    api, local = client
+    whole = api.completions.create(model="tiny-llama", prompt="The quick", max_tokens=8,
+                                   temperature=0)
+    streamed = list(api.completions.create(model="tiny-llama", prompt="The quick",
+                                           max_tokens=8, temperature=0, stream=True))
+    metrics = _samples(local, model="tiny-llama")
+    assert metrics["edgefleet_agent_time_to_first_token_seconds_count"] == 1  # the stream
+    assert metrics["edgefleet_agent_generated_tokens_total"] == whole.usage.completion_tokens + sum(
+        bool(c.choices[0].text) for c in streamed)
+    assert metrics["edgefleet_agent_generation_seconds_total"] > 0
+    assert 0 < metrics["edgefleet_agent_model_load_seconds"] < 120
+    assert metrics["edgefleet_agent_model_worker_rss_bytes"] > 10 << 20
 
 
 def test_models_are_listed_and_retrieved_as_openai_names_them(client) -> None:
@@ -97,9 +114,17 @@ def test_models_are_listed_and_retrieved_as_openai_names_them(client) -> None:
         api.models.retrieve("gpt-4")
 
 
-def _metrics(local: str) -> str:
+def _samples(local: str, **labels: str) -> dict[str, float]:
+    """The agent's Prometheus samples (summed over the others' labels), as Prometheus's
+    own parser reads them."""
     with urllib.request.urlopen(f"{local}/metrics", timeout=10) as resp:  # noqa: S310
-        return resp.read().decode()
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
 
 
 def test_embeddings_of_an_encoder_gguf_have_its_dimension_and_repeat_exactly(
