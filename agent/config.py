@@ -26,6 +26,9 @@ class AgentConfig:
     state_dir: Path
     controller: str = ""
     inference_listen: str = "127.0.0.1:8787"
+    #: a file (mode 0600) whose text is the bearer token the local API asks for; beyond
+    #: loopback one is made in the state dir if none is named (agent.localauth)
+    inference_token_file: Path | None = None
     health_interval_s: float | None = None  # None: what the controller said at enrolment
     mqtt_url: str | None = None  # None: what the controller said at enrolment
     labels: dict[str, str] = field(default_factory=dict)
@@ -67,6 +70,8 @@ class AgentConfig:
                 state_dir=Path(raw["state_dir"]),
                 controller=str(raw.get("controller", "")),
                 inference_listen=str(raw.get("inference_listen", "127.0.0.1:8787")),
+                inference_token_file=(Path(raw["inference_token_file"])
+                                      if raw.get("inference_token_file") else None),
                 health_interval_s=(float(raw["health_interval_s"])
                                    if raw.get("health_interval_s") is not None else None),
                 mqtt_url=raw.get("mqtt_url"),
@@ -85,6 +90,8 @@ class AgentConfig:
         lines = [f"state_dir = {_toml_str(str(self.state_dir))}",
                  f"controller = {_toml_str(self.controller)}",
                  f"inference_listen = {_toml_str(self.inference_listen)}"]
+        if self.inference_token_file is not None:
+            lines.append(f"inference_token_file = {_toml_str(str(self.inference_token_file))}")
         if self.health_interval_s is not None:
             lines.append(f"health_interval_s = {self.health_interval_s}")
         if self.mqtt_url:

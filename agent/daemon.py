@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from agent import limits, probe, systemd
+from agent import limits, localauth, probe, systemd
 from agent.config import AgentConfig, Identity
 from agent.link import DeviceLink
 from agent.metrics import AgentMetrics
@@ -52,7 +52,7 @@ def run(config_path: Path) -> None:
     session.generation = installer.install.generation
     session.on_desired = installer.want
     host, _, port = config.inference_listen.rpartition(":")
-    api = LocalApi(serving, host or "127.0.0.1", int(port))
+    api = LocalApi(serving, host or "127.0.0.1", int(port), token=localauth.token(config))
     prober = Prober(serving, installer.probe)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

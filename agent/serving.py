@@ -16,6 +16,7 @@ of the active model since it was activated, so a rollout compares models, not up
 """
 
 import base64
+import hmac
 import itertools
 import json
 import logging
@@ -381,10 +382,12 @@ def _cpu_seconds(pid: int | None) -> float | None:
 
 
 class LocalApi:
-    """The local inference API on ``host:port`` (127.0.0.1 unless configured)."""
+    """The local inference API on ``host:port`` (127.0.0.1 unless configured); with a
+    ``token``, every request must carry it as ``Authorization: Bearer`` (agent.localauth)."""
 
-    def __init__(self, serving: Serving, host: str, port: int) -> None:
-        handler = type("Handler", (_Handler,), {"serving": serving})
+    def __init__(self, serving: Serving, host: str, port: int, *,
+                 token: str | None = None) -> None:
+        handler = type("Handler", (_Handler,), {"serving": serving, "token": token})
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
         self._thread = threading.Thread(target=self.server.serve_forever, name="local-api",
@@ -404,9 +407,9 @@ class LocalApi:
 
 _OPENAI = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 _MODEL = re.compile(r"^/v1/models/([^/]+)$")
-_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413:
-                 "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-                 503: "server_error"}
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
+                 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                 500: "server_error", 503: "server_error"}
 
 
 def _openai_error(status: int, message: str) -> dict[str, Any]:
@@ -456,13 +459,36 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
 
 class _Handler(BaseHTTPRequestHandler):
     serving: Serving
+    token: str | None
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out as two writes
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug(format, *args)
 
+    def _authorized(self) -> bool:
+        """True if no token is asked for or the request carries it; else answers 401."""
+        if self.token is None:
+            return True
+        given = self.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
+                                                              self.token.encode()):
+            return True
+        length = self.headers.get("Content-Length") or "0"
+        if length.isdigit() and int(length) <= MAX_BODY:
+            self.rfile.read(int(length))  # so the connection can carry the next request
+        else:
+            self.close_connection = True
+        self._send(401, _error(self.path in _OPENAI or self.path.startswith("/v1/"), 401,
+                               "this API needs 'Authorization: Bearer <token>': the token is "
+                               "in the agent's inference_token_file"),
+                   {"WWW-Authenticate": "Bearer"})
+        return False
+
     def do_GET(self) -> None:
+        if not self._authorized():
+            return None
         if self.path == "/metrics":
             self.serving.collect()
             data = generate_latest(self.serving.metrics.registry)
@@ -489,6 +515,10 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(404, {"error": f"no route {self.path}"})
 
     def do_POST(self) -> None:
+        if self._authorized():
+            self._post()
+
+    def _post(self) -> None:
         openai = self.path in _OPENAI
         try:
             length = int(self.headers.get("Content-Length") or 0)

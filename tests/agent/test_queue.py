@@ -39,12 +39,18 @@ class HeldWorker:
         self.release.set()
 
 
+def staged(model_dir: Path, version: str = "1.0.0") -> Path:
+    """A staged GGUF model ``llm`` (an empty file: the workers here are fakes)."""
+    (model_dir / "model.gguf").write_bytes(b"")
+    (model_dir / "meta.json").write_text(TargetInfo(
+        model="llm", version=version, variant="q8_0", format="gguf",
+        quantization="q8_0").model_dump_json())
+    return model_dir
+
+
 @pytest.fixture
 def api(tmp_path: Path):
-    (tmp_path / "model.gguf").write_bytes(b"")
-    (tmp_path / "meta.json").write_text(TargetInfo(
-        model="llm", version="1.0.0", variant="q8_0", format="gguf",
-        quantization="q8_0").model_dump_json())
+    staged(tmp_path)
     serving = Serving(worker=HeldWorker, max_queue=1)  # type: ignore[arg-type]
     serving.activate(tmp_path)
     local = LocalApi(serving, "127.0.0.1", 0)
@@ -101,10 +107,7 @@ class SlowLoadingWorker(HeldWorker):
 
 def test_while_a_model_loads_in_place_of_another_requests_get_503_with_retry_after(
         tmp_path: Path) -> None:
-    (tmp_path / "model.gguf").write_bytes(b"")
-    (tmp_path / "meta.json").write_text(TargetInfo(
-        model="llm", version="2.0.0", variant="q8_0", format="gguf",
-        quantization="q8_0").model_dump_json())
+    staged(tmp_path, "2.0.0")
     serving = Serving(worker=SlowLoadingWorker)  # type: ignore[arg-type]
     SlowLoadingWorker.loaded.set()
     serving.activate(tmp_path)
