@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/registry.py
+	$(BIN)/python bench/serving.py
 
 # The agent's Debian package (dist/edgefleet-agent_<version>_<arch>.deb), see packaging/.
 DIST ?= dist

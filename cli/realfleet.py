@@ -39,9 +39,17 @@ class RealAgent:
     env: dict[str, str] = field(default_factory=dict)
     link: Any = None  # a ShapedLink (tests.support.links) it runs behind, if any
 
+    def auth(self) -> dict[str, str]:
+        """The header its local API asks for: beyond loopback (behind a link) the agent
+        makes a token in its state dir (agent.localauth)."""
+        path = self.state / "inference-token"
+        return {"Authorization": f"Bearer {path.read_text().strip()}"} if path.exists() else {}
+
     def models(self) -> list[dict[str, Any]]:
         """What its local API says it serves (``GET /v1/models``)."""
-        with urllib.request.urlopen(f"{self.local}/v1/models", timeout=10) as resp:  # noqa: S310
+        request = urllib.request.Request(f"{self.local}/v1/models",  # noqa: S310
+                                         headers=self.auth())
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
             return list(json.loads(resp.read())["data"])
 
     def serves(self) -> str | None:
@@ -183,16 +191,16 @@ class Traffic:
         while not self._stop.is_set():
             call = self._call(agent)
             if call is not None:
-                status = _post(agent.local + call.path, call)
+                status = _post(agent.local + call.path, call, agent.auth())
                 with self._lock:
                     self.answers[status] = self.answers.get(status, 0) + 1
             due = max(due + self._period, time.monotonic())  # late: no catching up
             self._stop.wait(max(0.0, due - time.monotonic()))  # pacing, not synchronisation
 
 
-def _post(url: str, call: Call) -> int:
+def _post(url: str, call: Call, auth: dict[str, str]) -> int:
     request = urllib.request.Request(url, data=call.body, method="POST",  # noqa: S310
-                                     headers=call.headers)
+                                     headers=call.headers | auth)
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
             resp.read()
