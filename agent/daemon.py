@@ -31,7 +31,8 @@ def run(config_path: Path) -> None:
     config = AgentConfig.load(config_path)
     identity = Identity.load(config.state_dir).with_overrides(config)
     limits.remove_stale()  # worker cgroups of an agent that was killed
-    serving = Serving(memory_limit=config.memory_limit_bytes, max_queue=config.max_queue)
+    serving = Serving(memory_limit=config.memory_limit_bytes, max_queue=config.max_queue,
+                      parallel=config.onnx_parallel)
     session = DeviceSession(
         identity,
         capabilities=lambda: probe.capabilities(config.state_dir, config.memory_limit_bytes),

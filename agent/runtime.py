@@ -13,8 +13,11 @@ message; it does not verify files (the installer does, before anything is loaded
 import itertools
 import logging
 import multiprocessing as mp
+import os
+import queue
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NoReturn
@@ -34,26 +37,36 @@ class BadRequest(Exception):
     """The request does not fit the model; the message says why."""
 
 
-def _load(path: str, fmt: str) -> Any:
+def _load(path: str, fmt: str, *, parallel: int = 1) -> Any:
     """``fmt``: "onnx", "gguf" (a model that generates) or "gguf-embed" (an encoder)."""
-    return _OnnxModel(path) if fmt == "onnx" else _LlamaModel(path, embedding=fmt == "gguf-embed")
+    if fmt == "onnx":
+        return _OnnxModel(path, parallel=parallel)
+    return _LlamaModel(path, embedding=fmt == "gguf-embed")
 
 
-def _serve(conn: Connection, path: str, fmt: str, limit: WorkerLimit | None = None) -> None:
-    """The worker process: load the model, then answer requests until the pipe closes;
-    in ``limit``'s memory cgroup, joined before anything is loaded."""
+def _serve(conns: list[Connection], path: str, fmt: str,
+           limit: WorkerLimit | None = None) -> None:
+    """The worker process: load the model, then answer requests until the first pipe
+    closes, each pipe in a thread of its own; in ``limit``'s memory cgroup, joined
+    before anything is loaded."""
     try:
         if limit is not None:
             limit.join()
-        model = _load(path, fmt)
+        model = _load(path, fmt, parallel=len(conns))
     except Exception as exc:  # noqa: BLE001 - report any load failure to the parent
-        conn.send({"error": f"cannot load the model: {exc}"})
+        conns[0].send({"error": f"cannot load the model: {exc}"})
         return
-    conn.send({"ready": model.describe()})
+    conns[0].send({"ready": model.describe()})
+    for conn in conns[1:]:
+        threading.Thread(target=_answer_all, args=(conn, model), daemon=True).start()
+    _answer_all(conns[0], model)
+
+
+def _answer_all(conn: Connection, model: Any) -> None:
     while True:
         try:
             request = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             return
         if request.get("op") == "cancel":
             continue  # for a stream that had already ended
@@ -79,10 +92,21 @@ def _stream(conn: Connection, chunks: Iterator[Any]) -> None:
 
 
 class _OnnxModel:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, parallel: int = 1) -> None:
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(path, providers=ort.get_available_providers())
+        options = ort.SessionOptions()
+        if parallel > 1:
+            # calls that run at once each get their share of the cores, as an inference
+            # server's instances do; onnxruntime's own threads would contend with the
+            # other calls (and spin while they wait for work, taking the cores those
+            # need): a recurrent model at 4 at once on 2 cores ran 1.1x one at a time
+            # with them, 1.55-2.0x with a core each
+            options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // parallel)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(path, options,
+                                            providers=ort.get_available_providers())
+        self._local = threading.local()  # each answering thread's request buffer
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -128,14 +152,14 @@ class _OnnxModel:
         from multiprocessing import shared_memory
 
         name, offset, length = where
-        current = getattr(self, "_shm", None)
+        current = getattr(self._local, "shm", None)
         if current is None or current.name != name:
             if current is not None:
                 current.close()
             # the parent owns and unlinks it (a spawned worker shares its resource
             # tracker, so this attach registers nothing new)
             current = shared_memory.SharedMemory(name=name)
-            self._shm = current
+            self._local.shm = current
         return current.buf[offset:offset + length]  # type: ignore[index]
 
 
@@ -204,22 +228,37 @@ def _refused(run: Callable[[], Any], *, stream: bool) -> Any:
     return itertools.chain([] if first is None else [first], out)
 
 
+@dataclass
+class _Slot:
+    """One pipe to the worker (a thread there answers it) and its request buffer."""
+
+    conn: Connection
+    generation: int
+    shm: Any = None  # shared memory for large inputs, grown as needed
+
+
 class ModelWorker:
-    """The parent's handle on one model's worker process (thread-safe, one call at a time)."""
+    """The parent's handle on one model's worker process (thread-safe). An ONNX model
+    answers up to ``parallel`` calls at once (None: one per CPU), each over a pipe of its
+    own answered by a thread of its own in the worker (onnxruntime sessions are
+    thread-safe; one copy of the model); llama.cpp answers one at a time."""
 
     def __init__(self, path: Path, fmt: str, *, load_timeout: float = 120.0,
-                 memory_limit: int | None = None) -> None:
+                 memory_limit: int | None = None, parallel: int | None = 1) -> None:
         self.path, self.format = path, fmt
+        self.parallel = 1 if fmt != "onnx" else max(1, parallel or os.cpu_count() or 1)
         self._load_timeout = load_timeout
         self.memory_limit = memory_limit
         self.limit: WorkerLimit | None = None
         self._ooms = 0
-        self._lock = threading.Lock()
-        self._conn: Connection | None = None
+        self._lock = threading.Lock()  # the process's life: start, crash, stop
+        self._free: queue.LifoQueue[_Slot] = queue.LifoQueue()
+        self._slots: list[_Slot] = []
+        self._generation = 0
+        self._why = ""  # why the last worker died
         self._process: mp.process.BaseProcess | None = None
         self.description: dict[str, Any] = {}
         self.crashes = 0
-        self._shm: Any = None  # the request buffer shared with the worker, grown as needed
 
     def start(self) -> None:
         """Start the worker and wait until the model is loaded; raise if it cannot be."""
@@ -228,12 +267,15 @@ class ModelWorker:
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
+        pipes = [ctx.Pipe() for _ in range(self.parallel)]
         limit = self._cgroup()
-        process = ctx.Process(target=_serve, args=(child, str(self.path), self.format, limit),
+        process = ctx.Process(target=_serve, args=([c for _, c in pipes], str(self.path),
+                                                   self.format, limit),
                               name="edgefleet-model", daemon=True)
         process.start()
-        child.close()
+        for _, child in pipes:
+            child.close()
+        parent = pipes[0][0]
         if not parent.poll(self._load_timeout):
             process.kill()
             raise RuntimeCrashed(f"the model did not load within {self._load_timeout:.0f} s")
@@ -246,74 +288,102 @@ class ModelWorker:
         if "error" in hello:
             process.join(5)
             raise RuntimeCrashed(hello["error"])
-        self._conn, self._process, self.description = parent, process, hello["ready"]
+        self._generation += 1
+        self._slots = [_Slot(conn, self._generation) for conn, _ in pipes]
+        for slot in self._slots:
+            self._free.put(slot)
+        self._process, self.description = process, hello["ready"]
 
     def call(self, op: str, **args: Any) -> Any:
         """Run ``op`` in the worker; BadRequest for bad input, RuntimeCrashed if it died
         (reported once; the next call starts a new worker)."""
-        with self._lock:
-            conn = self._ready()
+        slot = self._take()
+        try:
             if op == "infer_raw":
-                args = {"inputs": self._share(args["inputs"])}
+                args = {"inputs": self._share(slot, args["inputs"])}
             try:
-                conn.send({"op": op, "args": args})
-                answer = conn.recv()
+                slot.conn.send({"op": op, "args": args})
+                answer = slot.conn.recv()
             except (EOFError, OSError):
-                self._crashed()
+                self._crashed(slot)
+        finally:
+            self._give(slot)
         return _answer(answer)
 
     def stream(self, op: str, **args: Any) -> Iterator[Any]:
         """Run ``op`` with ``stream=True`` in the worker and yield its chunks as they
         come; the worker is held until the end. Closing the iterator early (the client
         went away) cancels the generation in the worker."""
-        with self._lock:
-            conn = self._ready()
-            done = False
-            try:
-                conn.send({"op": op, "args": {**args, "stream": True}})
-                while True:
-                    answer = conn.recv()
-                    if "chunk" not in answer:
-                        done = True
-                        break
-                    yield answer["chunk"]
-            except (EOFError, OSError):
-                done = True
-                self._crashed()
-            finally:
-                if not done:  # abandoned: stop the generation, and read what it sent
-                    self._cancel(conn)
+        slot = self._take()
+        conn, done = slot.conn, False
+        try:
+            conn.send({"op": op, "args": {**args, "stream": True}})
+            while True:
+                answer = conn.recv()
+                if "chunk" not in answer:
+                    done = True
+                    break
+                yield answer["chunk"]
+        except (EOFError, OSError):
+            done = True
+            self._crashed(slot)
+        finally:
+            if not done:  # abandoned: stop the generation, and read what it sent
+                self._cancel(slot)
+            self._give(slot)
         _answer(answer)
 
-    def _ready(self) -> Connection:
-        """The pipe to a running worker: a dead one is reported (once), a missing one
-        started. Called with the lock held."""
-        if self._process is not None and not self._process.is_alive():
-            self._crashed()
-        if self._conn is None:
-            self._start()
-        assert self._conn is not None  # noqa: S101 - set by _start
-        return self._conn
+    def _take(self) -> _Slot:
+        """A free pipe to a running worker (waiting for one while all are busy): a dead
+        worker is reported (once), a missing one started."""
+        while True:
+            with self._lock:
+                if self._process is not None and not self._process.is_alive():
+                    self._died()
+                    raise RuntimeCrashed(self._why)
+                if self._process is None:
+                    self._start()
+            try:
+                slot = self._free.get(timeout=1.0)
+            except queue.Empty:
+                continue  # all busy; look again whether the worker still lives
+            if slot.generation == self._generation:
+                return slot
+            self._close(slot)  # a pipe to a worker that has since died
 
-    def _cancel(self, conn: Connection) -> None:
+    def _give(self, slot: _Slot) -> None:
+        if slot.generation == self._generation and self._process is not None:
+            self._free.put(slot)
+        else:
+            self._close(slot)
+
+    def _cancel(self, slot: _Slot) -> None:
         try:
-            conn.send({"op": "cancel"})
-            while "chunk" in conn.recv():
+            slot.conn.send({"op": "cancel"})
+            while "chunk" in slot.conn.recv():
                 pass
         except (EOFError, OSError):
-            self.crashes += 1  # it died meanwhile: the next call starts a new one
-            self._conn = self._process = None
+            with self._lock:  # it died meanwhile: the next call starts a new one
+                if slot.generation == self._generation and self._process is not None:
+                    self.crashes += 1
+                    self._process = None
 
-    def _crashed(self) -> NoReturn:
+    def _crashed(self, slot: _Slot) -> NoReturn:
+        """The worker died under this call: reported once for all the calls it held."""
+        with self._lock:
+            if slot.generation == self._generation and self._process is not None:
+                self._died()
+        raise RuntimeCrashed(self._why)
+
+    def _died(self) -> None:
+        """Record the worker's death (with the lock held) and forget it."""
         self.crashes += 1
-        process = self._process
+        process, self._process = self._process, None
         if process is not None:
             process.join(1)
         code = process.exitcode if process is not None else None
-        self._conn = self._process = None
-        why = self._out_of_memory() or f"the model runtime died (exit code {code})"
-        log.warning("%s; it restarts on the next request", why)
-        raise RuntimeCrashed(why)
+        self._why = self._out_of_memory() or f"the model runtime died (exit code {code})"
+        log.warning("%s; it restarts on the next request", self._why)
 
     def _cgroup(self) -> WorkerLimit | None:
         """This worker's memory cgroup, made on first start (None: no limit, or none can
@@ -341,9 +411,10 @@ class ModelWorker:
                 f"{self.limit.limit / 2**20:.0f} MiB (memory_limit_bytes), and the kernel "
                 "stopped it")
 
-    def _share(self, inputs: dict[str, tuple[str, list[int], Any]]) -> dict[str, Any]:
-        """Large input bytes (any buffer) copied into the shared request buffer, passed by
-        reference; small ones as bytes through the pipe."""
+    @staticmethod
+    def _share(slot: _Slot, inputs: dict[str, tuple[str, list[int], Any]]) -> dict[str, Any]:
+        """Large input bytes (any buffer) copied into the slot's shared request buffer,
+        passed by reference; small ones as bytes through the pipe."""
         from multiprocessing import shared_memory
 
         large = {n: t for n, t in inputs.items() if len(t[2]) >= SHARED_MIN_BYTES}
@@ -352,34 +423,35 @@ class ModelWorker:
                  if n not in large}
         if not large:
             return small
-        if self._shm is None or self._shm.size < total:
-            self._release()
-            self._shm = shared_memory.SharedMemory(create=True, size=max(total, 1 << 20))
+        if slot.shm is None or slot.shm.size < total:
+            _unlink(slot)
+            slot.shm = shared_memory.SharedMemory(create=True, size=max(total, 1 << 20))
         out: dict[str, Any] = dict(small)
         offset = 0
         for name, (dtype, shape, data) in large.items():
-            self._shm.buf[offset:offset + len(data)] = data
-            out[name] = (dtype, shape, (self._shm.name, offset, len(data)))
+            slot.shm.buf[offset:offset + len(data)] = data
+            out[name] = (dtype, shape, (slot.shm.name, offset, len(data)))
             offset += len(data)
         return out
 
-    def _release(self) -> None:
-        if self._shm is not None:
-            self._shm.close()
-            self._shm.unlink()
-            self._shm = None
+    def _close(self, slot: _Slot) -> None:
+        slot.conn.close()
+        _unlink(slot)
 
     def stop(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
+            for slot in self._slots:
+                self._close(slot)
             if self._process is not None:
                 self._process.join(5)
                 if self._process.is_alive():
                     self._process.kill()
                     self._process.join(5)
-            self._conn = self._process = None
-            self._release()
+            self._process = None
+            self._generation += 1  # slots in use are closed when given back
+            self._slots = []
+            while not self._free.empty():
+                self._free.get()
             if self.limit is not None:
                 self.limit.remove()
                 self.limit = None
@@ -387,6 +459,13 @@ class ModelWorker:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+
+def _unlink(slot: _Slot) -> None:
+    if slot.shm is not None:
+        slot.shm.close()
+        slot.shm.unlink()
+        slot.shm = None
 
 
 class InProcessWorker(ModelWorker):

@@ -81,8 +81,11 @@ class Serving:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic,
                  metrics: AgentMetrics | None = None,
                  worker: type[ModelWorker] = ModelWorker,
-                 memory_limit: int | None = None, max_queue: int = 4) -> None:
+                 memory_limit: int | None = None, max_queue: int = 4,
+                 parallel: int | None = 1) -> None:
         self._clock = clock
+        #: ONNX calls the worker answers at once (None: one per CPU; agent.runtime)
+        self._parallel = parallel
         #: requests that may wait for the busy model; one more is refused (Busy)
         self.max_queue = max_queue
         self._in_flight = 0
@@ -119,7 +122,7 @@ class Serving:
             if model_dir is not None and meta is not None:
                 started = self._clock()
                 new = self._worker(next(model_dir.glob("model.*")), meta.runtime_format,
-                                   memory_limit=self._memory_limit)
+                                   memory_limit=self._memory_limit, parallel=self._parallel)
                 new.start()
                 self.load_seconds = self._clock() - started
                 self.metrics.load_seconds.labels(meta.model, meta.version).set(
@@ -199,23 +202,25 @@ class Serving:
 
     @contextmanager
     def _admitted(self) -> Iterator[None]:
-        """A place among the requests for the model: the one it runs and ``max_queue``
-        waiting behind it (the worker runs one at a time); Busy past that, with when to
-        come back."""
+        """A place among the requests for the model: the ones it runs (one, or the ONNX
+        worker's ``parallel``) and ``max_queue`` waiting behind them; Busy past that,
+        with when to come back."""
+        worker = self.worker
+        running = worker.parallel if worker is not None else 1
         with self._lock:
-            if self._in_flight > self.max_queue:
+            if self._in_flight >= running + self.max_queue:
                 p50 = sorted(self._latencies)[len(self._latencies) // 2] \
                     if self._latencies else 1000.0
                 self.metrics.refused.inc()
-                raise Busy(max(1, math.ceil(self._in_flight * p50 / 1000)))
+                raise Busy(max(1, math.ceil(self._in_flight / running * p50 / 1000)))
             self._in_flight += 1
-            self.metrics.queued.set(self._in_flight - 1)
+            self.metrics.queued.set(max(0, self._in_flight - running))
         try:
             yield
         finally:
             with self._lock:
                 self._in_flight -= 1
-                self.metrics.queued.set(max(0, self._in_flight - 1))
+                self.metrics.queued.set(max(0, self._in_flight - running))
 
     def _active(self) -> ModelWorker:
         worker, loading = self.worker, self.loading

@@ -10,7 +10,9 @@ box pays for going through the agent.
 (b) a small ONNX model through the JSON API against a bare ``InferenceSession.run``
     (p50; bench/distribute.py's measurement, repeated here so all four figures come
     from one run);
-(c) the real agent daemon (``edgefleet agent run``, enrolled to a controller on the
+(c) ``onnx_parallel``: four requests at once against one at a time (throughput), a
+    recurrent model and a conv net, one call at a time (the default) and two;
+(d) the real agent daemon (``edgefleet agent run``, enrolled to a controller on the
     embedded broker), idle with no model: its resident memory and threads.
 
     python bench/serving.py [--requests 60] [--width 1024 --layers 4]
@@ -140,6 +142,38 @@ def onnx(tmp: Path, requests: int) -> dict[str, Any]:
             "api_p50_ms": got["json_p50_ms"], "overhead_p50_ms": got["json_overhead_p50_ms"]}
 
 
+def concurrency(tmp: Path) -> dict[str, Any]:
+    import numpy as np
+
+    from tests.agent.test_parallel import infer, ratio, serve
+    from tests.models import image_onnx, recurrent_onnx
+
+    models = {"gru-4000-steps": (recurrent_onnx(4000), "x", (4000, 1, 64)),
+              "conv-3x320x320": (image_onnx(), "image", (1, 3, 320, 320))}
+    out: dict[str, Any] = {}
+    for label, (model, name, shape) in models.items():
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        for parallel in (1, 2):
+            serving, api, _file = serve(tmp, model, name=f"{label}", parallel=parallel)
+            try:
+                def call(port: int = api.port, x: Any = x, model: str = label,
+                         name: str = name) -> Any:
+                    return infer(port, x, model, name)
+
+                call()
+                started = time.perf_counter()
+                for _ in range(20):
+                    call()
+                alone_ms = (time.perf_counter() - started) / 20 * 1000
+                out[f"{label} parallel {parallel}"] = {
+                    "alone_ms": round(alone_ms, 2),
+                    "four_at_once_throughput": round(ratio(call, 40), 2)}
+            finally:
+                api.stop()
+                serving.activate(None)
+    return out
+
+
 def idle_agent(tmp: Path) -> dict[str, Any]:
     """A real daemon enrolled to a real controller, with no model, after a few health
     reports."""
@@ -221,6 +255,7 @@ def main() -> None:
         results["gguf_trained_llama"] = gguf(trained, args.requests)
         results["gguf_random_wide"] = gguf(wide, args.requests)
         results["onnx"] = onnx(tmp, args.onnx_requests)
+        results["onnx_parallel"] = concurrency(tmp)
         results["idle_agent"] = idle_agent(tmp)
     report(results)
 

@@ -18,11 +18,12 @@ from tests.conftest import wait_for
 class HeldWorker:
     """A model worker (our own interface) whose completions wait until released."""
 
-    def __init__(self, path: Path, fmt: str, *, memory_limit: int | None = None) -> None:
+    def __init__(self, path: Path, fmt: str, **_options: Any) -> None:
         self.release = threading.Event()
         self.started = 0
         self.description: dict[str, Any] = {}
         self.pid = None
+        self.parallel = 1
         HeldWorker.last = self
 
     def start(self) -> None:
