@@ -43,3 +43,18 @@ def test_identity_is_stored_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert Identity.load(tmp_path / "state") == identity
     assert "secret" not in repr(identity)
+
+
+def test_onnx_parallel_is_a_count_or_auto_and_the_token_file_a_path(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    base = f'state_dir = "{tmp_path}"\n'
+    for given, want in (("", 1), ("onnx_parallel = 3\n", 3), ('onnx_parallel = "auto"\n', None)):
+        path.write_text(base + given)
+        assert AgentConfig.load(path, env={}).onnx_parallel == want
+    for bad in ("0", '"many"', "true"):
+        path.write_text(base + f"onnx_parallel = {bad}\n")
+        with pytest.raises(ConfigError, match='positive integer or "auto"'):
+            AgentConfig.load(path, env={})
+    config = AgentConfig(state_dir=tmp_path, inference_token_file=tmp_path / "token")
+    path.write_text(config.dump())
+    assert AgentConfig.load(path, env={}).inference_token_file == tmp_path / "token"
