@@ -50,7 +50,7 @@ bench: $(STAMP)
 # The agent's Debian package (dist/edgefleet-agent_<version>_<arch>.deb), see packaging/.
 DIST ?= dist
 deb:
-	sh packaging/build-deb.sh $(DIST)
+	LLM=$(LLM) CMAKE_ARGS="$(LLM_CMAKE_ARGS)" sh packaging/build-deb.sh $(DIST)
 
 clean:
 	rm -rf $(VENV) .edgefleet .pytest_cache .mypy_cache .ruff_cache

@@ -2,6 +2,7 @@
 maintainer scripts run against a scratch root (DPKG_ROOT) with the system tools they
 call replaced by recorders."""
 
+import itertools
 import os
 import shutil
 import stat
@@ -15,17 +16,34 @@ from tests.conftest import unavailable
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    for tool in ("dpkg-deb", "systemd-analyze"):
+def build(tmp_path_factory: pytest.TempPathFactory, *make_args: str) -> Path:
+    for tool in ("dpkg-deb", "dpkg-shlibdeps", "systemd-analyze", "lintian"):
         if shutil.which(tool) is None:
-            unavailable(f"{tool} (apt-get install dpkg systemd)")
+            unavailable(f"{tool} (apt-get install dpkg-dev systemd lintian)")
     if not Path("/usr/bin/python3").exists():
         unavailable("Debian's /usr/bin/python3 (apt-get install python3-venv)")
     out = tmp_path_factory.mktemp("deb")
-    subprocess.run(["make", "deb", f"DIST={out}"], cwd=ROOT, check=True, timeout=1200,
-                   capture_output=True)
-    return next(out.glob("edgefleet-agent_*.deb"))
+    subprocess.run(["make", "deb", f"DIST={out}", *make_args], cwd=ROOT, check=True,
+                   timeout=1800, capture_output=True)
+    return next(out.glob("edgefleet-agent*.deb"))
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llm_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory, "LLM=1")
+
+
+def lintian(deb: Path) -> subprocess.CompletedProcess[str]:
+    """lintian as Debian's archive runs it, failing on warnings too; the package's own
+    overrides (packaging/lintian-overrides, each with its reason) apply."""
+    return subprocess.run(["lintian", "--fail-on", "warning", "--tag-display-limit", "0",
+                           str(deb)], capture_output=True, text=True, timeout=600,
+                          check=False)
 
 
 def dpkg_deb(*args: str) -> str:
@@ -67,6 +85,49 @@ def test_deb_holds_the_agent_in_its_own_venv_the_unit_and_a_conffile(
     verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                             text=True, timeout=60, check=False)
     assert verify.returncode == 0, verify.stderr
+
+
+@pytest.mark.parametrize("flavour", ["deb", "llm_deb"])
+def test_both_packages_pass_lintian_but_for_the_tags_packaging_justifies(
+        request: pytest.FixtureRequest, flavour: str) -> None:
+    deb = request.getfixturevalue(flavour)
+    done = lintian(deb)
+    assert done.returncode == 0, done.stdout
+    depends = dpkg_deb("--field", str(deb), "Depends")
+    for library in ("libc6 (>=", "libstdc++6 (>=", "libgcc-s1 (>="):  # the wheels' .so
+        assert library in depends, depends
+    listing = dpkg_deb("--contents", str(deb))
+    package = dpkg_deb("--field", str(deb), "Package").strip()
+    for path in (f"./usr/share/doc/{package}/copyright", f"./usr/share/doc/{package}/changelog.gz",
+                 "./usr/share/man/man1/edgefleet.1.gz",
+                 f"./usr/share/lintian/overrides/{package}"):
+        assert path in listing, path
+    # every override says why: each group of them opens with its reason
+    overrides = (ROOT / "packaging/lintian-overrides").read_text().splitlines()
+    assert overrides[0].startswith("#")
+    for before, line in itertools.pairwise(overrides):
+        assert before.strip() or line.startswith("#") or not line.strip(), line
+
+
+def test_the_llm_package_runs_gguf_models_and_replaces_the_plain_one(
+        llm_deb: Path, tmp_path: Path) -> None:
+    from tests.models import tiny_gguf
+
+    assert dpkg_deb("--field", str(llm_deb), "Package").strip() == "edgefleet-agent-llm"
+    for field in ("Provides", "Conflicts", "Replaces"):
+        assert dpkg_deb("--field", str(llm_deb), field).strip() == "edgefleet-agent"
+    tree = tmp_path / "tree"
+    dpkg_deb("-x", str(llm_deb), str(tree))
+    model = tmp_path / "tiny.gguf"
+    tiny_gguf(model)
+    run = subprocess.run(
+        [str(tree / "opt/edgefleet/venv/bin/python"), "-c",
+         "import sys\nfrom agent.runtime import _load\n"
+         "llm = _load(sys.argv[1], 'gguf')\n"
+         "print(len(llm.generate('The quick', 4)), llm.describe()['context'])", str(model)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["4", "512"]
 
 
 def recorder(bin_dir: Path, name: str, body: str = "") -> None:
