@@ -638,8 +638,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the stream's end is the connection's
         self.end_headers()
-        self.close_connection = True  # the stream's end is the connection's
+        self.close_connection = True
         try:
             for chunk in itertools.chain([first] if first is not None else [], chunks):
                 self._event(chunk | {"model": meta.model})

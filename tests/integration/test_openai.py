@@ -1,5 +1,6 @@
 """The agent's OpenAI-compatible API for GGUF models, through the real `openai` client."""
 
+import json
 import urllib.request
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def client(start_controller, spawn, tmp_path: Path):
 
 def test_streamed_completions_are_the_same_text_as_unstreamed_in_several_chunks(
         client) -> None:
-    api, _local = client
+    api, local = client
     whole = api.completions.create(model="tiny-llama", prompt="The quick", max_tokens=12,
                                    temperature=0, seed=1)
     chunks = list(api.completions.create(model="tiny-llama", prompt="The quick",
@@ -34,6 +35,13 @@ def test_streamed_completions_are_the_same_text_as_unstreamed_in_several_chunks(
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert whole.model == "tiny-llama"  # as the fleet names it, not a path on the box
     assert {c.model for c in chunks} == {"tiny-llama"}
+    raw = urllib.request.Request(f"{local}/v1/completions", headers={  # noqa: S310
+        "Content-Type": "application/json"}, data=json.dumps(
+            {"prompt": "The quick", "max_tokens": 4, "stream": True}).encode())
+    with urllib.request.urlopen(raw, timeout=60) as resp:  # noqa: S310
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        assert resp.headers["Connection"] == "close"  # no length: the close ends it
+        assert resp.read().endswith(b"data: [DONE]\n\n")
 
 
 def test_streamed_chat_is_the_same_text_as_unstreamed_in_several_chunks(client) -> None:
