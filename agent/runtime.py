@@ -14,7 +14,6 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,11 @@ _unenforced = False  # said once: memory_limit_bytes cannot be enforced here
 
 class RuntimeCrashed(Exception):
     """The worker process died while answering; it is restarted on the next request."""
+
+
+class Replaced(Exception):
+    """The worker was stopped (its model replaced) before this call could start: ask the
+    model that replaced it."""
 
 
 class BadRequest(Exception):
@@ -252,8 +256,10 @@ class ModelWorker:
         self.limit: WorkerLimit | None = None
         self._ooms = 0
         self._lock = threading.Lock()  # the process's life: start, crash, stop
-        self._free: queue.LifoQueue[_Slot] = queue.LifoQueue()
+        self._changed = threading.Condition(self._lock)  # a pipe came free, or it stopped
+        self._free: list[_Slot] = []
         self._slots: list[_Slot] = []
+        self._stopped = False
         self._generation = 0
         self._why = ""  # why the last worker died
         self._process: mp.process.BaseProcess | None = None
@@ -263,6 +269,7 @@ class ModelWorker:
     def start(self) -> None:
         """Start the worker and wait until the model is loaded; raise if it cannot be."""
         with self._lock:
+            self._stopped = False
             self._start()
 
     def _start(self) -> None:
@@ -290,8 +297,7 @@ class ModelWorker:
             raise RuntimeCrashed(hello["error"])
         self._generation += 1
         self._slots = [_Slot(conn, self._generation) for conn, _ in pipes]
-        for slot in self._slots:
-            self._free.put(slot)
+        self._free = list(self._slots)
         self._process, self.description = process, hello["ready"]
 
     def call(self, op: str, **args: Any) -> Any:
@@ -335,27 +341,28 @@ class ModelWorker:
 
     def _take(self) -> _Slot:
         """A free pipe to a running worker (waiting for one while all are busy): a dead
-        worker is reported (once), a missing one started."""
-        while True:
-            with self._lock:
+        worker is reported (once), a missing one started; Replaced once it was stopped."""
+        with self._changed:
+            while True:
+                if self._stopped:
+                    raise Replaced
                 if self._process is not None and not self._process.is_alive():
                     self._died()
                     raise RuntimeCrashed(self._why)
                 if self._process is None:
                     self._start()
-            try:
-                slot = self._free.get(timeout=1.0)
-            except queue.Empty:
-                continue  # all busy; look again whether the worker still lives
-            if slot.generation == self._generation:
-                return slot
-            self._close(slot)  # a pipe to a worker that has since died
+                if self._free:
+                    return self._free.pop()
+                self._changed.wait()
 
     def _give(self, slot: _Slot) -> None:
-        if slot.generation == self._generation and self._process is not None:
-            self._free.put(slot)
-        else:
-            self._close(slot)
+        with self._changed:
+            if slot.generation == self._generation and self._process is not None:
+                self._free.append(slot)
+            else:  # a pipe to a worker that has since died
+                slot.conn.close()
+                _unlink(slot)
+            self._changed.notify_all()
 
     def _cancel(self, slot: _Slot) -> None:
         try:
@@ -434,24 +441,25 @@ class ModelWorker:
             offset += len(data)
         return out
 
-    def _close(self, slot: _Slot) -> None:
-        slot.conn.close()
-        _unlink(slot)
-
-    def stop(self) -> None:
-        with self._lock:
+    def stop(self, *, drain_s: float = 30.0) -> None:
+        """Let the calls in flight finish (up to ``drain_s``), then stop the worker; calls
+        that had not started are told Replaced."""
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: self._process is None
+                                   or len(self._free) == len(self._slots), drain_s)
             for slot in self._slots:
-                self._close(slot)
+                slot.conn.close()
+                _unlink(slot)
             if self._process is not None:
                 self._process.join(5)
                 if self._process.is_alive():
                     self._process.kill()
                     self._process.join(5)
             self._process = None
-            self._generation += 1  # slots in use are closed when given back
-            self._slots = []
-            while not self._free.empty():
-                self._free.get()
+            self._generation += 1  # slots still in use are closed when given back
+            self._slots, self._free = [], []
             if self.limit is not None:
                 self.limit.remove()
                 self.limit = None
@@ -496,6 +504,6 @@ class InProcessWorker(ModelWorker):
         with self._lock:
             yield from getattr(self._model, op)(**args, stream=True)
 
-    def stop(self) -> None:
+    def stop(self, *, drain_s: float = 30.0) -> None:
         with self._lock:
             self._model = None

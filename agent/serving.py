@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent import kserve
 from agent.metrics import AgentMetrics
-from agent.runtime import BadRequest, ModelWorker, RuntimeCrashed
+from agent.runtime import BadRequest, ModelWorker, Replaced, RuntimeCrashed
 from agent.update.installer import META_FILE, SMOKE_FILE, run_smoke_test
 from shared import smoke
 from shared.targets import TargetInfo
@@ -151,10 +151,15 @@ class Serving:
             return self._call(op, **args)
 
     def _call(self, op: str, **args: Any) -> Any:
-        """A counted call that does not queue: the agent's own (smoke tests)."""
-        worker = self._active()
-        with self._counted():
-            return worker.call(op, **args)
+        """A counted call that does not queue: the agent's own (smoke tests). One that
+        found its model replaced before it started asks the model that replaced it."""
+        while True:
+            worker = self._active()
+            try:
+                with self._counted():
+                    return worker.call(op, **args)
+            except Replaced:
+                continue
 
     def generate(self, op: str, **args: Any) -> Any:
         """A completion (``complete`` or ``chat``), counted with the tokens it made."""
@@ -167,11 +172,10 @@ class Serving:
         """``op``'s chunks as the worker makes them; counted as one request (its latency:
         to the last chunk), with its time to the first token and its tokens (a chunk
         each). Closing it early cancels the generation, counted as served."""
-        worker = self._active()
         started, tokens, meta = self._clock(), 0, self.meta
         try:
             with self._admitted(), self._counted():
-                for n, chunk in enumerate(worker.stream(op, **args)):
+                for n, chunk in enumerate(self._chunks(op, args)):
                     if n == 0 and meta:
                         self.metrics.first_token.labels(meta.model, meta.version).observe(
                             self._clock() - started)
@@ -179,6 +183,17 @@ class Serving:
                     yield chunk
         finally:
             self._generated(tokens, started)
+
+    def _chunks(self, op: str, args: dict[str, Any]) -> Iterator[Any]:
+        """The active worker's stream; asked again of the model that replaced it if the
+        worker was stopped before the stream began."""
+        while True:
+            worker = self._active()
+            try:
+                yield from worker.stream(op, **args)
+            except Replaced:
+                continue
+            return
 
     def _generated(self, tokens: int, started: float) -> None:
         meta = self.meta
@@ -240,8 +255,8 @@ class Serving:
         started = self._clock()
         try:
             yield
-        except BadRequest:
-            raise
+        except (BadRequest, Replaced):
+            raise  # the client's fault, or not run: not the model's
         except GeneratorExit:
             pass  # a stream its client left: what it served counts, not as an error
         except Exception:

@@ -151,7 +151,7 @@ def test_a_worker_killed_under_several_calls_is_reported_once_and_started_again(
             assert busy.acquire(timeout=10)
         pid = worker.pid
         assert pid is not None
-        wait_for(worker._free.empty, 10, "both calls to be in the worker")
+        wait_for(lambda: not worker._free, 10, "both calls to be in the worker")
         os.kill(pid, signal.SIGKILL)
         for t in threads:
             t.join(30)
@@ -161,3 +161,55 @@ def test_a_worker_killed_under_several_calls_is_reported_once_and_started_again(
         assert worker.pid != pid
     finally:
         worker.stop()
+
+
+def test_requests_in_flight_when_the_model_is_swapped_finish_and_waiting_ones_go_to_the_new(
+        tmp_path: Path) -> None:
+    """The old worker lets its calls finish before it stops, a request still waiting for
+    it is served by the new one, none fails, and no worker of the old model is left."""
+    import psutil
+
+    slow = tmp_path / "v1"
+    slow.mkdir()
+    (slow / "model.onnx").write_bytes(recurrent_onnx(40000))  # about 100 ms a call
+    (slow / "meta.json").write_text(TargetInfo(
+        model="gru", version="1.0.0", variant="source", format="onnx",
+        quantization="fp32").model_dump_json())
+    new = tmp_path / "v2"
+    new.mkdir()
+    (new / "model.onnx").write_bytes(recurrent_onnx(40000))
+    (new / "meta.json").write_text(TargetInfo(
+        model="gru", version="2.0.0", variant="source", format="onnx",
+        quantization="fp32").model_dump_json())
+    serving = Serving()  # one call at a time: the second request waits for the first
+    serving.activate(slow)
+    old = serving.worker
+    assert old is not None
+    old_pid = old.pid
+    x = np.zeros((40000, 1, 64), dtype=np.float32)
+    raw = {"x": ("float32", list(x.shape), x.tobytes())}
+    answers: list[object] = []
+
+    def ask() -> None:
+        try:
+            answers.append(serving.call("infer_raw", inputs=raw)["h"][1])
+        except Exception as exc:  # noqa: BLE001 - the test reports any failure
+            answers.append(exc)
+
+    try:
+        threads = [threading.Thread(target=ask) for _ in range(2)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: serving._in_flight == 2 and not old._free, 10,
+                 "one request in the worker and one waiting")
+        serving.activate(new)  # loads v2, then stops v1 once its call is done
+        for t in threads:
+            t.join(60)
+        assert answers == [[1, 1, 128], [1, 1, 128]]
+        assert serving.health()["error_count"] == 0
+        assert old_pid is not None
+        assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == \
+            psutil.STATUS_ZOMBIE
+        assert old.pid is None
+    finally:
+        serving.activate(None)
