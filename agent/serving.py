@@ -57,22 +57,33 @@ def read_meta(model_dir: Path) -> TargetInfo:
     return TargetInfo.model_validate_json((model_dir / META_FILE).read_bytes())
 
 
-class Busy(Exception):
-    """The model is busy and its queue full: come back in ``retry_after`` seconds."""
+class ComeBack(Exception):
+    """The request cannot be served now: answered ``status`` with ``Retry-After``."""
 
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"the model is busy: {retry_after} s until a place is likely free")
+    status = 503
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
         self.retry_after = retry_after
 
 
-class Loading(Exception):
+class Busy(ComeBack):
+    """The model is busy and its queue full: come back in ``retry_after`` seconds."""
+
+    status = 429
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the model is busy: {retry_after} s until a place is likely free",
+                         retry_after)
+
+
+class Loading(ComeBack):
     """The model is being loaded (it replaced the one before it): come back in
     ``retry_after`` seconds."""
 
     def __init__(self, meta: TargetInfo, retry_after: int) -> None:
         super().__init__(f"{meta.model} {meta.version} is loading; try again in "
-                         f"{retry_after} s")
-        self.retry_after = retry_after
+                         f"{retry_after} s", retry_after)
 
 
 class Serving:
@@ -238,10 +249,9 @@ class Serving:
                 self.metrics.queued.set(max(0, self._in_flight - running))
 
     def _active(self) -> ModelWorker:
-        worker, loading = self.worker, self.loading
-        if worker is None and loading is not None:
-            raise Loading(loading, self.retry_after_loading())
+        worker = self.worker
         if worker is None:
+            self.not_loading()
             raise LookupError("no model is active")
         return worker
 
@@ -560,9 +570,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {}
         try:
             status, out = self._route(body)
-        except (Busy, Loading) as exc:
-            status = 429 if isinstance(exc, Busy) else 503
-            out, headers = _error(openai, status, str(exc)), {"Retry-After": str(exc.retry_after)}
+        except ComeBack as exc:
+            status, out = exc.status, _error(openai, exc.status, str(exc))
+            headers = {"Retry-After": str(exc.retry_after)}
         except BadRequest as exc:
             status, out = 400, _error(openai, 400, str(exc))
         except LookupError as exc:
@@ -692,8 +702,8 @@ class _Handler(BaseHTTPRequestHandler):
             data, header = kserve.response(meta.model, meta.version, outputs,
                                            binary=request.binary_outputs,
                                            request_id=request.id)
-        except (Busy, Loading) as exc:
-            return self._send(429 if isinstance(exc, Busy) else 503, {"error": str(exc)},
+        except ComeBack as exc:
+            return self._send(exc.status, {"error": str(exc)},
                               {"Retry-After": str(exc.retry_after)})
         except (kserve.ProtocolError, BadRequest) as exc:
             return self._send(400, {"error": str(exc)})

@@ -399,13 +399,9 @@ def _served(model_dir: Path, model: bytes, name: str, feed: dict[str, Any], n: i
     then each path, three times) so drifts in the machine fall on all alike."""
     from agent.serving import LocalApi, Serving
     from controller.registry.inputs import write_samples
-    from shared.targets import TargetInfo
+    from tests.models import staged
 
-    model_dir.mkdir()
-    (model_dir / "model.onnx").write_bytes(model)
-    (model_dir / "meta.json").write_text(TargetInfo(
-        model=name, version="1.0.0", variant="source", format="onnx",
-        quantization="fp32").model_dump_json())
+    staged(model_dir, model, model=name)
     (model_dir / "feed.npz").write_bytes(write_samples([feed]))
     serving = Serving()
     serving.activate(model_dir)

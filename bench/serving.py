@@ -46,13 +46,10 @@ BLOCKS = 6
 
 
 def gguf(model_dir: Path, requests: int) -> dict[str, Any]:
-    """Tokens/s and time to first token, API against bare, on ``model_dir/model.gguf``."""
+    """Tokens/s and time to first token, API against bare, on the model staged in
+    ``model_dir``."""
     from agent.serving import LocalApi, Serving
-    from shared.targets import TargetInfo
 
-    (model_dir / "meta.json").write_text(TargetInfo(
-        model="llm", version="1.0.0", variant="source", format="gguf",
-        quantization="f16").model_dump_json())
     serving = Serving()
     serving.activate(model_dir)
     api = LocalApi(serving, "127.0.0.1", 0)
@@ -242,14 +239,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ef-serving-") as tmp_name:
         tmp = Path(tmp_name)
         results: dict[str, Any] = {"at": datetime.now(UTC).isoformat()}
-        from tests.models import tiny_gguf
+        from tests.models import staged, tiny_gguf
         from tests.support import corpus
 
-        trained, wide = tmp / "trained", tmp / "wide"
-        trained.mkdir()
-        wide.mkdir()
-        (trained / "model.gguf").write_bytes(corpus.build("tiny_llama").path.read_bytes())
-        tiny_gguf(wide / "model.gguf", width=args.width, layers=args.layers)
+        options = {"model": "llm", "fmt": "gguf", "quantization": "f16"}
+        trained = staged(tmp / "trained", corpus.build("tiny_llama").path.read_bytes(),
+                         **options)
+        wide = staged(tmp / "wide", tiny_gguf(tmp / "wide.gguf", width=args.width,
+                                              layers=args.layers), **options)
         # the trained llama writes text (a random one writes byte tokens, whose partial
         # UTF-8 llama-cpp-python holds back, which makes its first chunk late)
         results["gguf_trained_llama"] = gguf(trained, args.requests)

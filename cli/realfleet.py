@@ -42,7 +42,9 @@ class RealAgent:
     def auth(self) -> dict[str, str]:
         """The header its local API asks for: beyond loopback (behind a link) the agent
         makes a token in its state dir (agent.localauth)."""
-        path = self.state / "inference-token"
+        from agent.localauth import TOKEN_FILE
+
+        path = self.state / TOKEN_FILE
         return {"Authorization": f"Bearer {path.read_text().strip()}"} if path.exists() else {}
 
     def models(self) -> list[dict[str, Any]]:

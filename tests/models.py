@@ -1,5 +1,6 @@
-"""Tiny real models built in the tests: an fp32 ONNX MLP, a fixed-size image model and a
-llama GGUF that loads."""
+"""Tiny real models built in the tests: an fp32 ONNX MLP, a fixed-size image model, a
+recurrent model and a llama GGUF that loads; and ``staged``, a model as the installer
+leaves it to be served."""
 
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,20 @@ import numpy as np
 
 from cli.samples import mlp_onnx
 from tests.conftest import unavailable
+
+
+def staged(model_dir: Path, data: bytes, *, model: str, version: str = "1.0.0",
+           fmt: str = "onnx", quantization: str = "fp32", variant: str = "source") -> Path:
+    """``data`` staged in ``model_dir`` as the installer leaves a model for ``Serving`` to
+    activate: the file (``model.<fmt>``) and its signed description (``meta.json``)."""
+    from shared.targets import TargetInfo
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / f"model.{fmt}").write_bytes(data)
+    (model_dir / "meta.json").write_text(TargetInfo(
+        model=model, version=version, variant=variant, format=fmt,
+        quantization=quantization).model_dump_json())
+    return model_dir
 
 
 def llama_cpp() -> Any:

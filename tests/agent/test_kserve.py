@@ -11,18 +11,12 @@ import pytest
 import tritonclient.http as triton
 
 from agent.serving import LocalApi, Serving
-from shared.targets import TargetInfo
-from tests.models import image_onnx
+from tests.models import image_onnx, staged
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    model_dir = tmp_path_factory.mktemp("served") / "m"
-    model_dir.mkdir()
-    (model_dir / "model.onnx").write_bytes(image_onnx())
-    (model_dir / "meta.json").write_text(TargetInfo(
-        model="conv", version="1.0.0", variant="source", format="onnx",
-        quantization="fp32").model_dump_json())
+    model_dir = staged(tmp_path_factory.mktemp("served") / "m", image_onnx(), model="conv")
     serving = Serving()
     serving.activate(model_dir)
     api = LocalApi(serving, "127.0.0.1", 0)

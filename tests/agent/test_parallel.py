@@ -17,21 +17,15 @@ import pytest
 
 from agent.runtime import ModelWorker, RuntimeCrashed
 from agent.serving import LocalApi, Serving
-from shared.targets import TargetInfo
 from tests.conftest import wait_for
-from tests.models import recurrent_onnx
+from tests.models import recurrent_onnx, staged
 
 PARALLEL = 2
 
 
 def serve(tmp_path: Path, model: bytes, *, name: str = "gru", parallel: int = PARALLEL):
     """``model`` staged as ``name`` and served on a local API: (serving, api, file)."""
-    model_dir = tmp_path / f"{name}-{parallel}"
-    model_dir.mkdir()
-    (model_dir / "model.onnx").write_bytes(model)
-    (model_dir / "meta.json").write_text(TargetInfo(
-        model=name, version="1.0.0", variant="source", format="onnx",
-        quantization="fp32").model_dump_json())
+    model_dir = staged(tmp_path / f"{name}-{parallel}", model, model=name)
     serving = Serving(parallel=parallel)
     serving.activate(model_dir)
     api = LocalApi(serving, "127.0.0.1", 0)
@@ -169,18 +163,9 @@ def test_requests_in_flight_when_the_model_is_swapped_finish_and_waiting_ones_go
     it is served by the new one, none fails, and no worker of the old model is left."""
     import psutil
 
-    slow = tmp_path / "v1"
-    slow.mkdir()
-    (slow / "model.onnx").write_bytes(recurrent_onnx(40000))  # about 100 ms a call
-    (slow / "meta.json").write_text(TargetInfo(
-        model="gru", version="1.0.0", variant="source", format="onnx",
-        quantization="fp32").model_dump_json())
-    new = tmp_path / "v2"
-    new.mkdir()
-    (new / "model.onnx").write_bytes(recurrent_onnx(40000))
-    (new / "meta.json").write_text(TargetInfo(
-        model="gru", version="2.0.0", variant="source", format="onnx",
-        quantization="fp32").model_dump_json())
+    gru = recurrent_onnx(40000)  # about 100 ms a call
+    slow = staged(tmp_path / "v1", gru, model="gru")
+    new = staged(tmp_path / "v2", gru, model="gru", version="2.0.0")
     serving = Serving()  # one call at a time: the second request waits for the first
     serving.activate(slow)
     old = serving.worker

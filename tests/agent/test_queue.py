@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from agent.serving import LocalApi, Serving
-from shared.targets import TargetInfo
+from tests import models
 from tests.conftest import wait_for
 
 
@@ -42,11 +42,8 @@ class HeldWorker:
 
 def staged(model_dir: Path, version: str = "1.0.0") -> Path:
     """A staged GGUF model ``llm`` (an empty file: the workers here are fakes)."""
-    (model_dir / "model.gguf").write_bytes(b"")
-    (model_dir / "meta.json").write_text(TargetInfo(
-        model="llm", version=version, variant="q8_0", format="gguf",
-        quantization="q8_0").model_dump_json())
-    return model_dir
+    return models.staged(model_dir, b"", model="llm", version=version, fmt="gguf",
+                         quantization="q8_0", variant="q8_0")
 
 
 @pytest.fixture

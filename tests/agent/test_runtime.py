@@ -10,8 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from agent.runtime import BadRequest, InProcessWorker, ModelWorker, RuntimeCrashed
-from shared.targets import TargetInfo
-from tests.models import tiny_onnx
+from tests.models import staged, tiny_onnx
 
 
 @pytest.fixture(params=[ModelWorker, InProcessWorker])
@@ -76,12 +75,7 @@ def test_probation_fails_when_the_runtime_crashes_or_most_requests_fail(tmp_path
 
     from agent.serving import Serving
 
-    model_dir = tmp_path / "m"
-    model_dir.mkdir()
-    (model_dir / "model.onnx").write_bytes(tiny_onnx())
-    (model_dir / "meta.json").write_text(TargetInfo(
-        model="mlp", version="1.0.0", variant="source", format="onnx",
-        quantization="fp32").model_dump_json())
+    model_dir = staged(tmp_path / "m", tiny_onnx(), model="mlp")
     serving, stop = Serving(), threading.Event()
     serving.activate(model_dir)
     try:
