@@ -441,7 +441,8 @@ def run_smoke_test(call: Callable[..., Any], fmt: str, test: dict[str, Any],
     """Run a completed smoke test through ``call`` (a ModelWorker's); None if it passes."""
     tolerance, budget = float(test["tolerance"]), float(test["latency_budget_ms"])
     kind = str(test.get("kind", "generate"))
-    for n, (given, expected) in enumerate(zip(test["inputs"], test["expected"], strict=True)):
+
+    def run(given: Any) -> tuple[Any, float]:
         started = clock()
         if fmt == "gguf" and kind == "embed":
             got = call("embed", text=given)
@@ -449,12 +450,21 @@ def run_smoke_test(call: Callable[..., Any], fmt: str, test: dict[str, Any],
             got = call("generate", prompt=given, max_tokens=int(test.get("max_tokens", 16)))
         else:
             got = call("infer", inputs=given)
-        took_ms = (clock() - started) * 1000
+        return got, (clock() - started) * 1000
+
+    for n, (given, expected) in enumerate(zip(test["inputs"], test["expected"], strict=True)):
+        got, took_ms = run(given)
         off = smoke.distance(fmt, got, expected, kind)
         if off > tolerance:
             return f"input {n}: off by {off:.3g}, tolerance {tolerance:g}"
         if took_ms > budget:
-            return f"input {n}: took {took_ms:.0f} ms, budget {budget:g} ms"
+            # a model's first run of a shape pays one-off costs (onnxruntime sizes its
+            # memory, the weights' pages are touched): over budget, it is timed again
+            first = took_ms
+            got, took_ms = run(given)
+            if took_ms > budget:
+                return (f"input {n}: took {took_ms:.0f} ms, budget {budget:g} ms (the "
+                        f"first run: {first:.0f} ms)")
     return None
 
 

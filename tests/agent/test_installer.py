@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tuf.ngclient import Updater
 
-from agent.update.installer import Install, Installer, Room
+from agent.update.installer import Install, Installer, Room, run_smoke_test
 from agent.update.machine import RESUME, TERMINAL, Event, IllegalTransition, State, next_state
 from controller.registry.blobs import BlobStore
 from controller.registry.trust import TrustRepository
@@ -50,6 +50,25 @@ def test_every_state_an_agent_can_die_in_has_a_resume_point_before_it() -> None:
     assert set(RESUME) == set(State) - TERMINAL
     order = list(State)
     assert all(order.index(RESUME[s]) <= order.index(s) for s in RESUME)
+
+
+@pytest.mark.parametrize(("costs", "verdict"), [
+    ([0.1], None),
+    ([3.0, 0.1], None),  # a slow first run (one-off costs), then within budget: passes
+    ([3.0, 2.0], "input 0: took 2000 ms, budget 1000 ms (the first run: 3000 ms)"),
+])
+def test_a_smoke_input_over_its_latency_budget_is_judged_on_a_second_run(
+        costs: list[float], verdict: str | None) -> None:
+    now = [0.0]
+
+    def call(op: str, inputs: dict[str, object]) -> dict[str, list[list[float]]]:
+        now[0] += costs.pop(0)
+        return {"y": [[1.0]]}
+
+    test = {"inputs": [{"x": [[0.0]]}], "expected": [{"y": [[1.0]]}], "tolerance": 1e-4,
+            "latency_budget_ms": 1000}
+    assert run_smoke_test(call, "onnx", test, lambda: now[0]) == verdict
+    assert costs == []  # run twice only when over budget
 
 
 class FakeServing:

@@ -110,3 +110,49 @@ def test_a_probe_whose_answer_is_off_counts_as_a_probe_error(tmp_path: Path) -> 
     finally:
         serving.activate(None)
     assert counted == (2, 2)
+
+
+class _TimedWorker:
+    """A stand-in for ``ModelWorker`` whose calls take what ``costs`` says, on ``clock``."""
+
+    parallel, crashes, description, pid = 1, 0, {}, None
+
+    def __init__(self, *_args: object, clock: list[float], costs: dict[tuple[int, ...], float],
+                 **_kwargs: object) -> None:
+        self.clock, self.costs = clock, costs
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def call(self, op: str, inputs: dict[str, list[list[float]]]) -> dict[str, object]:
+        rows = inputs["x"]
+        self.clock[0] += self.costs.pop((len(rows), len(rows[0])), 0.1)
+        return {}
+
+
+def test_a_workers_first_call_with_a_shape_is_counted_but_kept_out_of_its_latency(
+        tmp_path: Path) -> None:
+    """onnxruntime sizes its memory on a shape's first run; a canary just loaded would
+    otherwise be judged on that against a baseline that paid it long ago."""
+    clock = [0.0]
+    costs = {(384, 4): 2.0, (1, 4): 3.0}  # each shape's first call is slow, later 0.1 s
+    serving = Serving(clock=lambda: clock[0], worker=lambda *a, **k: _TimedWorker(
+        *a, clock=clock, costs=costs, **k))
+    serving.activate(staged(tmp_path))
+    big, one = {"x": [[0.0] * 4] * 384}, {"x": [[0.0] * 4]}
+    for inputs in [big] * 10 + [one] * 2:
+        serving.call("infer", inputs=inputs)
+    health = serving.health()
+    assert (health["inference_count"], health["error_count"]) == (12, 0)
+    assert health["latency_p95_ms"] == pytest.approx(100)
+    serving.worker.crashes += 1  # restarted: its memory is new, so is the next call's
+    costs[(384, 4)] = 4.0
+    serving.call("infer", inputs=big)
+    assert serving.health()["latency_p95_ms"] == pytest.approx(100)
+    serving.call("infer", inputs=big)
+    costs[(384, 4)] = 4.0
+    serving.call("infer", inputs=big)  # not cold: a slow call counts
+    assert serving.health()["latency_p95_ms"] == pytest.approx(4000)
