@@ -14,6 +14,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -77,12 +78,32 @@ def _answer_all(conn: Connection, model: Any) -> None:
         try:
             if request["args"].get("stream"):
                 _stream(conn, getattr(model, request["op"])(**request["args"]))
+            elif request["op"] in _CANCELLABLE:
+                conn.send({"ok": getattr(model, request["op"])(
+                    **request["args"], cancelled=_cancel_seen(conn))})
             else:
                 conn.send({"ok": getattr(model, request["op"])(**request["args"])})
         except BadRequest as exc:
             conn.send({"bad_request": str(exc)})
         except Exception as exc:  # noqa: BLE001 - the runtime's own errors
             conn.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+#: the calls that stop early, on a cancel from the parent, when not streamed (llama.cpp's
+#: chat takes no stopping criteria: a chat is cancelled only when streamed)
+_CANCELLABLE = ("complete",)
+
+
+def _cancel_seen(conn: Connection) -> Callable[[], bool]:
+    """True once the parent has sent a cancel (its client went away) for the call in
+    progress; the only message it can send meanwhile."""
+    seen = False
+
+    def cancelled() -> bool:
+        nonlocal seen
+        seen = seen or (conn.poll() and conn.recv().get("op") == "cancel")
+        return seen
+    return cancelled
 
 
 def _stream(conn: Connection, chunks: Iterator[Any]) -> None:
@@ -194,15 +215,25 @@ class _LlamaModel:
         """Greedy token ids (what smoke tests compare)."""
         return smoke.greedy_tokens(self.llm, prompt, max_tokens)
 
-    def complete(self, prompt: str, **sampling: Any) -> Any:
+    def complete(self, prompt: str, *, cancelled: Callable[[], bool] | None = None,
+                 **sampling: Any) -> Any:
         """llama.cpp's completion (``sampling``: max_tokens, temperature, top_p, stop,
-        seed, stream); with ``stream``, an iterator of its chunks."""
-        return _refused(lambda: self.llm.create_completion(prompt, **sampling),
-                        stream=bool(sampling.get("stream")))
+        seed, stream); with ``stream``, an iterator of its chunks. ``cancelled`` is
+        asked after each token: True stops the generation there."""
+        return _refused(lambda: self.llm.create_completion(
+            prompt, **sampling, **_stopping(cancelled)), stream=bool(sampling.get("stream")))
 
     def chat(self, messages: list[dict[str, str]], **sampling: Any) -> Any:
         return _refused(lambda: self.llm.create_chat_completion(messages=messages, **sampling),
                         stream=bool(sampling.get("stream")))
+
+
+def _stopping(cancelled: Callable[[], bool] | None) -> dict[str, Any]:
+    if cancelled is None:
+        return {}
+    from llama_cpp import StoppingCriteriaList
+
+    return {"stopping_criteria": StoppingCriteriaList([lambda _ids, _logits: cancelled()])}
 
 
 #: request tensors larger than this go to the worker through shared memory, not the pipe
@@ -300,15 +331,18 @@ class ModelWorker:
         self._free = list(self._slots)
         self._process, self.description = process, hello["ready"]
 
-    def call(self, op: str, **args: Any) -> Any:
+    def call(self, op: str, *, client: socket.socket | None = None, **args: Any) -> Any:
         """Run ``op`` in the worker; BadRequest for bad input, RuntimeCrashed if it died
-        (reported once; the next call starts a new worker)."""
+        (reported once; the next call starts a new worker). If ``client``, the socket of
+        the request it answers, closes first, a generation is cancelled where it is."""
         slot = self._take()
         try:
             if op == "infer_raw":
                 args = {"inputs": self._share(slot, args["inputs"])}
             try:
                 slot.conn.send({"op": op, "args": args})
+                if client is not None and op in _CANCELLABLE:
+                    _watch(slot.conn, client)
                 answer = slot.conn.recv()
             except (EOFError, OSError):
                 self._crashed(slot)
@@ -469,6 +503,23 @@ class ModelWorker:
         return self._process.pid if self._process is not None else None
 
 
+def _watch(conn: Connection, client: socket.socket) -> None:
+    """Wait for the worker's answer on ``conn``; tell it to cancel if ``client`` closes
+    first. Stops watching if the client sends more (a pipelined request)."""
+    from multiprocessing.connection import wait
+
+    while conn not in wait([conn, client]):
+        try:
+            more = client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        except OSError:
+            more = b""  # reset: gone
+        if not more:
+            conn.send({"op": "cancel"})
+        return
+
+
 def _unlink(slot: _Slot) -> None:
     if slot.shm is not None:
         slot.shm.close()
@@ -491,7 +542,7 @@ class InProcessWorker(ModelWorker):
             raise RuntimeCrashed(f"cannot load the model: {exc}") from None
         self.description = self._model.describe()
 
-    def call(self, op: str, **args: Any) -> Any:
+    def call(self, op: str, *, client: socket.socket | None = None, **args: Any) -> Any:
         with self._lock:
             try:
                 return getattr(self._model, op)(**args)

@@ -191,10 +191,11 @@ class Serving:
                 seen.add(shapes)
             return True
 
-    def generate(self, op: str, **args: Any) -> Any:
-        """A completion (``complete`` or ``chat``), counted with the tokens it made."""
+    def generate(self, op: str, *, client: Any = None, **args: Any) -> Any:
+        """A completion (``complete`` or ``chat``), counted with the tokens it made;
+        cancelled where it is if ``client``, the request's socket, closes first."""
         started = self._clock()
-        out = self.call(op, **args)
+        out = self.call(op, client=client, **args)
         self._generated((out.get("usage") or {}).get("completion_tokens") or 0, started)
         return out
 
@@ -612,7 +613,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (RuntimeCrashed, RuntimeError) as exc:
             status, out = 500, _error(openai, 500, str(exc))
         if status:  # 0: a stream, already answered
-            self._send(status, out, headers)
+            with suppress(BrokenPipeError, ConnectionResetError):  # the client left
+                self._send(status, out, headers)
         return None
 
     def _route(self, body: dict[str, Any]) -> tuple[int, Any]:
@@ -650,7 +652,7 @@ class _Handler(BaseHTTPRequestHandler):
             if body.get("stream") is True:
                 self._sse(meta, self.serving.stream(op, **args))
                 return 0, None
-            out = self.serving.generate(op, **args)
+            out = self.serving.generate(op, client=self.connection, **args)
             return 200, out | {"model": meta.model}
         raise LookupError(f"no route {self.path}")
 

@@ -1,14 +1,17 @@
 """The agent's OpenAI-compatible API for GGUF models, through the real `openai` client."""
 
 import json
+import socket
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import wait_for
 from tests.integration.test_delivery import enrolled_agent, http, pin, push
 from tests.models import llama_cpp, tiny_gguf
 from tests.support import corpus
@@ -70,6 +73,33 @@ def test_a_client_that_leaves_a_stream_leaves_the_model_serving(client) -> None:
     after = api.completions.create(model="tiny-llama", prompt="The quick", max_tokens=4,
                                    temperature=0)
     assert after.choices[0].text == before.choices[0].text
+
+
+def test_a_client_that_leaves_before_its_completion_ends_cancels_the_generation(
+        client) -> None:
+    """Not streamed: the agent sees the socket close while the model generates, and
+    stops it there instead of making the tokens nobody will read."""
+    api, local = client
+    most = 480  # the context is 512 tokens
+    whole = api.completions.create(model="tiny-llama", prompt="The quick", max_tokens=most,
+                                   temperature=0)
+    assert whole.usage.completion_tokens == most  # left alone, it makes them all
+    before = _samples(local, model="tiny-llama")
+    body = json.dumps({"prompt": "The quick", "max_tokens": most, "temperature": 0}).encode()
+    where = urlsplit(local)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    after = wait_for(lambda: (m := _samples(local, model="tiny-llama"))[
+        "edgefleet_agent_inferences_total"] > before["edgefleet_agent_inferences_total"] and m,
+        60, "the left request to end")
+    made = after.get("edgefleet_agent_generated_tokens_total", 0) - before[
+        "edgefleet_agent_generated_tokens_total"]
+    assert made < most / 2, made
+    assert not after.get("edgefleet_agent_inference_errors_total")
+    again = api.completions.create(model="tiny-llama", prompt="The quick", max_tokens=most,
+                                   temperature=0)
+    assert again.choices[0].text == whole.choices[0].text  # nothing of it left behind
 
 
 def test_bad_requests_are_4xx_in_openais_shape_and_not_counted_against_the_model(
