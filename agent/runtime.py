@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent.limits import LimitUnavailable, WorkerLimit
-from shared import smoke
+from shared import encoder, smoke
 
 log = logging.getLogger(__name__)
 _unenforced = False  # said once: memory_limit_bytes cannot be enforced here
@@ -43,8 +43,9 @@ class BadRequest(Exception):
 
 
 def _load(path: str, fmt: str, *, parallel: int = 1) -> Any:
-    """``fmt``: "onnx", "gguf" (a model that generates) or "gguf-embed" (an encoder)."""
-    if fmt == "onnx":
+    """``fmt``: "onnx", "gguf" (a model that generates), "gguf-embed" or "onnx-embed" (an
+    encoder)."""
+    if fmt.startswith("onnx"):
         return _OnnxModel(path, parallel=parallel)
     return _LlamaModel(path, embedding=fmt == "gguf-embed")
 
@@ -134,6 +135,8 @@ class _OnnxModel:
         self._local = threading.local()  # each answering thread's request buffer
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
+        declared = encoder.parse(self.session.get_modelmeta().custom_metadata_map)
+        self.encoder = _Encoder(declared, self.inputs) if declared else None
 
     def describe(self) -> dict[str, Any]:
         return {"inputs": {n: {"type": i.type, "shape": list(i.shape)}
@@ -147,6 +150,16 @@ class _OnnxModel:
             raise BadRequest(str(exc)) from None
         values = self.session.run(self.outputs, feed)
         return {name: v.tolist() for name, v in zip(self.outputs, values, strict=True)}
+
+    def embeddings(self, texts: list[str]) -> dict[str, Any]:
+        """A sentence encoder's embeddings of ``texts`` (run as one batch) and how many
+        tokens they took."""
+        if self.encoder is None:
+            raise BadRequest("the model is not a sentence encoder")
+        feed, mask = self.encoder.feed(texts)
+        (out,) = self.session.run(self.outputs[:1], feed)
+        return {"vectors": self.encoder.pooled(out, mask).tolist(),
+                "tokens": int(mask.sum())}
 
     def infer_raw(self, inputs: dict[str, tuple[str, list[int], Any]]
                   ) -> dict[str, tuple[str, list[int], bytes]]:
@@ -186,6 +199,56 @@ class _OnnxModel:
             current = shared_memory.SharedMemory(name=name)
             self._local.shm = current
         return current.buf[offset:offset + length]  # type: ignore[index]
+
+
+class _Encoder:
+    """A sentence encoder's tokenizer and pooling, as its file declares them."""
+
+    def __init__(self, declared: encoder.Encoder, inputs: dict[str, Any]) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise RuntimeError("the model is a sentence encoder, whose tokenizer needs the "
+                               "tokenizers package: pip install 'edgefleet[embed]'") from None
+        self.declared = declared
+        self.tokenizer = Tokenizer.from_str(declared.tokenizer)
+        self.tokenizer.no_truncation()  # a text too long is refused, not cut
+        padding = self.tokenizer.padding or {}
+        self.tokenizer.enable_padding(pad_id=padding.get("pad_id", 0),
+                                      pad_token=padding.get("pad_token", "[PAD]"))
+        self.types = {name: "int32" if i.type == "tensor(int32)" else "int64"
+                      for name, i in inputs.items()}
+
+    def feed(self, texts: list[str]) -> tuple[dict[str, Any], Any]:
+        """The model's inputs for ``texts``, padded to the longest, and its mask."""
+        import numpy as np
+
+        encoded = self.tokenizer.encode_batch(texts)
+        lengths = [sum(e.attention_mask) for e in encoded]
+        if max(lengths) > self.declared.max_tokens:
+            longest = lengths.index(max(lengths))
+            raise BadRequest(f"input {longest} has {lengths[longest]} tokens, over the "
+                             f"model's limit of {self.declared.max_tokens}")
+        columns = {"input_ids": [e.ids for e in encoded],
+                   "attention_mask": [e.attention_mask for e in encoded],
+                   "token_type_ids": [e.type_ids for e in encoded]}
+        feed = {name: np.array(columns[name], dtype=dtype) for name, dtype in self.types.items()}
+        return feed, np.array(columns["attention_mask"], dtype=np.float32)
+
+    def pooled(self, out: Any, mask: Any) -> Any:
+        """``out`` (the first output) as one vector per text."""
+        import numpy as np
+
+        pooling = self.declared.pooling
+        if pooling == "mean":
+            out = (out * mask[..., None]).sum(1) / np.maximum(mask.sum(1), 1e-9)[:, None]
+        elif pooling == "cls":
+            out = out[:, 0]
+        elif pooling == "max":
+            out = np.where(mask[..., None] > 0, out, -np.inf).max(1)
+        if self.declared.normalize:
+            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
 
 
 class _LlamaModel:
@@ -281,7 +344,8 @@ class ModelWorker:
     def __init__(self, path: Path, fmt: str, *, load_timeout: float = 120.0,
                  memory_limit: int | None = None, parallel: int | None = 1) -> None:
         self.path, self.format = path, fmt
-        self.parallel = 1 if fmt != "onnx" else max(1, parallel or os.cpu_count() or 1)
+        self.parallel = (max(1, parallel or os.cpu_count() or 1) if fmt.startswith("onnx")
+                         else 1)
         self._load_timeout = load_timeout
         self.memory_limit = memory_limit
         self.limit: WorkerLimit | None = None

@@ -12,7 +12,7 @@ of the active model since it was activated, so a rollout compares models, not up
     POST /v2/models/{name}/infer            ONNX, KServe v2 (JSON or binary tensors)
     POST /v1/completions                    GGUF, OpenAI-compatible ("stream": true: SSE)
     POST /v1/chat/completions               GGUF, OpenAI-compatible ("stream": true: SSE)
-    POST /v1/embeddings                     GGUF encoders, OpenAI-compatible
+    POST /v1/embeddings                     encoders (GGUF, ONNX), OpenAI-compatible
 """
 
 import base64
@@ -48,6 +48,7 @@ MAX_BODY = 16 * 1024 * 1024
 #: request bodies for models with dynamic input sizes (a fixed-size model's cap follows
 #: its inputs: their bytes, or 24 characters a value as JSON)
 MAX_DYNAMIC_BODY = {"binary": 256 << 20, "json": 64 << 20}
+MAX_EMBED_INPUTS = 2048  # texts in one embeddings request, as OpenAI's API takes
 _INFER = re.compile(r"^/v1/models/([^/]+)/infer$")
 _INFER_V2 = re.compile(r"^/v2/models/([^/]+)/infer$")
 
@@ -657,12 +658,13 @@ class _Handler(BaseHTTPRequestHandler):
         raise LookupError(f"no route {self.path}")
 
     def _embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
-        """OpenAI's embeddings of an encoder GGUF: ``input`` a string or a list of them."""
+        """OpenAI's embeddings of an encoder (GGUF, or an ONNX sentence encoder):
+        ``input`` a string or a list of them."""
         meta = self.serving.meta
         if not meta:
             raise LookupError("no model is loaded")
         _check_model(body, meta)
-        if meta.runtime_format != "gguf-embed":
+        if not meta.runtime_format.endswith("-embed"):
             raise BadRequest(f"{meta.model} is not an embedding model (a {meta.format} "
                              "model that " + ("generates text: use /v1/completions)"
                                               if meta.format == "gguf" else
@@ -673,6 +675,9 @@ class _Handler(BaseHTTPRequestHandler):
                 isinstance(t, str) and t for t in texts):
             raise BadRequest("input must be a non-empty string or a list of them (token "
                              "ids are not taken)")
+        if len(texts) > MAX_EMBED_INPUTS:
+            raise BadRequest(f"input has {len(texts)} texts; at most {MAX_EMBED_INPUTS} a "
+                             "request")
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise BadRequest('encoding_format must be "float" or "base64"')

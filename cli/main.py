@@ -418,6 +418,10 @@ def model() -> None:
 @click.option("--smoke-test", "smoke_file", type=click.Path(exists=True, dir_okay=False,
               path_type=Path), help="JSON: inputs, expected (optional), tolerance, "
               "latency_budget_ms. Without it, the samples (or generated inputs) are used.")
+@click.option("--encoder", "encoder_dir", type=click.Path(exists=True, file_okay=False,
+              path_type=Path), help="ONNX sentence encoders: a sentence-transformers model "
+              "directory whose tokenizer, pooling, normalization and longest input are "
+              "written into the uploaded model, so devices serve it on /v1/embeddings.")
 @click.option("--labels", "labels", multiple=True, metavar="KEY=VALUE")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for the smoke test and derived variants to be built.")
@@ -425,8 +429,8 @@ def model() -> None:
 def model_push(controller: str, token: str | None, file: Path, name: str, version: str,
                samples: tuple[str, ...], declared: tuple[str, ...], variants: str | None,
                no_derive: bool, min_fidelity: str | None, metric: str | None,
-               text_file: Path | None, smoke_file: Path | None, labels: tuple[str, ...],
-               wait: bool, as_json: bool) -> None:
+               text_file: Path | None, smoke_file: Path | None, encoder_dir: Path | None,
+               labels: tuple[str, ...], wait: bool, as_json: bool) -> None:
     """Upload FILE (ONNX or GGUF) as NAME@VERSION; it is validated and signed, then run
     on sample inputs, and its derived variants are built and compared in the
     background."""
@@ -437,7 +441,7 @@ def model_push(controller: str, token: str | None, file: Path, name: str, versio
     api = make_api(controller, token)
     if samples:
         body["samples"] = _upload_samples(api, samples, quiet=as_json)
-    with _folded(file, quiet=as_json) as upload:
+    with _one_file(file, encoder_dir, quiet=as_json) as upload:
         if not as_json:
             console.print(f"uploading {file.name} ({upload.stat().st_size:,} bytes)")
         uploaded = api.upload("/uploads", upload, params={"filename": file.name})
@@ -479,25 +483,35 @@ def _push_options(variants: str | None, min_fidelity: str | None, metric: str | 
 
 
 @contextlib.contextmanager
-def _folded(file: Path, *, quiet: bool) -> Iterator[Path]:
+def _one_file(file: Path, encoder_dir: Path | None, *, quiet: bool) -> Iterator[Path]:
     """``file``, or an ONNX model with its external data files folded in (an upload is
-    one file)."""
+    one file) and ``encoder_dir``'s embedding config written in (``shared.encoder``)."""
     if file.suffix.lower() != ".onnx":
+        if encoder_dir is not None:
+            raise click.BadParameter("only an ONNX model takes it (a GGUF encoder "
+                                     "declares its own pooling)", param_hint="--encoder")
         yield file
         return
     import tempfile
 
-    from controller.registry.inspect import InvalidModel, fold_external_data
+    from controller.registry.inspect import InvalidModel, prepare_upload
+    from shared import encoder
 
+    try:
+        metadata = encoder.from_sentence_transformers(encoder_dir) if encoder_dir else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--encoder") from None
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / file.name
         try:
-            folded = fold_external_data(file, out)
+            changed = prepare_upload(file, out, metadata=metadata)
         except InvalidModel as exc:
             raise click.ClickException(f"{file}: {exc}") from None
-        if folded and not quiet:
-            console.print(f"folded {file.name}'s external data into the upload")
-        yield out if folded else file
+        if changed and not quiet:
+            console.print(f"wrote {encoder_dir}'s tokenizer and pooling into the upload"
+                          if metadata else
+                          f"folded {file.name}'s external data into the upload")
+        yield out if changed else file
 
 
 def _declarations(declared: tuple[str, ...]) -> dict[str, str]:

@@ -35,9 +35,11 @@ class TargetInfo(Message):
 
     @property
     def runtime_format(self) -> str:
-        """What the model worker loads the file as: an embedding GGUF is ``gguf-embed``."""
-        if self.format == "gguf" and self.requirements.get("gguf_embedding"):
-            return "gguf-embed"
+        """What the model worker loads the file as: an embedding model (a GGUF encoder,
+        an ONNX sentence encoder) is ``gguf-embed`` or ``onnx-embed``."""
+        if self.requirements.get("gguf_embedding" if self.format == "gguf"
+                                 else "onnx_embedding"):
+            return f"{self.format}-embed"
         return self.format
 
 

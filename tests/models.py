@@ -40,6 +40,59 @@ def tiny_onnx(hidden: int = 4096, inputs: int = 128, classes: int = 10) -> bytes
     return mlp_onnx(hidden, inputs, classes)
 
 
+#: the words a tiny encoder knows (ids from 2: 0 is [PAD], 1 is [UNK])
+ENCODER_WORDS = ("the", "cat", "sat", "on", "mat", "dog", "ran", "far")
+#: the tiny encoder's vector of each token id: row i is (i, i^2 mod 7, 1, -i)
+ENCODER_TABLE = np.array([[i, i * i % 7, 1, -i] for i in range(2 + len(ENCODER_WORDS))],
+                         dtype=np.float32)
+
+
+def tiny_encoder(directory: Path, *, pooling: str = "mean", max_tokens: int = 8) -> Path:
+    """A sentence encoder saved as sentence-transformers saves one, in ``directory``:
+    ``model.onnx`` (token ids and attention mask in, each token's row of
+    ``ENCODER_TABLE`` out, zero where masked), a word-level tokenizer
+    (``tokenizers``' own ``tokenizer.json``), ``pooling`` and Normalize."""
+    import json
+
+    from onnx import TensorProto, helper, numpy_helper
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1} | {w: i + 2 for i, w in enumerate(ENCODER_WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    (directory / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize",
+         "type": "sentence_transformers.models.Normalize"}]))
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 4, "pooling_mode_cls_token": pooling == "cls",
+         "pooling_mode_mean_tokens": pooling == "mean",
+         "pooling_mode_max_tokens": pooling == "max"}))
+    (directory / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": max_tokens, "do_lower_case": False}))
+    tokens = ["batch", "tokens"]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["rows"]),
+         helper.make_node("Unsqueeze", ["attention_mask", "last"], ["mask3"]),
+         helper.make_node("Cast", ["mask3"], ["maskf"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["rows", "maskf"], ["last_hidden_state"])],
+        "encoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, tokens),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, tokens)],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [*tokens, 4])],
+        [numpy_helper.from_array(ENCODER_TABLE, "table"),
+         numpy_helper.from_array(np.array([-1], dtype=np.int64), "last")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = directory / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
 def image_onnx() -> bytes:
     """A fixed-size image backbone, about as costly as a small detector's at this size
     (8-10 ms on these CPUs): image[1, 3, 320, 320] -> three stages of a 3x3 stride-2

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.registry.inputs import TensorSpec, specs
+from shared import encoder
 
 GGUF_MAGIC = b"GGUF"
 _ONNX_QUANT_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
@@ -81,13 +82,44 @@ def _inspect_onnx(path: Path, *, checker: bool) -> ArtifactInfo:
     else:
         quant = "fp32"
     size = path.stat().st_size
-    return ArtifactInfo(
-        format="onnx", quantization=quant,
-        requirements={"runtime": "onnxruntime", "onnx_ir_version": model.ir_version,
-                      "onnx_opset": opset, "min_onnxruntime": min_onnxruntime(opset)},
-        ram_estimate_bytes=2 * size + (16 << 20),
-        inputs=tuple(specs(session.get_inputs())), outputs=tuple(specs(session.get_outputs())),
-    )
+    requirements = {"runtime": "onnxruntime", "onnx_ir_version": model.ir_version,
+                    "onnx_opset": opset, "min_onnxruntime": min_onnxruntime(opset)}
+    inputs, outputs = tuple(specs(session.get_inputs())), tuple(specs(session.get_outputs()))
+    if embedding := _encoder(model, inputs, outputs):
+        requirements["onnx_embedding"] = embedding
+    return ArtifactInfo(format="onnx", quantization=quant, requirements=requirements,
+                        ram_estimate_bytes=2 * size + (16 << 20), inputs=inputs,
+                        outputs=outputs)
+
+
+def _encoder(model: Any, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]
+             ) -> dict[str, Any] | None:
+    """A sentence encoder's declared config (``shared.encoder``), checked against the
+    graph it describes, as the target's requirement (the device reads the rest from the
+    file): None for a model that declares none."""
+    try:
+        declared = encoder.parse({p.key: p.value for p in model.metadata_props})
+    except ValueError as exc:
+        raise InvalidModel(str(exc)) from None
+    if declared is None:
+        return None
+    names = {i.name: i for i in inputs}
+    wrong = [n for n in names if n not in encoder.INPUTS] + [
+        n for n in encoder.INPUTS[:2] if n not in names]
+    if wrong or any(not (i.dtype or "").startswith("int") or len(i.shape) != 2
+                    for i in names.values()):
+        raise InvalidModel("a sentence encoder takes input_ids and attention_mask (and "
+                           "token_type_ids), integers [batch, tokens]; this one takes "
+                           + ", ".join(f"{i.name} {i.dtype}{_dims(i)}" for i in inputs))
+    rank = 2 if declared.pooling == "none" else 3
+    if len(outputs[0].shape) != rank:
+        raise InvalidModel(f"with {encoder.PREFIX}pooling {declared.pooling} the first "
+                           f"output must have {rank} dimensions; {outputs[0].name} has "
+                           f"{_dims(outputs[0])}")
+    dim = outputs[0].shape[-1]
+    return {"pooling": declared.pooling, "normalize": declared.normalize,
+            "max_tokens": declared.max_tokens,
+            "dimension": dim if isinstance(dim, int) and dim > 0 else None}
 
 
 def _inspect_gguf(path: Path) -> ArtifactInfo:
@@ -110,6 +142,11 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
         requirements["gguf_embedding"] = True
     return ArtifactInfo(format="gguf", quantization=quant, requirements=requirements,
                         ram_estimate_bytes=size + (64 << 20))
+
+
+def _dims(spec: TensorSpec) -> str:
+    """``[batch, ?, 4]``: a shape as its model names it ("?" for a dimension unnamed)."""
+    return "[" + ", ".join(str(d) if d else "?" for d in spec.shape) + "]"
 
 
 def external_data(model: Any) -> list[str]:
@@ -147,25 +184,27 @@ def opset_of(model: Any) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def fold_external_data(path: Path, out: Path) -> bool:
-    """Write ``path`` with its external data folded in to ``out``; False if it has none
-    (or is not ONNX at all: the controller says what is wrong with it). Raises
-    InvalidModel if the data files are missing or the result is over protobuf's 2 GiB
-    limit."""
+def prepare_upload(path: Path, out: Path, *, metadata: dict[str, str] | None = None
+                   ) -> bool:
+    """Write ``path`` to ``out`` as one file, with its external data folded in and
+    ``metadata`` (``metadata_props``) set; False if there is nothing to change (or it is
+    not ONNX at all: the controller says what is wrong with it). Raises InvalidModel if
+    the data files are missing or the result is over protobuf's 2 GiB limit."""
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - not ONNX: left for the controller to refuse
         return False
-    if not external_data(model):
+    if not external_data(model) and not metadata:
         return False
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
+        onnx.helper.set_model_props(model, {p.key: p.value for p in model.metadata_props}
+                                    | (metadata or {}))
         onnx.save(model, str(out))
     except Exception as exc:  # noqa: BLE001
-        raise InvalidModel(f"cannot fold the external data into the model: "
-                           f"{first_line(exc)}") from None
+        raise InvalidModel(f"cannot write the model as one file: {first_line(exc)}") from None
     return True
 
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from agent.runtime import BadRequest, InProcessWorker, ModelWorker, RuntimeCrashed
-from tests.models import staged, tiny_onnx
+from tests.models import ENCODER_TABLE, ENCODER_WORDS, staged, tiny_encoder, tiny_onnx
 
 
 @pytest.fixture(params=[ModelWorker, InProcessWorker])
@@ -95,3 +95,34 @@ def test_probation_fails_when_the_runtime_crashes_or_most_requests_fail(tmp_path
         assert serving.verdict(start) == "2 of 3 requests failed during probation"
     finally:
         serving.activate(None)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+def test_an_onnx_sentence_encoder_embeds_a_batch_as_its_file_declares(tmp_path, pooling) -> None:
+    """Tokenized by the tokenizer the file carries, pooled as it declares, normalised; a
+    batch padded to its longest text gives what each text alone gives."""
+    from controller.registry.inspect import prepare_upload
+    from shared import encoder
+
+    source = tiny_encoder(tmp_path / "st", pooling=pooling)
+    path = tmp_path / "encoder.onnx"
+    prepare_upload(source, path, metadata=encoder.from_sentence_transformers(tmp_path / "st"))
+    texts = ["the cat sat on the mat", "dog", "the dog ran far away"]  # "away" is unknown
+    w = ModelWorker(path, "onnx-embed")
+    w.start()
+    try:
+        out = w.call("embeddings", texts=texts)
+        alone = [w.call("embeddings", texts=[t])["vectors"][0] for t in texts]
+        with pytest.raises(BadRequest, match="input 1 has 9 tokens, over the model's limit of 8"):
+            w.call("embeddings", texts=["cat", " ".join(["cat"] * 9)])
+    finally:
+        w.stop()
+    want = []
+    for text in texts:
+        rows = ENCODER_TABLE[[ENCODER_WORDS.index(t) + 2 if t in ENCODER_WORDS else 1
+                              for t in text.split()]]
+        v = {"mean": rows.mean(0), "cls": rows[0], "max": rows.max(0)}[pooling]
+        want.append(v / np.linalg.norm(v))
+    np.testing.assert_allclose(out["vectors"], want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(alone, want, rtol=1e-6, atol=1e-7)
+    assert out["tokens"] == 6 + 1 + 5

@@ -78,3 +78,26 @@ def test_push_folds_external_data_and_takes_samples_variants_and_a_floor(
     assert bare.returncode == 0, bare.stderr
     out = json.loads(bare.stdout[bare.stdout.index("{"):])
     assert [v["name"] for v in out["variants"]] == ["source"]
+
+
+def test_push_declares_a_sentence_encoder_from_its_sentence_transformers_directory(
+        start_controller, tmp_path) -> None:
+    from tests.models import tiny_encoder
+
+    controller = start_controller()
+    model = tiny_encoder(tmp_path / "st")
+    smoke = tmp_path / "smoke.json"
+    smoke.write_text(json.dumps({"inputs": [{"input_ids": [[2, 3]],
+                                             "attention_mask": [[1, 1]]}]}))
+    push = ["model", "push", str(model), "--name", "words", "--no-derive", "--smoke-test",
+            str(smoke), "--encoder", str(tmp_path / "st")]
+    pushed = run(controller, *push, "--version", "1.0.0")
+    assert pushed.returncode == 0, pushed.stderr
+    assert "tokenizer and pooling into the upload" in pushed.stdout
+    shown = json.loads(run(controller, "model", "show", "words@1.0.0", "--json").stdout)
+    assert shown["variants"][0]["requirements"]["onnx_embedding"] == {
+        "pooling": "mean", "normalize": True, "max_tokens": 8, "dimension": 4}
+    (tmp_path / "st" / "tokenizer.json").unlink()
+    refused = run(controller, *push, "--version", "1.1.0")
+    assert refused.returncode == 2
+    assert "has no tokenizer.json" in refused.stderr

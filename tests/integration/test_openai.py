@@ -1,4 +1,5 @@
-"""The agent's OpenAI-compatible API for GGUF models, through the real `openai` client."""
+"""The agent's OpenAI-compatible API (GGUF models, ONNX sentence encoders), through the
+real `openai` client."""
 
 import json
 import socket
@@ -192,6 +193,50 @@ def test_embeddings_of_an_encoder_gguf_have_its_dimension_and_repeat_exactly(
         api.embeddings.create(model="minilm", input=[])
     with pytest.raises(openai.NotFoundError):
         api.embeddings.create(model="gpt-4", input="x")
+
+
+def test_an_onnx_sentence_encoder_embeds_as_sentence_transformers_pools_it(
+        start_controller, spawn, tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2 exported with a vector per token, its tokenizer, mean pooling and
+    normalization declared in the file from its sentence-transformers config: through the
+    openai client the device gives the embeddings torch gives with that pooling on the
+    same weights, a batch of texts of different lengths what each gives alone, and a text
+    over the declared 256 tokens a 400 that is not the model's error."""
+    torch = corpus.torch_mod()
+    entry = corpus.build("minilm_tokens")
+    controller = start_controller()
+    smoke = {"inputs": [{k: v.tolist() for k, v in entry.samples[0].items()}]}
+    shown = push(controller, tmp_path, "minilm", "1.0.0", entry.path.read_bytes(),
+                 entry.path.name, derive=False, smoke_test=smoke)
+    assert shown["variants"][0]["requirements"]["onnx_embedding"] == {
+        "pooling": "mean", "normalize": True, "max_tokens": 256, "dimension": 384}
+    device_id, local, _agent = enrolled_agent(controller, spawn, tmp_path)
+    assert pin(controller, device_id, "minilm@1.0.0")["state"] == "committed"
+    api = openai.OpenAI(base_url=f"{local}/v1", api_key="unused", max_retries=0)
+    texts = [corpus.SENTENCES[0], "Stock prices fell.", corpus.SENTENCES[0],
+             " ".join(corpus.SENTENCES[:6])]
+    out = api.embeddings.create(model="minilm", input=texts)
+    vectors = np.array([d.embedding for d in out.data])
+
+    _dir, tokenizer, bert = corpus._minilm_parts()
+    with torch.no_grad():
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+        hidden = bert(**enc)[0]
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        want = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    assert vectors.shape == (4, 384)
+    assert np.min(np.sum(vectors * want.numpy(), axis=1)) > 0.9999
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    assert vectors[0] @ vectors[2] == pytest.approx(1.0, abs=1e-6)
+    assert out.usage.prompt_tokens == int(enc["attention_mask"].sum())
+    for text, batched in zip(texts, vectors, strict=True):
+        (alone,) = api.embeddings.create(model="minilm", input=text).data
+        np.testing.assert_allclose(alone.embedding, batched, atol=1e-5)
+    with pytest.raises(openai.BadRequestError, match="over the model's limit of 256"):
+        api.embeddings.create(model="minilm", input=" ".join(corpus.SENTENCES * 4))
+    metrics = _samples(local, model="minilm")
+    assert not metrics.get("edgefleet_agent_inference_errors_total")
+    assert metrics["edgefleet_agent_client_errors_total"] == 1
 
 
 @pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_phi3", "tiny_gemma"])

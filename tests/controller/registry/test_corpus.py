@@ -72,6 +72,9 @@ def test_every_corpus_model_registers_and_each_variant_is_offered_or_refused(
     for v in derived:
         c = v["comparison"]
         assert v["signed"]
+        # an encoder's variants keep its tokenizer and pooling (the device reads them)
+        assert v["requirements"].get("onnx_embedding") == source["requirements"].get(
+            "onnx_embedding")
         assert c["metric"] == entry.metric
         assert 0.0 <= c["fidelity"][entry.metric] <= 1.0
         assert c["size_ratio"] < 1.0
