@@ -76,9 +76,14 @@ def test_a_rollout_to_three_classes_of_real_agents_completes_and_a_regression_on
         ram = {v["quantization"]: v["ram_estimate_bytes"] for v in version["variants"]}
         assert ram["int8"] < TIERS["small"] < ram["fp32"], ram  # pinned by the push
     # twelve real agents on two cores: comparing one device's p95 with another's
-    # measures the scheduler (1.9x seen between two copies of the same load), so latency
-    # is judged loosely here; memory as the plan's owner chose (see SCRATCH_PER_ROW)
-    gates = {"min_requests": 10, "max_memory_ratio": 3.0, "max_latency_p95_ratio": 3.0}
+    # measures the scheduler (1.9x seen between two copies of the same load), and a
+    # canary's p95 covers only its bake, while the small boxes' workers restart (load
+    # onnxruntime and the model) on the same cores, against a baseline that covers the
+    # calmer minutes before (3.4-3.8x, +0.7-0.9 s seen in CI in the big class; real
+    # boxes do not take each other's CPU). So latency fails a stage here only when it
+    # also grows by seconds; memory as the plan's owner chose (see SCRATCH_PER_ROW)
+    gates = {"min_requests": 10, "max_memory_ratio": 3.0, "max_latency_p95_ratio": 3.0,
+             "min_latency_increase_ms": 5000}
     with ExitStack() as stack:
         fleet = stack.enter_context(real_fleet(controller, tmp_path, TIERS, PER_TIER))
         traffic = stack.enter_context(Traffic(fleet.agents, infer_call, rate=2))
