@@ -90,9 +90,8 @@ def _answer_all(conn: Connection, model: Any) -> None:
             conn.send({"error": f"{type(exc).__name__}: {exc}"})
 
 
-#: the calls that stop early, on a cancel from the parent, when not streamed (llama.cpp's
-#: chat takes no stopping criteria: a chat is cancelled only when streamed)
-_CANCELLABLE = ("complete",)
+#: the calls that stop early, on a cancel from the parent, when not streamed
+_CANCELLABLE = ("complete", "chat")
 
 
 def _cancel_seen(conn: Connection) -> Callable[[], bool]:
@@ -286,9 +285,27 @@ class _LlamaModel:
         return _refused(lambda: self.llm.create_completion(
             prompt, **sampling, **_stopping(cancelled)), stream=bool(sampling.get("stream")))
 
-    def chat(self, messages: list[dict[str, str]], **sampling: Any) -> Any:
-        return _refused(lambda: self.llm.create_chat_completion(messages=messages, **sampling),
-                        stream=bool(sampling.get("stream")))
+    def chat(self, messages: list[dict[str, str]], *,
+             cancelled: Callable[[], bool] | None = None, **sampling: Any) -> Any:
+        """llama.cpp's chat completion, as ``complete``. Its chat takes no stopping
+        criteria: once ``cancelled``, the next token can only be the end of the text."""
+        return _refused(lambda: self.llm.create_chat_completion(
+            messages=messages, **sampling, **self._ending(cancelled)),
+            stream=bool(sampling.get("stream")))
+
+    def _ending(self, cancelled: Callable[[], bool] | None) -> dict[str, Any]:
+        if cancelled is None:
+            return {}
+        from llama_cpp import LogitsProcessorList
+
+        eos = self.llm.token_eos()
+
+        def end(_ids: Any, scores: Any) -> Any:
+            if cancelled():
+                scores[:] = -float("inf")
+                scores[eos] = 0.0
+            return scores
+        return {"logits_processor": LogitsProcessorList([end])}
 
 
 def _stopping(cancelled: Callable[[], bool] | None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ import json
 import socket
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -76,21 +77,31 @@ def test_a_client_that_leaves_a_stream_leaves_the_model_serving(client) -> None:
     assert after.choices[0].text == before.choices[0].text
 
 
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
 def test_a_client_that_leaves_before_its_completion_ends_cancels_the_generation(
-        client) -> None:
+        client, chat: bool) -> None:
     """Not streamed: the agent sees the socket close while the model generates, and
     stops it there instead of making the tokens nobody will read."""
     api, local = client
-    most = 480  # the context is 512 tokens
-    whole = api.completions.create(model="tiny-llama", prompt="The quick", max_tokens=most,
-                                   temperature=0)
+    most = 400  # the context is 512 tokens
+    asked: dict[str, Any] = {"model": "tiny-llama", "max_tokens": most, "temperature": 0}
+    if chat:
+        # (the tiny model's chat of this, greedy, runs to max_tokens; most end sooner)
+        asked["messages"] = [{"role": "user", "content": "Tell me a story"}]
+        whole = api.chat.completions.create(**asked)
+        text = whole.choices[0].message.content
+    else:
+        asked["prompt"] = "The quick"
+        whole = api.completions.create(**asked)
+        text = whole.choices[0].text
     assert whole.usage.completion_tokens == most  # left alone, it makes them all
     before = _samples(local, model="tiny-llama")
-    body = json.dumps({"prompt": "The quick", "max_tokens": most, "temperature": 0}).encode()
+    body = json.dumps(asked).encode()
+    path = b"/v1/chat/completions" if chat else b"/v1/completions"
     where = urlsplit(local)
     with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (path, len(body), body))
     after = wait_for(lambda: (m := _samples(local, model="tiny-llama"))[
         "edgefleet_agent_inferences_total"] > before["edgefleet_agent_inferences_total"] and m,
         60, "the left request to end")
@@ -98,9 +109,10 @@ def test_a_client_that_leaves_before_its_completion_ends_cancels_the_generation(
         "edgefleet_agent_generated_tokens_total"]
     assert made < most / 2, made
     assert not after.get("edgefleet_agent_inference_errors_total")
-    again = api.completions.create(model="tiny-llama", prompt="The quick", max_tokens=most,
-                                   temperature=0)
-    assert again.choices[0].text == whole.choices[0].text  # nothing of it left behind
+    if chat:  # nothing of it left behind
+        assert api.chat.completions.create(**asked).choices[0].message.content == text
+    else:
+        assert api.completions.create(**asked).choices[0].text == text
 
 
 def test_bad_requests_are_4xx_in_openais_shape_and_not_counted_against_the_model(
