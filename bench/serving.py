@@ -12,7 +12,11 @@ box pays for going through the agent.
     from one run);
 (c) ``onnx_parallel``: four requests at once against one at a time (throughput), a
     recurrent model and a conv net, one call at a time (the default) and two;
-(d) the real agent daemon (``edgefleet agent run``, enrolled to a controller on the
+(d) an ONNX sentence encoder (all-MiniLM-L6-v2 with a vector per token, its tokenizer
+    and pooling declared in the file) through ``/v1/embeddings``, a batch of 8
+    sentences, against the same tokenizer, session and pooling run bare in a process of
+    its own (p50, alternating blocks);
+(e) the real agent daemon (``edgefleet agent run``, enrolled to a controller on the
     embedded broker), idle with no model: its resident memory and threads.
 
     python bench/serving.py [--requests 60] [--width 1024 --layers 4]
@@ -171,6 +175,86 @@ def concurrency(tmp: Path) -> dict[str, Any]:
     return out
 
 
+def embeddings(tmp: Path, requests: int) -> dict[str, Any]:
+    """p50 of a batch of 8 sentences through ``/v1/embeddings`` and bare."""
+    from agent.serving import LocalApi, Serving
+    from controller.registry.inspect import inspect_artifact
+    from tests.models import staged
+    from tests.support import corpus
+
+    entry = corpus.build("minilm_tokens")
+    model_dir = staged(tmp / "encoder", entry.path.read_bytes(), model="minilm",
+                       requirements=inspect_artifact(entry.path).requirements)
+    serving = Serving()
+    serving.activate(model_dir)
+    api = LocalApi(serving, "127.0.0.1", 0)
+    api.start()
+    conn = http.client.HTTPConnection("127.0.0.1", api.port)
+    # base64, as the openai client asks unless told otherwise ("float" costs 1.7 ms more
+    # here: json.dumps of 8 x 384 floats)
+    body = json.dumps({"model": "minilm", "input": corpus.SENTENCES[:8],
+                       "encoding_format": "base64"}).encode()
+    times: dict[str, list[float]] = {"bare": [], "api": []}
+    try:
+        for _ in range(BLOCKS):
+            bare = subprocess.run([sys.executable, __file__, "--role", "bare-embed", "--model",
+                                   str(entry.path), "--requests", str(requests // BLOCKS)],
+                                  capture_output=True, text=True, check=True, timeout=600)
+            times["bare"] += json.loads(bare.stdout.splitlines()[-1])
+            for _ in range(requests // BLOCKS):
+                started = time.perf_counter()
+                conn.request("POST", "/v1/embeddings", body,
+                             {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                times["api"].append((time.perf_counter() - started) * 1000)
+                if resp.status != 200:
+                    raise RuntimeError(f"/v1/embeddings answered {resp.status}")
+    finally:
+        api.stop()
+        serving.activate(None)
+    p50 = {k: statistics.median(v) for k, v in times.items()}
+    return {"requests": requests, "batch": 8, "bare_p50_ms": round(p50["bare"], 3),
+            "api_p50_ms": round(p50["api"], 3),
+            "overhead_p50_ms": round(p50["api"] - p50["bare"], 3)}
+
+
+def bare_embed(model: Path, n: int) -> None:
+    """``n`` batches of 8 sentences embedded bare: the file's own tokenizer and pooling,
+    ``tokenizers``, onnxruntime and numpy; prints each batch's milliseconds as JSON."""
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from shared import encoder
+    from tests.support import corpus
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    declared = encoder.parse(session.get_modelmeta().custom_metadata_map)
+    assert declared is not None  # noqa: S101 - the corpus's encoder declares it
+    tokenizer = Tokenizer.from_str(declared.tokenizer)
+    tokenizer.no_truncation()
+    tokenizer.enable_padding()
+
+    def embed() -> Any:
+        encoded = tokenizer.encode_batch(corpus.SENTENCES[:8])
+        feed = {"input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+                "token_type_ids": np.array([e.type_ids for e in encoded], dtype=np.int64)}
+        (hidden,) = session.run(None, feed)
+        mask = feed["attention_mask"][..., None].astype(np.float32)
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+    embed()
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        embed()
+        times.append((time.perf_counter() - started) * 1000)
+    print(json.dumps(times))
+
+
 def idle_agent(tmp: Path) -> dict[str, Any]:
     """A real daemon enrolled to a real controller, with no model, after a few health
     reports."""
@@ -230,11 +314,16 @@ def main() -> None:
     parser.add_argument("--onnx-requests", type=int, default=3000)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--role", choices=["harness", "bare-llama"], default="harness")
+    parser.add_argument("--embed-requests", type=int, default=120)
+    parser.add_argument("--role", choices=["harness", "bare-llama", "bare-embed"],
+                        default="harness")
     parser.add_argument("--model", type=Path)
     args = parser.parse_args()
     if args.role == "bare-llama":
         bare_llama(args.model, args.requests)
+        return
+    if args.role == "bare-embed":
+        bare_embed(args.model, args.requests)
         return
     with tempfile.TemporaryDirectory(prefix="ef-serving-") as tmp_name:
         tmp = Path(tmp_name)
@@ -253,6 +342,7 @@ def main() -> None:
         results["gguf_random_wide"] = gguf(wide, args.requests)
         results["onnx"] = onnx(tmp, args.onnx_requests)
         results["onnx_parallel"] = concurrency(tmp)
+        results["onnx_embeddings"] = embeddings(tmp, args.embed_requests)
         results["idle_agent"] = idle_agent(tmp)
     report(results)
 

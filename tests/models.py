@@ -13,7 +13,8 @@ from tests.conftest import unavailable
 
 
 def staged(model_dir: Path, data: bytes, *, model: str, version: str = "1.0.0",
-           fmt: str = "onnx", quantization: str = "fp32", variant: str = "source") -> Path:
+           fmt: str = "onnx", quantization: str = "fp32", variant: str = "source",
+           requirements: dict[str, Any] | None = None) -> Path:
     """``data`` staged in ``model_dir`` as the installer leaves a model for ``Serving`` to
     activate: the file (``model.<fmt>``) and its signed description (``meta.json``)."""
     from shared.targets import TargetInfo
@@ -22,7 +23,7 @@ def staged(model_dir: Path, data: bytes, *, model: str, version: str = "1.0.0",
     (model_dir / f"model.{fmt}").write_bytes(data)
     (model_dir / "meta.json").write_text(TargetInfo(
         model=model, version=version, variant=variant, format=fmt,
-        quantization=quantization).model_dump_json())
+        quantization=quantization, requirements=requirements or {}).model_dump_json())
     return model_dir
 
 
