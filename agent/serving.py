@@ -681,7 +681,14 @@ class _Handler(BaseHTTPRequestHandler):
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise BadRequest('encoding_format must be "float" or "base64"')
+        asked = body.get("dimensions")
+        if asked is not None and (type(asked) is not int or asked < 1):
+            raise BadRequest("dimensions must be a positive integer")
         out = self.serving.call("embeddings", texts=texts)
+        if asked is not None and asked != len(out["vectors"][0]):
+            raise BadRequest(f"{meta.model}'s embeddings have {len(out['vectors'][0])} "
+                             f"dimensions; it cannot give {asked} (shortening them needs a "
+                             "model trained for it)")
         vectors = out["vectors"] if encoding == "float" else [  # little-endian float32s
             base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in out["vectors"]]
         return {"object": "list", "model": meta.model,

@@ -246,9 +246,13 @@ def test_an_onnx_sentence_encoder_embeds_as_sentence_transformers_pools_it(
         np.testing.assert_allclose(alone.embedding, batched, atol=1e-5)
     with pytest.raises(openai.BadRequestError, match="over the model's limit of 256"):
         api.embeddings.create(model="minilm", input=" ".join(corpus.SENTENCES * 4))
+    assert len(api.embeddings.create(model="minilm", input="x", dimensions=384).data[0]
+               .embedding) == 384
+    with pytest.raises(openai.BadRequestError, match="have 384 dimensions; it cannot give 256"):
+        api.embeddings.create(model="minilm", input="x", dimensions=256)
     metrics = _samples(local, model="minilm")
     assert not metrics.get("edgefleet_agent_inference_errors_total")
-    assert metrics["edgefleet_agent_client_errors_total"] == 1
+    assert metrics["edgefleet_agent_client_errors_total"] == 2
 
 
 @pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_phi3", "tiny_gemma"])
