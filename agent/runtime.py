@@ -15,6 +15,7 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -151,13 +152,14 @@ class _OnnxModel:
         return {name: v.tolist() for name, v in zip(self.outputs, values, strict=True)}
 
     def embeddings(self, texts: list[str]) -> dict[str, Any]:
-        """A sentence encoder's embeddings of ``texts`` (run as one batch) and how many
-        tokens they took."""
+        """A sentence encoder's embeddings of ``texts`` (run as one batch), as
+        ``_LlamaModel.embeddings`` gives them."""
         if self.encoder is None:
             raise BadRequest("the model is not a sentence encoder")
         feed, mask = self.encoder.feed(texts)
         (out,) = self.session.run(self.outputs[:1], feed)
-        return {"vectors": self.encoder.pooled(out, mask).tolist(),
+        vectors = self.encoder.pooled(out, mask)
+        return {"vectors": vectors.astype("<f4").tobytes(), "dimension": vectors.shape[1],
                 "tokens": int(mask.sum())}
 
     def infer_raw(self, inputs: dict[str, tuple[str, list[int], Any]]
@@ -262,13 +264,17 @@ class _LlamaModel:
         return [float(v) for v in self.llm.embed(text)]
 
     def embeddings(self, texts: list[str]) -> dict[str, Any]:
-        """The embeddings of ``texts`` and how many tokens they took; a text over the
-        context is the request's fault."""
+        """The embeddings of ``texts`` (little-endian float32s, a vector of ``dimension``
+        after another) and how many tokens they took; a text over the context is the
+        request's fault."""
         tokens = [len(self.llm.tokenize(t.encode())) for t in texts]
         if max(tokens) > self.llm.n_ctx():
             raise BadRequest(f"input {tokens.index(max(tokens))} has {max(tokens)} tokens, "
                              f"over the model's context of {self.llm.n_ctx()}")
-        return {"vectors": [self.embed(t) for t in texts], "tokens": sum(tokens)}
+        vectors = [self.embed(t) for t in texts]
+        return {"vectors": struct.pack(f"<{len(vectors) * len(vectors[0])}f",
+                                       *itertools.chain.from_iterable(vectors)),
+                "dimension": len(vectors[0]), "tokens": sum(tokens)}
 
     def describe(self) -> dict[str, Any]:
         return {"context": self.llm.n_ctx()}

@@ -683,12 +683,17 @@ class _Handler(BaseHTTPRequestHandler):
         if asked is not None and (type(asked) is not int or asked < 1):
             raise BadRequest("dimensions must be a positive integer")
         out = self.serving.call("embeddings", texts=texts)
-        if asked is not None and asked != len(out["vectors"][0]):
-            raise BadRequest(f"{meta.model}'s embeddings have {len(out['vectors'][0])} "
-                             f"dimensions; it cannot give {asked} (shortening them needs a "
-                             "model trained for it)")
-        vectors = out["vectors"] if encoding == "float" else [  # little-endian float32s
-            base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in out["vectors"]]
+        data, dim = out["vectors"], out["dimension"]  # little-endian float32s
+        if asked is not None and asked != dim:
+            raise BadRequest(f"{meta.model}'s embeddings have {dim} dimensions; it cannot "
+                             f"give {asked} (shortening them needs a model trained for it)")
+        size = 4 * dim
+        if encoding == "float":
+            flat = list(struct.unpack(f"<{len(data) // 4}f", data))
+            vectors: list[Any] = [flat[i:i + dim] for i in range(0, len(flat), dim)]
+        else:
+            vectors = [base64.b64encode(data[i:i + size]).decode()
+                       for i in range(0, len(data), size)]
         return {"object": "list", "model": meta.model,
                 "data": [{"object": "embedding", "index": i, "embedding": v}
                          for i, v in enumerate(vectors)],

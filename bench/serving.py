@@ -19,7 +19,7 @@ box pays for going through the agent.
 (e) the real agent daemon (``edgefleet agent run``, enrolled to a controller on the
     embedded broker), idle with no model: its resident memory and threads.
 
-    python bench/serving.py [--requests 60] [--width 1024 --layers 4]
+    python bench/serving.py [--requests 60] [--width 1024 --layers 4] [--only embeddings]
 
 Prints a table and writes bench/results/serving.json.
 """
@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -308,6 +309,30 @@ def report(results: dict[str, Any]) -> None:
     print(f"\nwrote {out}")
 
 
+def _gguf(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from tests.models import staged, tiny_gguf
+    from tests.support import corpus
+
+    options = {"model": "llm", "fmt": "gguf", "quantization": "f16"}
+    trained = staged(tmp / "trained", corpus.build("tiny_llama").path.read_bytes(), **options)
+    wide = staged(tmp / "wide", tiny_gguf(tmp / "wide.gguf", width=args.width,
+                                          layers=args.layers), **options)
+    # the trained llama writes text (a random one writes byte tokens, whose partial UTF-8
+    # llama-cpp-python holds back, which makes its first chunk late)
+    return {"gguf_trained_llama": gguf(trained, args.requests),
+            "gguf_random_wide": gguf(wide, args.requests)}
+
+
+#: the parts, in the docstring's order (``--only`` runs some)
+PARTS: dict[str, Callable[[Path, argparse.Namespace], dict[str, Any]]] = {
+    "gguf": _gguf,
+    "onnx": lambda tmp, args: {"onnx": onnx(tmp, args.onnx_requests)},
+    "parallel": lambda tmp, _args: {"onnx_parallel": concurrency(tmp)},
+    "embeddings": lambda tmp, args: {"onnx_embeddings": embeddings(tmp, args.embed_requests)},
+    "idle": lambda tmp, _args: {"idle_agent": idle_agent(tmp)},
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=60)
@@ -318,6 +343,8 @@ def main() -> None:
     parser.add_argument("--role", choices=["harness", "bare-llama", "bare-embed"],
                         default="harness")
     parser.add_argument("--model", type=Path)
+    parser.add_argument("--only", action="append", choices=list(PARTS),
+                        help="run this part only (repeat for several)")
     args = parser.parse_args()
     if args.role == "bare-llama":
         bare_llama(args.model, args.requests)
@@ -328,22 +355,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ef-serving-") as tmp_name:
         tmp = Path(tmp_name)
         results: dict[str, Any] = {"at": datetime.now(UTC).isoformat()}
-        from tests.models import staged, tiny_gguf
-        from tests.support import corpus
-
-        options = {"model": "llm", "fmt": "gguf", "quantization": "f16"}
-        trained = staged(tmp / "trained", corpus.build("tiny_llama").path.read_bytes(),
-                         **options)
-        wide = staged(tmp / "wide", tiny_gguf(tmp / "wide.gguf", width=args.width,
-                                              layers=args.layers), **options)
-        # the trained llama writes text (a random one writes byte tokens, whose partial
-        # UTF-8 llama-cpp-python holds back, which makes its first chunk late)
-        results["gguf_trained_llama"] = gguf(trained, args.requests)
-        results["gguf_random_wide"] = gguf(wide, args.requests)
-        results["onnx"] = onnx(tmp, args.onnx_requests)
-        results["onnx_parallel"] = concurrency(tmp)
-        results["onnx_embeddings"] = embeddings(tmp, args.embed_requests)
-        results["idle_agent"] = idle_agent(tmp)
+        for part in args.only or PARTS:
+            results |= PARTS[part](tmp, args)
     report(results)
 
 
