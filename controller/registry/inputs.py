@@ -137,20 +137,20 @@ def missing(model_inputs: list[TensorSpec], declared: Mapping[str, Declaration]
         decl = declared.get(t.name)
         if decl is not None:
             if decl.shape is None and not t.fixed and decl.fill != "constant":
-                out.append(f"{t.name}: its shape {_shape_text(t.shape)} has dynamic "
+                out.append(f"{t.name}: its shape {shape_text(t.shape)} has dynamic "
                            f"dimensions; give one, e.g. --input {t.name}={decl.fill}"
                            f"{_example_shape(t.shape)}")
             continue
         if t.dtype is None:
             out.append(f"{t.name}: inputs of type {t.type} cannot be generated")
         elif not t.fixed:
-            out.append(f"{t.name}: {_shape_text(t.shape)} has dynamic dimensions (the model "
+            out.append(f"{t.name}: {shape_text(t.shape)} has dynamic dimensions (the model "
                        f"may need a minimum size); declare one, e.g. --input {t.name}="
                        f"{t.dtype}{_example_shape(t.shape)}, or give --samples")
         elif not t.dtype.startswith("float"):
             out.append(f"{t.name}: {t.dtype} values usually mean something (ids, a sample "
                        f"rate, a length); declare them, e.g. --input {t.name}={t.dtype}:16000 "
-                       f"or {t.dtype}{_shape_text(t.shape)}:0..100, or give --samples")
+                       f"or {t.dtype}{shape_text(t.shape)}:0..100, or give --samples")
         elif _STATE_NAMES.search(t.name):
             out.append(f"{t.name}: looks like a recurrent state, which must start as the "
                        f"model expects; declare it, e.g. --input {t.name}=zeros, or give "
@@ -246,10 +246,11 @@ def _check_shape(name: str, shape: tuple[int, ...], t: TensorSpec) -> None:
     if len(shape) != len(t.shape) or any(isinstance(d, int) and d > 0 and d != g
                                          for d, g in zip(t.shape, shape, strict=True)):
         raise InputError(f"--input {name}: shape {list(shape)} does not fit the model's "
-                         f"{_shape_text(t.shape)}")
+                         f"{shape_text(t.shape)}")
 
 
-def _shape_text(shape: tuple[int | str | None, ...]) -> str:
+def shape_text(shape: tuple[int | str | None, ...]) -> str:
+    """``[1,?,4]``: a shape as a message shows it ("?" for a dynamic dimension)."""
     return "[" + ",".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in shape) + "]"
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.registry.inputs import TensorSpec, specs
+from controller.registry.inputs import TensorSpec, shape_text, specs
 from shared import encoder
 
 GGUF_MAGIC = b"GGUF"
@@ -110,12 +110,12 @@ def _encoder(model: Any, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSp
                     for i in names.values()):
         raise InvalidModel("a sentence encoder takes input_ids and attention_mask (and "
                            "token_type_ids), integers [batch, tokens]; this one takes "
-                           + ", ".join(f"{i.name} {i.dtype}{_dims(i)}" for i in inputs))
+                           + ", ".join(f"{i.name} {i.dtype}{shape_text(i.shape)}" for i in inputs))
     rank = 2 if declared.pooling == "none" else 3
     if len(outputs[0].shape) != rank:
         raise InvalidModel(f"with {encoder.PREFIX}pooling {declared.pooling} the first "
                            f"output must have {rank} dimensions; {outputs[0].name} has "
-                           f"{_dims(outputs[0])}")
+                           f"{shape_text(outputs[0].shape)}")
     dim = outputs[0].shape[-1]
     return {"pooling": declared.pooling, "normalize": declared.normalize,
             "max_tokens": declared.max_tokens,
@@ -142,11 +142,6 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
         requirements["gguf_embedding"] = True
     return ArtifactInfo(format="gguf", quantization=quant, requirements=requirements,
                         ram_estimate_bytes=size + (64 << 20))
-
-
-def _dims(spec: TensorSpec) -> str:
-    """``[batch, ?, 4]``: a shape as its model names it ("?" for a dimension unnamed)."""
-    return "[" + ", ".join(str(d) if d else "?" for d in spec.shape) + "]"
 
 
 def external_data(model: Any) -> list[str]:

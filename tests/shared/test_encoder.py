@@ -62,9 +62,9 @@ def test_a_model_is_inspected_as_an_encoder_only_if_its_graph_is_one(tmp_path) -
     (tmp_path / "mlp.onnx").write_bytes(tiny_onnx())
     prepare_upload(tmp_path / "mlp.onnx", path, metadata=props)
     with pytest.raises(InvalidModel, match=r"takes input_ids and attention_mask .* this one "
-                       r"takes x float32\[1, 128\]"):
+                       r"takes x float32\[1,128\]"):
         inspect_artifact(path)
     prepare_upload(source, path, metadata=props | {"embedding.pooling": "none"})
     with pytest.raises(InvalidModel, match=r"pooling none the first output must have 2 "
-                       r"dimensions; last_hidden_state has \[\?, \?, 4\]"):
+                       r"dimensions; last_hidden_state has \[\?,\?,4\]"):
         inspect_artifact(path)
